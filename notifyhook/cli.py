@@ -1,0 +1,67 @@
+"""The command line: thin wrappers over the store, the worker, the demo and the bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from notifyhook import __version__
+from notifyhook.errors import ConfigurationError, NotifyhookError, SchemaVersionError
+from notifyhook.settings import Settings, load_settings
+from notifyhook.store import DatabaseError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+Handler = Callable[[argparse.Namespace, Settings], Any]
+
+
+class UsageError(NotifyhookError):
+    """The command line asks for something that cannot be done as asked (exit 2)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        from notifyhook import logs
+
+        logs.configure(settings.log_format, settings.log_level)
+        result = args.handler(args, settings)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result or EXIT_OK)
+    except (ConfigurationError, SchemaVersionError, UsageError) as error:
+        return _fail(error, EXIT_USAGE)
+    except (NotifyhookError, DatabaseError, OSError) as error:
+        return _fail(error, EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(error: BaseException, code: int) -> int:
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"notifyhook: {message}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from notifyhook.commands import register_all
+
+    parser = argparse.ArgumentParser(
+        prog="notifyhook",
+        description="Webhook delivery straight out of PostgreSQL. "
+        "Settings come from NOTIFYHOOK_* environment variables (see systemd/notifyhook.env.example).",
+    )
+    parser.add_argument("--version", action="version", version=f"notifyhook {__version__}")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    register_all(commands)
+    return parser
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))

@@ -1,0 +1,138 @@
+"""A throwaway PostgreSQL cluster for the demo, the bench and the tests."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from notifyhook.errors import NotifyhookError
+
+
+class ClusterError(NotifyhookError):
+    """PostgreSQL's server binaries are missing, or the cluster would not start."""
+
+
+INSTALL_HINT = (
+    "PostgreSQL's server binaries (initdb, pg_ctl, postgres) were not found on PATH, "
+    "via pg_config --bindir, or in /usr/lib/postgresql/*/bin: install them "
+    "(Debian/Ubuntu: apt-get install postgresql; macOS: brew install postgresql) "
+    "or set NOTIFYHOOK_DATABASE_URL to an existing server"
+)
+
+
+def find_bindir() -> Path:
+    """Where initdb lives: PATH, then pg_config --bindir, then the newest Debian-style install."""
+    on_path = shutil.which("initdb")
+    if on_path:
+        return Path(on_path).resolve().parent
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        bindir = Path(result.stdout.strip())
+        if result.returncode == 0 and (bindir / "initdb").exists():
+            return bindir
+    installed = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda path: int(path.split("/")[4]) if path.split("/")[4].isdigit() else 0,
+    )
+    if installed:
+        return Path(installed[-1]).parent
+    raise ClusterError(INSTALL_HINT)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Cluster:
+    """initdb into a temporary directory, start on a free port, remove everything on stop.
+
+    initdb refuses to run as root, so as root the cluster belongs to the `postgres`
+    user (or NOTIFYHOOK_CLUSTER_USER) and every server command runs through runuser.
+    """
+
+    def __init__(self, *, fsync: bool = True, max_connections: int = 200) -> None:
+        self.bindir = find_bindir()
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="notifyhook-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "postgres.log"
+        self._user = self._server_user()
+        self._settings = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.root}'",
+            "max_connections": str(max_connections),
+            "fsync": "on" if fsync else "off",
+            "synchronous_commit": "on" if fsync else "off",
+            "full_page_writes": "on" if fsync else "off",
+            "shared_buffers": "128MB",
+            "log_min_messages": "warning",
+        }
+
+    @staticmethod
+    def _server_user() -> str | None:
+        if os.geteuid() != 0:
+            return None
+        name = os.environ.get("NOTIFYHOOK_CLUSTER_USER", "postgres")
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            raise ClusterError(
+                f"running as root, and initdb refuses root: create a {name!r} user or run as another user"
+            ) from None
+        return name
+
+    def _run(self, args: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
+        command = list(args)
+        if self._user is not None:
+            command = ["runuser", "-u", self._user, "--", *command]
+        result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=self.root)
+        if check and result.returncode != 0:
+            raise ClusterError(f"{Path(args[0]).name} failed: {(result.stderr or result.stdout).strip()[-2000:]}")
+        return result
+
+    def start(self) -> Cluster:
+        if self._user is not None:
+            shutil.chown(self.root, self._user)
+        self._run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
+                   "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.writelines(f"{key} = {value}\n" for key, value in self._settings.items())
+        self.pg_ctl("start", "-w", "-t", "60", "-l", str(self.log))
+        return self
+
+    def pg_ctl(self, *args: str) -> None:
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), *args])
+
+    def restart(self, mode: str = "fast") -> None:
+        """Restart the server (`fast` or `immediate`), as an operator or a crash would."""
+        self.pg_ctl("restart", "-w", "-t", "60", "-m", mode, "-l", str(self.log))
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def stop(self) -> None:
+        if self.data.exists():
+            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "stop", "-m", "fast", "-w"],
+                      check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Cluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,392 @@
+"""The subcommands: each parses its arguments and makes one or two store calls."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Coroutine
+from datetime import datetime, timedelta
+from typing import Any
+
+from notifyhook import retry, secrets, signing
+from notifyhook.cli import EXIT_FAILURE, UsageError, print_json
+from notifyhook.settings import Settings
+from notifyhook.store import connect, fetch_dicts, json_param
+
+
+def register_all(commands: Any) -> None:
+    _register_migrate(commands)
+    _register_worker(commands)
+    _register_stats(commands)
+    _register_endpoint(commands)
+    _register_send(commands)
+    _register_replay(commands)
+    _register_prune(commands)
+
+
+def run_async(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run on uvloop where it is installed: the worker's loop is its hottest code."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def _url(settings: Settings) -> str:
+    return settings.database_url.get_secret_value()
+
+
+# -- migrate ---------------------------------------------------------------------
+
+
+def _register_migrate(commands: Any) -> None:
+    parser = commands.add_parser(
+        "migrate",
+        help="create or upgrade the notifyhook schema",
+        description="Apply the SQL files shipped with this version (numbered migrations, then the "
+        "functions, triggers and views that changed). Safe to run twice and from two places at once.",
+    )
+    parser.set_defaults(handler=migrate_command)
+
+
+async def migrate_command(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook.migrate import code_schema_version, migrate
+
+    async with connect(_url(settings)) as conn:
+        applied = await migrate(conn, max_payload_bytes=settings.max_payload_bytes)
+    version = code_schema_version()
+    if applied:
+        print(f"applied {len(applied)} file(s): {', '.join(applied)}; schema version {version}")
+    else:
+        print(f"schema is up to date (version {version})")
+    return 0
+
+
+# -- worker ----------------------------------------------------------------------
+
+
+def _register_worker(commands: Any) -> None:
+    parser = commands.add_parser(
+        "worker",
+        help="run one worker process",
+        description="Deliver webhooks until SIGTERM: LISTEN for new events, claim due deliveries, "
+        "POST them signed, record every attempt. Run as many as you like, on any number of hosts.",
+    )
+    parser.set_defaults(handler=worker_command)
+
+
+def worker_command(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook.worker import serve
+
+    run_async(serve(settings))
+    return 0
+
+
+# -- stats -----------------------------------------------------------------------
+
+
+def _register_stats(commands: Any) -> None:
+    parser = commands.add_parser(
+        "stats",
+        help="show the queue and every endpoint",
+        description="Print notifyhook.queue_stats and notifyhook.endpoint_stats.",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--watch", type=_duration, metavar="SECONDS", help="print again every SECONDS until Ctrl-C"
+    )
+    parser.set_defaults(handler=stats_command)
+
+
+async def stats_command(args: argparse.Namespace, settings: Settings) -> int:
+    async with connect(_url(settings)) as conn:
+        while True:
+            queue = await fetch_dicts(conn, "queue_stats")
+            endpoints = await fetch_dicts(conn, "endpoint_stats")
+            if args.json:
+                print_json({"queue": queue[0], "endpoints": endpoints})
+            else:
+                print(format_table(queue))
+                print()
+                print(format_table(endpoints) if endpoints else "(no endpoints)")
+            if not args.watch:
+                return 0
+            await asyncio.sleep(args.watch)
+            print()
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as an aligned text table, like psql's."""
+    if not rows:
+        return "(none)"
+    columns = list(rows[0])
+    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = [
+        " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
+        "-+-".join("-" * w for w in widths),
+    ]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S%z")
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)
+
+
+# -- endpoint --------------------------------------------------------------------
+
+
+def _register_endpoint(commands: Any) -> None:
+    parser = commands.add_parser(
+        "endpoint", help="add, list, show, disable, enable endpoints; rotate a secret",
+        description="Manage endpoints (rows of notifyhook.endpoints). IDs are positional.",
+    )
+    actions = parser.add_subparsers(title="actions", required=True, metavar="ACTION")
+
+    add = actions.add_parser("add", help="add an endpoint and print its secret once",
+                             description="Add an endpoint. Its secret is printed once: give it to the receiver.")
+    add.add_argument("--tenant", required=True, help="tenant id")
+    add.add_argument("--name", required=True, help="label, unique per tenant")
+    add.add_argument("--url", required=True, help="http:// or https:// URL to POST to")
+    add.add_argument("--event-types", default="*", help="comma-separated patterns: call.completed, call.*, * (default *)")
+    add.add_argument("--extra-fields", type=_json_object, default={}, help="JSON object merged into every body")
+    add.add_argument("--headers", type=_json_object, default={}, help="JSON object of extra request headers")
+    add.add_argument("--rate-limit", type=_positive_int, help="most requests per second, whole fleet")
+    add.add_argument("--max-in-flight", type=_positive_int, help="most concurrent requests")
+    add.add_argument("--timeout-ms", type=_positive_int, help="request timeout for this endpoint")
+    add.add_argument("--secret", help="a whsec_ secret to use instead of a fresh one")
+    add.set_defaults(handler=endpoint_add)
+
+    listing = actions.add_parser("list", help="list endpoints")
+    listing.add_argument("--tenant", help="only this tenant's")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=endpoint_list)
+
+    show = actions.add_parser("show", help="show one endpoint and its health")
+    show.add_argument("endpoint_id", type=int, metavar="ID")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(handler=endpoint_show)
+
+    disable = actions.add_parser("disable", help="stop sending to an endpoint; its deliveries wait")
+    disable.add_argument("endpoint_id", type=int, metavar="ID")
+    disable.add_argument("--reason", default="disabled by an operator", help="why (shown in stats)")
+    disable.set_defaults(handler=endpoint_disable)
+
+    enable = actions.add_parser("enable", help="resume an endpoint; its waiting deliveries go out")
+    enable.add_argument("endpoint_id", type=int, metavar="ID")
+    enable.set_defaults(handler=endpoint_enable)
+
+    rotate = actions.add_parser(
+        "rotate-secret", help="set a fresh secret; the old one keeps signing during a grace",
+        description="Move the secret to previous_secret, valid for --grace, and set a fresh one. "
+        "Until the grace ends both signatures are sent. Prints the new secret once.",
+    )
+    rotate.add_argument("endpoint_id", type=int, metavar="ID")
+    rotate.add_argument("--grace", type=_duration, default=86400.0,
+                        help="how long the old secret keeps signing: seconds or 30m, 24h, 7d (default 24h)")
+    rotate.set_defaults(handler=endpoint_rotate_secret)
+
+
+def _secret_key(settings: Settings) -> str | None:
+    return settings.secret_key.get_secret_value() if settings.secret_key else None
+
+
+async def endpoint_add(args: argparse.Namespace, settings: Settings) -> int:
+    secret = args.secret or signing.generate_secret()
+    params = {
+        "tenant_id": args.tenant,
+        "name": args.name,
+        "url": args.url,
+        "secret": secrets.seal(secret, _secret_key(settings)),
+        "event_types": [p.strip() for p in args.event_types.split(",")],
+        "extra_fields": json_param(args.extra_fields),
+        "headers": json_param(args.headers),
+        "rate_limit": args.rate_limit,
+        "max_in_flight": args.max_in_flight,
+        "timeout_ms": args.timeout_ms,
+    }
+    async with connect(_url(settings)) as conn:
+        rows = await fetch_dicts(conn, "add_endpoint", params)
+    print(f"endpoint {rows[0]['id']} added")
+    print(f"secret: {secret}")
+    print("(shown once: give it to the receiver, which verifies with it)")
+    return 0
+
+
+async def endpoint_list(args: argparse.Namespace, settings: Settings) -> int:
+    async with connect(_url(settings)) as conn:
+        rows = await fetch_dicts(conn, "list_endpoints", {"tenant_id": args.tenant})
+    print_json(rows) if args.json else print(format_table(rows))
+    return 0
+
+
+async def endpoint_show(args: argparse.Namespace, settings: Settings) -> int:
+    async with connect(_url(settings)) as conn:
+        rows = await fetch_dicts(conn, "show_endpoint", {"endpoint_id": args.endpoint_id})
+    if not rows:
+        raise UsageError(f"no endpoint {args.endpoint_id}")
+    if args.json:
+        print_json(rows[0])
+    else:
+        width = max(len(k) for k in rows[0])
+        print("\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in rows[0].items()))
+    return 0
+
+
+async def _set_enabled(settings: Settings, endpoint_id: int, enabled: bool, reason: str | None) -> int:
+    async with connect(_url(settings)) as conn:
+        rows = await fetch_dicts(
+            conn, "set_endpoint_enabled", {"endpoint_id": endpoint_id, "enabled": enabled, "reason": reason}
+        )
+    if not rows:
+        raise UsageError(f"no endpoint {endpoint_id}")
+    print(f"endpoint {endpoint_id} {'enabled' if enabled else 'disabled'}")
+    return 0
+
+
+async def endpoint_disable(args: argparse.Namespace, settings: Settings) -> int:
+    return await _set_enabled(settings, args.endpoint_id, False, args.reason)
+
+
+async def endpoint_enable(args: argparse.Namespace, settings: Settings) -> int:
+    return await _set_enabled(settings, args.endpoint_id, True, None)
+
+
+async def endpoint_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
+    secret = signing.generate_secret()
+    params = {
+        "endpoint_id": args.endpoint_id,
+        "secret": secrets.seal(secret, _secret_key(settings)),
+        "grace": timedelta(seconds=args.grace),
+    }
+    async with connect(_url(settings)) as conn:
+        rows = await fetch_dicts(conn, "rotate_secret", params)
+    if not rows:
+        raise UsageError(f"no endpoint {args.endpoint_id}")
+    expires = rows[0]["previous_secret_expires_at"]
+    print(f"endpoint {args.endpoint_id}: new secret set; the previous one keeps signing until {_cell(expires)}")
+    print(f"secret: {secret}")
+    return 0
+
+
+# -- send, replay, prune -----------------------------------------------------------
+
+
+def _register_send(commands: Any) -> None:
+    parser = commands.add_parser(
+        "send", help="enqueue one event",
+        description="Enqueue one event through notifyhook.enqueue(); prints its id (the webhook-id).",
+    )
+    parser.add_argument("--tenant", required=True, help="tenant id")
+    parser.add_argument("--type", required=True, dest="event_type", help="event type, e.g. call.completed")
+    parser.add_argument("--data", required=True, type=_json_object, help="the payload, a JSON object")
+    parser.add_argument("--idempotency-key", help="a repeated key enqueues nothing and prints the first id")
+    parser.add_argument("--endpoint", type=int, dest="endpoint_id", help="send to this endpoint only")
+    parser.set_defaults(handler=send_command)
+
+
+async def send_command(args: argparse.Namespace, settings: Settings) -> int:
+    params = {
+        "tenant_id": args.tenant,
+        "event_type": args.event_type,
+        "payload": json_param(args.data),
+        "idempotency_key": args.idempotency_key,
+        "endpoint_id": args.endpoint_id,
+    }
+    async with connect(_url(settings)) as conn:
+        rows = await fetch_dicts(conn, "enqueue", params)
+    print(rows[0]["enqueue"])
+    return 0
+
+
+def _register_replay(commands: Any) -> None:
+    parser = commands.add_parser(
+        "replay", help="send dead deliveries again",
+        description="Put dead deliveries back to pending with a fresh attempt budget.",
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--delivery", type=int, metavar="ID", help="one delivery")
+    which.add_argument("--endpoint", type=int, metavar="ID", help="every dead delivery of an endpoint")
+    which.add_argument("--all", action="store_true", help="every dead delivery")
+    parser.add_argument("--since", type=datetime.fromisoformat, metavar="TIME",
+                        help="only those that died at or after TIME (ISO 8601, e.g. 2026-11-28T10:00Z)")
+    parser.set_defaults(handler=replay_command)
+
+
+async def replay_command(args: argparse.Namespace, settings: Settings) -> int:
+    async with connect(_url(settings)) as conn:
+        if args.delivery is not None:
+            if args.since is not None:
+                raise UsageError("--since goes with --endpoint or --all")
+            rows = await fetch_dicts(conn, "replay_delivery", {"delivery_id": args.delivery})
+            count = rows[0]["replay"]
+        else:
+            rows = await fetch_dicts(conn, "replay_dead", {"endpoint_id": args.endpoint, "since": args.since})
+            count = rows[0]["replay_dead"]
+    print(f"replayed {count} dead deliver{'y' if count == 1 else 'ies'}")
+    return 0 if count or args.delivery is None else EXIT_FAILURE
+
+
+def _register_prune(commands: Any) -> None:
+    parser = commands.add_parser(
+        "prune", help="delete finished deliveries older than RETENTION",
+        description="Delete delivered and dead deliveries (with their attempts) and events left with "
+        "no delivery, older than NOTIFYHOOK_RETENTION, in small batches.",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=1000, help="rows per batch (default 1000)")
+    parser.set_defaults(handler=prune_command)
+
+
+async def prune_command(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook.store import Store
+
+    total = 0
+    async with Store.open(_url(settings), size=1) as store:
+        while True:
+            deleted = await store.prune_once(settings.retention, args.batch_size)
+            if deleted is None:
+                raise UsageError("another prune is running (a worker's retention pass); try again later")
+            if deleted == 0:
+                break
+            total += deleted
+    print(f"deleted {total} rows older than {settings.retention:g}s")
+    return 0
+
+
+# -- argument types ----------------------------------------------------------------
+
+
+def _duration(text: str) -> float:
+    try:
+        return retry.parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value

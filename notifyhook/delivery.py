@@ -1,0 +1,68 @@
+"""The values that flow through one delivery: what was claimed, what the attempt returned."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A claimed `notifyhook.deliveries` row with everything needed to send one attempt."""
+
+    id: int
+    event_id: str
+    endpoint_id: int
+    attempt: int
+    """1-based number of the attempt about to be made (already counted at claim time)."""
+    url: str
+    secrets: tuple[str, ...]
+    """Plain `whsec_…` secrets to sign with: the current one first, then the previous while valid."""
+    headers: dict[str, str]
+    timeout_s: float
+    body: bytes
+    """Exactly the bytes to sign and send (payload merged with the endpoint's extra_fields)."""
+
+
+class Verdict(enum.Enum):
+    """How an attempt ended, as far as the HTTP exchange can tell."""
+
+    DELIVERED = "delivered"
+    """A 2xx answer."""
+    RETRY = "retry"
+    """A network error, timeout, 408, 425, 429 or 5xx: worth trying again later."""
+    PERMANENT = "permanent"
+    """Any other answer (3xx, most 4xx), or a refused destination: give up now."""
+    GONE = "gone"
+    """410 Gone: give up and disable the endpoint."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What one HTTP attempt did; becomes one `notifyhook.attempts` row."""
+
+    verdict: Verdict
+    started_at: datetime
+    duration_ms: float
+    status_code: int | None = None
+    error: str | None = None
+    response_excerpt: str | None = None
+    """At most the first 1 KiB of the response body, decoded leniently."""
+    retry_after_s: float | None = None
+    """The receiver's Retry-After (429/503 only), in seconds from now, uncapped."""
+
+
+DeliveryStatus = Literal["delivered", "pending", "dead"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The worker's decision after one attempt: the delivery's next state, and the attempt row."""
+
+    delivery_id: int
+    attempt: int
+    status: DeliveryStatus
+    next_attempt_at: datetime | None
+    result: AttemptResult

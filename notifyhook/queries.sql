@@ -1,0 +1,118 @@
+-- The statements the Python code runs, each under a `-- name:` line; loaded by
+-- notifyhook.store. The heavy lifting is in functions under sql/functions/.
+
+-- name: applied_migrations
+-- What `notifyhook migrate` has applied, if the schema exists at all.
+SELECT name, version, checksum FROM notifyhook.migrations
+WHERE to_regclass('notifyhook.migrations') IS NOT NULL;
+
+-- name: schema_exists
+SELECT to_regclass('notifyhook.migrations') IS NOT NULL;
+
+-- name: schema_version
+SELECT max(version) FROM notifyhook.migrations;
+
+-- name: record_migration
+INSERT INTO notifyhook.migrations (name, version, checksum) VALUES (%(name)s, %(version)s, %(checksum)s)
+ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
+
+-- name: lock_migrations
+-- Session-level advisory lock: a second `migrate` waits, then finds nothing to do.
+SELECT pg_advisory_lock(7305872156748263001);
+
+-- name: unlock_migrations
+SELECT pg_advisory_unlock(7305872156748263001);
+
+-- name: set_max_payload_bytes
+UPDATE notifyhook.config SET max_payload_bytes = %(max_payload_bytes)s
+WHERE max_payload_bytes IS DISTINCT FROM %(max_payload_bytes)s;
+
+-- name: claim_due
+SELECT * FROM notifyhook.claim_due(%(worker)s, %(max_rows)s, %(lease)s, %(endpoint_share)s);
+
+-- name: record_outcomes
+-- Casts spell the array types out: a list of all-None values carries no type.
+SELECT * FROM notifyhook.record_outcomes(
+    %(worker)s, %(delivery_ids)s::bigint[], %(attempt_numbers)s::integer[], %(statuses)s::text[],
+    %(next_attempt_ats)s::timestamptz[], %(started_ats)s::timestamptz[],
+    %(durations_ms)s::double precision[], %(status_codes)s::integer[], %(errors)s::text[],
+    %(excerpts)s::text[], %(gone)s::boolean[], %(disable_after)s);
+
+-- name: release_claims
+SELECT notifyhook.release_claims(%(worker)s, %(delivery_ids)s::bigint[], %(attempt_numbers)s::integer[]);
+
+-- name: reclaim_expired
+SELECT notifyhook.reclaim_expired(%(max_attempts)s);
+
+-- name: prune
+SELECT notifyhook.prune(%(older_than)s, %(batch_size)s);
+
+-- name: try_lock_prune
+-- One worker of the fleet prunes at a time; the others skip their turn.
+SELECT pg_try_advisory_xact_lock(7305872156748263002);
+
+-- name: queue_depth
+-- Cheap enough to sample every few seconds: reads only the partial indexes.
+SELECT
+    (SELECT count(*) FROM notifyhook.deliveries
+     WHERE status = 'pending' AND next_attempt_at <= now()) AS pending_due,
+    (SELECT count(*) FROM notifyhook.deliveries WHERE status = 'processing') AS processing,
+    (SELECT coalesce(extract(epoch FROM now() - min(next_attempt_at)), 0)::float8
+     FROM notifyhook.deliveries
+     WHERE status = 'pending' AND next_attempt_at <= now()) AS oldest_due_age_s;
+
+-- name: queue_stats
+SELECT * FROM notifyhook.queue_stats;
+
+-- name: endpoint_stats
+SELECT * FROM notifyhook.endpoint_stats ORDER BY endpoint_id;
+
+-- name: enqueue
+SELECT notifyhook.enqueue(%(tenant_id)s, %(event_type)s, %(payload)s, %(idempotency_key)s, %(endpoint_id)s);
+
+-- name: replay_delivery
+SELECT notifyhook.replay(%(delivery_id)s)::int;
+
+-- name: replay_dead
+SELECT notifyhook.replay_dead(%(endpoint_id)s, %(since)s);
+
+-- name: add_endpoint
+INSERT INTO notifyhook.endpoints
+    (tenant_id, name, url, secret, event_types, extra_fields, headers, rate_limit, max_in_flight, timeout_ms)
+VALUES (%(tenant_id)s, %(name)s, %(url)s, %(secret)s, %(event_types)s, %(extra_fields)s, %(headers)s,
+        %(rate_limit)s, %(max_in_flight)s, %(timeout_ms)s)
+RETURNING id;
+
+-- name: list_endpoints
+SELECT id, tenant_id, name, url, event_types, enabled, disabled_reason, rate_limit, max_in_flight,
+       timeout_ms, created_at
+FROM notifyhook.endpoints
+WHERE %(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s
+ORDER BY id;
+
+-- name: show_endpoint
+SELECT e.id, e.tenant_id, e.name, e.url, e.event_types, e.extra_fields, e.headers, e.enabled,
+       e.disabled_reason, e.rate_limit, e.max_in_flight, e.timeout_ms,
+       e.previous_secret_expires_at, e.created_at, e.updated_at,
+       s.consecutive_failures, s.failing_since, s.last_success_at, s.last_failure_at
+FROM notifyhook.endpoints AS e
+LEFT JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
+WHERE e.id = %(endpoint_id)s;
+
+-- name: set_endpoint_enabled
+UPDATE notifyhook.endpoints
+SET enabled = %(enabled)s, disabled_reason = %(reason)s
+WHERE id = %(endpoint_id)s
+RETURNING id;
+
+-- name: rotate_secret
+-- The current secret keeps signing, beside the new one, until the grace ends.
+UPDATE notifyhook.endpoints
+SET previous_secret = secret,
+    previous_secret_expires_at = now() + %(grace)s,
+    secret = %(secret)s
+WHERE id = %(endpoint_id)s
+RETURNING previous_secret_expires_at;
+
+-- name: listen
+LISTEN notifyhook;

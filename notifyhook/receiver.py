@@ -1,0 +1,169 @@
+"""A webhook receiver on 127.0.0.1 for the demo, the bench and the tests: verifies, records, misbehaves on cue."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from notifyhook import signing
+from notifyhook.errors import VerificationError
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """How to answer one request. `kind`: status, hang, reset, slow, big."""
+
+    kind: str = "status"
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    """hang: how long to hang; slow: how long before answering."""
+    size: int = 0
+    """big: bytes of body to send."""
+
+
+OK = Answer()
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One request as the receiver saw it."""
+
+    path: str
+    webhook_id: str
+    received_at: float
+    """time.time() when the request was read."""
+    headers: dict[str, str]
+    body: bytes
+    verified: bool | None
+    """Signature checked against the path's secret: True, False, or None when no secret is known."""
+    answered: int | None
+    """The status sent back; None for hang and reset."""
+
+
+Script = Callable[[int], Answer]
+"""Given how many requests this path has had before (0, 1, …), how to answer this one."""
+
+
+class Receiver:
+    """An aiohttp server: POST /{name} is answered by the script for `name` (200 by default)."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[Arrival] = []
+        self._scripts: dict[str, Script] = {}
+        self._secrets: dict[str, list[str]] = {}
+        self._counts: dict[str, int] = {}
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def script(self, name: str, script: Script) -> None:
+        self._scripts[name] = script
+
+    def sequence(self, name: str, *answers: Answer) -> None:
+        """Answer `name` with these in turn, then the last one forever."""
+        self._scripts[name] = lambda n: answers[min(n, len(answers) - 1)]
+
+    def trust(self, name: str, *secrets: str) -> None:
+        """Verify requests to `name` against any of these secrets."""
+        self._secrets[name] = list(secrets)
+
+    def received(self, name: str | None = None) -> list[Arrival]:
+        return [a for a in list(self.arrivals) if name is None or a.path == name]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        body = await request.read()
+        count = self._counts.get(name, 0)
+        self._counts[name] = count + 1
+        answer = self._scripts.get(name, lambda _: OK)(count)
+        headers = dict(request.headers)
+        self.arrivals.append(
+            Arrival(
+                path=name,
+                webhook_id=headers.get("webhook-id", headers.get("Webhook-Id", "")),
+                received_at=time.time(),
+                headers=headers,
+                body=body,
+                verified=self._verify(name, headers, body),
+                answered=answer.status if answer.kind in ("status", "slow", "big") else None,
+            )
+        )
+        return await self._answer(request, answer)
+
+    def _verify(self, name: str, headers: dict[str, str], body: bytes) -> bool | None:
+        candidates = self._secrets.get(name)
+        if not candidates:
+            return None
+        for secret in candidates:
+            try:
+                signing.verify(secret, headers, body)
+                return True
+            except (VerificationError, ValueError):
+                continue
+        return False
+
+    async def _answer(self, request: web.Request, answer: Answer) -> web.StreamResponse:
+        if answer.kind == "hang":
+            await asyncio.sleep(answer.seconds or 3600)
+        elif answer.kind == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        elif answer.kind == "slow":
+            await asyncio.sleep(answer.seconds)
+        elif answer.kind == "big":
+            response = web.StreamResponse(status=answer.status, headers=answer.headers)
+            await response.prepare(request)
+            chunk = b"x" * 65536
+            for _ in range(answer.size // len(chunk)):
+                await response.write(chunk)
+            return response
+        return web.Response(status=answer.status, headers=answer.headers, text="ok" if answer.status < 300 else "no")
+
+    async def start(self, port: int = 0) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/{name}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port, backlog=1024)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def start_in_thread(self) -> Receiver:
+        """Run on its own event loop in a daemon thread (for synchronous callers: tests, the demo)."""
+        ready = threading.Event()
+
+        def serve() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self.start())
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(self.stop())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=serve, name="receiver", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the receiver did not start")
+        return self
+
+    def stop_thread(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)

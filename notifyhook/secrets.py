@@ -1,0 +1,38 @@
+"""Endpoint secrets at rest: `enc:` + a Fernet token when NOTIFYHOOK_SECRET_KEY is set."""
+
+from __future__ import annotations
+
+from cryptography.fernet import Fernet, InvalidToken
+
+from notifyhook.errors import SecretError
+
+ENCRYPTED_PREFIX = "enc:"
+
+
+def check_key(key: str) -> None:
+    """Raise ValueError unless `key` is a Fernet key (urlsafe base64 of 32 bytes)."""
+    try:
+        Fernet(key.encode())
+    except (ValueError, TypeError):
+        raise ValueError(
+            "must be a Fernet key: 32 bytes of urlsafe base64, as made by Fernet.generate_key()"
+        ) from None
+
+
+def seal(secret: str, key: str | None) -> str:
+    """The form to store: encrypted when a key is configured, the plain secret otherwise."""
+    if key is None:
+        return secret
+    return ENCRYPTED_PREFIX + Fernet(key.encode()).encrypt(secret.encode()).decode("ascii")
+
+
+def unseal(stored: str, key: str | None) -> str:
+    """The plain `whsec_…` secret from its stored form; SecretError when it cannot be read."""
+    if not stored.startswith(ENCRYPTED_PREFIX):
+        return stored
+    if key is None:
+        raise SecretError("an endpoint secret is encrypted (enc:) but NOTIFYHOOK_SECRET_KEY is not set")
+    try:
+        return Fernet(key.encode()).decrypt(stored[len(ENCRYPTED_PREFIX) :].encode()).decode()
+    except InvalidToken:
+        raise SecretError("an endpoint secret cannot be decrypted with NOTIFYHOOK_SECRET_KEY") from None

@@ -1,0 +1,161 @@
+"""The one settings class: NOTIFYHOOK_* environment variables, checked before anything runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from notifyhook import retry
+from notifyhook.errors import ConfigurationError
+
+ENV_PREFIX = "NOTIFYHOOK_"
+
+Seconds = Annotated[float, BeforeValidator(retry.parse_duration)]
+"""A duration in seconds: plain seconds (`30`, `1.5`) or a number with s, m, h or d (`5m`)."""
+
+Schedule = Annotated[tuple[float, ...], NoDecode, BeforeValidator(retry.parse_schedule)]
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Everything a notifyhook process can be told, from NOTIFYHOOK_* variables."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    database_url: SecretStr = Field(
+        description="libpq URL or key=value DSN of the database; multi-host DSNs work."
+    )
+    worker_id: str = Field(
+        default_factory=_default_worker_id,
+        min_length=1,
+        max_length=200,
+        description="Name of this worker in locked_by and attempts.worker; host:pid by default.",
+    )
+    concurrency: int = Field(
+        100, ge=1, le=10_000, description="Most HTTP requests in flight in one worker process."
+    )
+    batch_size: int = Field(
+        100, ge=1, le=10_000, description="Most deliveries claimed or recorded in one statement."
+    )
+    poll_interval: Seconds = Field(
+        5.0, gt=0, description="Seconds between backstop looks at the queue (retries, leases)."
+    )
+    lease: Seconds = Field(
+        60.0, gt=0, description="Seconds a claimed delivery stays with its worker before others may take it."
+    )
+    http_timeout: Seconds = Field(
+        10.0, gt=0, description="Seconds one HTTP attempt may take, all included; below LEASE."
+    )
+    retry_schedule: Schedule = Field(
+        (30.0, 60.0, 120.0, 240.0, 480.0),
+        description="Seconds to wait before each retry, comma-separated; attempts = retries + 1.",
+    )
+    jitter: float = Field(
+        0.1, ge=0, le=1, description="Fraction by which each retry delay is randomly varied (0.1 = ±10%)."
+    )
+    shutdown_grace: Seconds = Field(
+        30.0, ge=0, description="Seconds in-flight requests may finish after SIGTERM."
+    )
+    disable_after: Seconds = Field(
+        5 * 86400.0, gt=0, description="Seconds of nothing but failures after which an endpoint is disabled."
+    )
+    max_payload_bytes: int = Field(
+        262_144,
+        ge=1,
+        le=100 * 1024 * 1024,
+        description="Largest event payload, in bytes of JSON text; written to the database by migrate.",
+    )
+    allow_private_networks: bool = Field(
+        False, description="Allow deliveries to loopback, private and link-local addresses."
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65_535, description="TCP port for Prometheus /metrics and /healthz; off when unset."
+    )
+    sentry_dsn: SecretStr | None = Field(None, description="Sentry DSN; error reporting off when unset.")
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Least severe level logged.")
+    retention: Seconds = Field(
+        30 * 86400.0, gt=0, description="Seconds delivered and dead deliveries are kept before prune."
+    )
+    secret_key: SecretStr | None = Field(
+        None, description="Fernet key: endpoint secrets written by the CLI are stored encrypted with it."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr) -> SecretStr:
+        from notifyhook.store import check_conninfo
+
+        check_conninfo(value.get_secret_value())
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _check_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from notifyhook.secrets import check_key
+
+            check_key(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _timeout_below_lease(self) -> Settings:
+        # A request that could outlive its lease would let a second worker send the
+        # same delivery while the first is still waiting for an answer.
+        if self.http_timeout >= self.lease:
+            raise ValueError(
+                f"NOTIFYHOOK_HTTP_TIMEOUT ({self.http_timeout:g}s) must be shorter than "
+                f"NOTIFYHOOK_LEASE ({self.lease:g}s)"
+            )
+        return self
+
+    @property
+    def max_attempts(self) -> int:
+        return retry.max_attempts(self.retry_schedule)
+
+    @property
+    def endpoint_timeout_cap_s(self) -> float:
+        """Longest request an endpoint's timeout_ms may ask for: well inside the lease."""
+        return self.lease * 0.9
+
+
+_SECRET_FIELDS = {"database_url", "sentry_dsn", "secret_key"}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, or raise ConfigurationError naming each wrong variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise ConfigurationError(describe_errors(error)) from None
+
+
+def describe_errors(error: ValidationError) -> str:
+    """One line naming every wrong variable and what is allowed, never a secret's value."""
+    problems = []
+    for item in error.errors(include_url=False):
+        field = str(item["loc"][0]) if item["loc"] else ""
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if not field:
+            problems.append(message)
+            continue
+        variable = ENV_PREFIX + field.upper()
+        if item["type"] == "missing":
+            problems.append(f"{variable} is required ({Settings.model_fields[field].description})")
+        elif field in _SECRET_FIELDS:
+            problems.append(f"{variable}: {message}")
+        else:
+            problems.append(f"{variable}: {message} (got {item.get('input')!r})")
+    return "; ".join(problems)

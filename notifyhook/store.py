@@ -1,0 +1,244 @@
+"""The only place that talks SQL: claim, record, release, reclaim, stats and the operators' calls."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from notifyhook.delivery import Outcome
+
+Row = tuple[Any, ...]
+
+# Keep a dead TCP peer from hanging a query forever: libpq keepalives notice a
+# vanished server within ~30 s, and connecting gives up after 10 s.
+_CONNECTION_OPTIONS = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "application_name": "notifyhook",
+}
+
+DatabaseError = psycopg.Error
+"""Any error from the database or the connection to it."""
+
+
+@cache
+def queries() -> dict[str, str]:
+    """The named statements of notifyhook/queries.sql."""
+    text = resources.files("notifyhook").joinpath("queries.sql").read_text(encoding="utf-8")
+    named: dict[str, str] = {}
+    for chunk in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
+        name, _, body = chunk.partition("\n")
+        named[name.strip()] = body.strip()
+    return named
+
+
+def check_conninfo(url: str) -> None:
+    """Raise ValueError unless `url` parses as a libpq URL or DSN (never quoting it)."""
+    if not url.strip():
+        raise ValueError("must not be empty")
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError as error:
+        # libpq's message may quote the string, password included: keep its gist only.
+        reason = str(error).split(":")[0]
+        raise ValueError(f"is not a valid libpq URL or key=value DSN ({reason})") from None
+
+
+def redact_conninfo(url: str) -> str:
+    """The DSN as safe to print: the password replaced by ***."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparseable DSN>"
+    if "password" in params:
+        params["password"] = "***"
+    return make_conninfo(**params)
+
+
+def connection_string(url: str) -> str:
+    """The DSN with our connection options added, the user's own taking precedence."""
+    return make_conninfo(url, **{k: v for k, v in _CONNECTION_OPTIONS.items() if k not in conninfo_to_dict(url)})
+
+
+def is_transient(error: BaseException) -> bool:
+    """A lost or refused connection, or a server shutting down or starting: worth waiting out.
+
+    Errors with a SQLSTATE outside classes 08 (connection) and 57 (operator
+    intervention) are not: a wrong password or a missing database stays wrong.
+    """
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    state = error.sqlstate
+    return state is None or state.startswith(("08", "57"))
+
+
+@asynccontextmanager
+async def connect(url: str, *, autocommit: bool = True) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """One connection, for commands and the listener (the worker's queries use a pool)."""
+    conn = await psycopg.AsyncConnection.connect(connection_string(url), autocommit=autocommit)
+    async with conn:
+        yield conn
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one claim returned: the rows to send now, and when to look again."""
+
+    rows: list[Row]
+    """(delivery_id, event_id, endpoint_id, attempt, url, secret, previous_secret, headers, timeout_ms, body)"""
+    wake_in_s: float | None
+    """Seconds until a retry falls due or a rate token arrives, if anything waits."""
+    more_due: bool
+    """Due rows were held back by a cap that finishing deliveries will lift."""
+
+
+class Store:
+    """The worker's queries over a small connection pool."""
+
+    def __init__(self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
+        self._pool = pool
+        self._sql = queries()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, url: str, *, size: int = 4) -> AsyncIterator[Store]:
+        pool = AsyncConnectionPool(
+            connection_string(url),
+            min_size=1,
+            max_size=size,
+            kwargs={"autocommit": True},
+            open=False,
+            # Fail a checkout after 10 s rather than 30: the loop backs off and retries.
+            timeout=10.0,
+            name="notifyhook",
+        )
+        await pool.open(wait=False)
+        try:
+            yield cls(pool)
+        finally:
+            await pool.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with self._pool.connection() as conn:
+            yield conn
+
+    async def _fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(self._sql[name], params)  # type: ignore[arg-type]
+            return await cursor.fetchall()
+
+    async def schema_version(self) -> int | None:
+        async with self._pool.connection() as conn:
+            return await read_schema_version(conn)
+
+    async def claim_due(self, worker: str, max_rows: int, lease_s: float, endpoint_share: int) -> Claim:
+        rows = await self._fetch(
+            "claim_due",
+            {
+                "worker": worker,
+                "max_rows": max_rows,
+                "lease": timedelta(seconds=lease_s),
+                "endpoint_share": endpoint_share,
+            },
+        )
+        # The function always ends with one row of hints, its delivery_id null.
+        hints = rows.pop()
+        return Claim(rows=[row[:10] for row in rows], wake_in_s=hints[10], more_due=bool(hints[11]))
+
+    async def record_outcomes(
+        self, worker: str, outcomes: Sequence[Outcome], disable_after_s: float
+    ) -> list[tuple[int, str]]:
+        """Write a batch of outcomes; returns the endpoints it disabled, with why."""
+        results = [o.result for o in outcomes]
+        rows = await self._fetch(
+            "record_outcomes",
+            {
+                "worker": worker,
+                "delivery_ids": [o.delivery_id for o in outcomes],
+                "attempt_numbers": [o.attempt for o in outcomes],
+                "statuses": [o.status for o in outcomes],
+                "next_attempt_ats": [o.next_attempt_at for o in outcomes],
+                "started_ats": [r.started_at for r in results],
+                "durations_ms": [r.duration_ms for r in results],
+                "status_codes": [r.status_code for r in results],
+                "errors": [r.error for r in results],
+                "excerpts": [r.response_excerpt for r in results],
+                "gone": [r.verdict.value == "gone" for r in results],
+                "disable_after": timedelta(seconds=disable_after_s),
+            },
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    async def release_claims(self, worker: str, held: Sequence[tuple[int, int]]) -> int:
+        """Give back (delivery_id, attempt) claims not finished, uncharged."""
+        rows = await self._fetch(
+            "release_claims",
+            {
+                "worker": worker,
+                "delivery_ids": [delivery_id for delivery_id, _ in held],
+                "attempt_numbers": [attempt for _, attempt in held],
+            },
+        )
+        return int(rows[0][0])
+
+    async def reclaim_expired(self, max_attempts: int) -> int:
+        rows = await self._fetch("reclaim_expired", {"max_attempts": max_attempts})
+        return int(rows[0][0])
+
+    async def prune_once(self, retention_s: float, batch_size: int) -> int | None:
+        """One batch of retention, or None when another worker holds the prune lock."""
+        async with self._pool.connection() as conn, conn.transaction():
+            locked = await (await conn.execute(self._sql["try_lock_prune"])).fetchone()
+            if not locked or not locked[0]:
+                return None
+            cursor = await conn.execute(
+                self._sql["prune"],
+                {"older_than": timedelta(seconds=retention_s), "batch_size": batch_size},
+            )
+            row = await cursor.fetchone()
+            return int(row[0]) if row else 0
+
+    async def queue_depth(self) -> tuple[int, int, float]:
+        """(pending due, processing, oldest due age in seconds)."""
+        rows = await self._fetch("queue_depth")
+        return int(rows[0][0]), int(rows[0][1]), float(rows[0][2])
+
+
+async def read_schema_version(conn: psycopg.AsyncConnection[Any]) -> int | None:
+    """The schema version recorded in the database; None before the first migrate."""
+    sql = queries()
+    exists = await (await conn.execute(sql["schema_exists"])).fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = await (await conn.execute(sql["schema_version"])).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+async def fetch_dicts(
+    conn: psycopg.AsyncConnection[Any], name: str, params: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Run a named statement and return its rows as dicts (for commands and stats)."""
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(queries()[name], params)  # type: ignore[arg-type]
+        return await cursor.fetchall() if cursor.description else []
+
+
+def json_param(value: Any) -> Jsonb:
+    """A Python value to send as jsonb."""
+    return Jsonb(value)

@@ -1,0 +1,392 @@
+"""The worker: listen, poll, claim, send, record, shut down; one path for every delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from notifyhook import __version__, retry, secrets
+from notifyhook.delivery import AttemptResult, Delivery, Outcome, Verdict
+from notifyhook.errors import SecretError
+from notifyhook.listener import Listener
+from notifyhook.metrics import Metrics
+from notifyhook.metrics import serve as serve_metrics
+from notifyhook.migrate import check_schema
+from notifyhook.sender import Sender
+from notifyhook.settings import Settings
+from notifyhook.store import DatabaseError, Row, Store, is_transient
+from notifyhook.systemd import SystemdNotifier
+
+log = logging.getLogger("notifyhook.worker")
+
+PRUNE_EVERY_S = 600.0
+"""How often a worker offers to run retention (one worker of the fleet does)."""
+
+
+def decide(delivery: Delivery, result: AttemptResult, settings: Settings) -> Outcome:
+    """Map an attempt's result to the delivery's next state (retry schedule, jitter, Retry-After)."""
+    status: Any = "dead"
+    next_attempt_at = None
+    if result.verdict is Verdict.DELIVERED:
+        status = "delivered"
+    elif result.verdict is Verdict.RETRY:
+        delay = retry.next_delay(
+            delivery.attempt, settings.retry_schedule, settings.jitter, result.retry_after_s
+        )
+        if delay is not None:
+            status = "pending"
+            next_attempt_at = datetime.now(UTC) + timedelta(seconds=delay)
+    return Outcome(delivery.id, delivery.attempt, status, next_attempt_at, result)
+
+
+class Worker:
+    """One worker process's loop. `run` holds the whole lifecycle in one place."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        sender: Sender,
+        *,
+        metrics: Metrics,
+        notifier: SystemdNotifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self._sender = sender
+        self.metrics = metrics
+        self._notifier = notifier or SystemdNotifier()
+        self._key = settings.secret_key.get_secret_value() if settings.secret_key else None
+        self.listener = Listener(
+            settings.database_url.get_secret_value(), self._wake_up, metrics.reconnects.inc
+        )
+        # No endpoint may hold more than half of this worker's slots, so another
+        # endpoint's fresh events always find a free slot (the claim enforces it).
+        self._endpoint_share = max(1, math.ceil(settings.concurrency / 2))
+        # Finishing deliveries trigger a new claim only every few slots: one claim
+        # per finished request would cost the database a query per delivery.
+        self._refill_at = max(1, min(settings.batch_size, self._endpoint_share) // 4)
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._in_flight: dict[int, tuple[int, asyncio.Task[None]]] = {}
+        self._outcomes: list[Outcome] = []
+        self._outcomes_ready = asyncio.Event()
+        self._more_due = False
+        self._freed_since_claim = 0
+        self._wake_deadline: float | None = None
+        self._last_cycle = time.monotonic()
+        self.database_ok = True
+        self._signals = 0
+        self._ready_sent = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until asked to stop, then finish or give back what is in flight."""
+        async with asyncio.TaskGroup() as tasks:
+            background = [
+                tasks.create_task(self.listener.run(), name="listener"),
+                tasks.create_task(self._tick(), name="tick"),
+                tasks.create_task(self._record_loop(), name="recorder"),
+                tasks.create_task(self._heartbeat(), name="heartbeat"),
+            ]
+            log.info(
+                "worker %s started: concurrency=%d batch_size=%d lease=%gs",
+                self.settings.worker_id, self.settings.concurrency, self.settings.batch_size,
+                self.settings.lease,
+            )
+            await self._claim_loop()
+            self._notifier.stopping()
+            await self._finish_in_flight()
+            for task in background:
+                task.cancel()
+        await self._flush_outcomes()
+        log.info("worker %s stopped", self.settings.worker_id)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop, signum)
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """First signal: stop claiming and finish within the grace. Second: exit now."""
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second %s: exiting at once", signal.Signals(signum).name)
+            # Claims still held come back when their leases expire.
+            os._exit(1)
+        log.info(
+            "%s: stopping; in-flight requests have %gs to finish",
+            signal.Signals(signum).name, self.settings.shutdown_grace,
+        )
+        self._stop.set()
+        self._wake.set()
+
+    # -- claiming ----------------------------------------------------------------
+
+    def _wake_up(self) -> None:
+        self.metrics.notifications.inc()
+        self._wake.set()
+
+    async def _wait_for_work(self) -> None:
+        timeout = None
+        if self._wake_deadline is not None:
+            timeout = max(0.0, self._wake_deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+        self._last_cycle = time.monotonic()
+
+    async def _claim_loop(self) -> None:
+        delays = retry.reconnect_delays()
+        while not self._stop.is_set():
+            await self._wait_for_work()
+            free = self.settings.concurrency - len(self._in_flight)
+            if self._stop.is_set() or free <= 0:
+                continue
+            asked = min(free, self.settings.batch_size)
+            try:
+                claim = await self._store.claim_due(
+                    self.settings.worker_id, asked, self.settings.lease, self._endpoint_share
+                )
+            except DatabaseError as error:
+                await self._database_trouble("claim", error, next(delays))
+                continue
+            self._database_recovered()
+            delays = retry.reconnect_delays()
+            if not self._ready_sent and self.listener.connected:
+                # Listening, and the backlog found by this first claim is under way.
+                self._ready_sent = True
+                self._notifier.ready()
+                log.info("worker %s ready", self.settings.worker_id)
+            self.metrics.claim_batch.observe(len(claim.rows))
+            for row in claim.rows:
+                self._start(row)
+            self._freed_since_claim = 0
+            self._more_due = claim.more_due or len(claim.rows) == asked
+            self._wake_deadline = (
+                time.monotonic() + max(0.005, claim.wake_in_s) if claim.wake_in_s is not None else None
+            )
+            if len(claim.rows) == asked and len(self._in_flight) < self.settings.concurrency:
+                self._wake.set()
+
+    def _start(self, row: Row) -> None:
+        delivery_id, attempt = row[0], row[3]
+        task = asyncio.create_task(self._deliver(row), name=f"delivery-{delivery_id}")
+        self._in_flight[delivery_id] = (attempt, task)
+        self.metrics.in_flight.set(len(self._in_flight))
+
+    # -- sending -----------------------------------------------------------------
+
+    def _delivery(self, row: Row) -> Delivery:
+        delivery_id, event_id, endpoint_id, attempt, url, secret, previous, headers, timeout_ms, body = row
+        plain = [secrets.unseal(secret, self._key)]
+        if previous is not None:
+            plain.append(secrets.unseal(previous, self._key))
+        timeout_s = timeout_ms / 1000 if timeout_ms else self.settings.http_timeout
+        return Delivery(
+            id=delivery_id,
+            event_id=str(event_id),
+            endpoint_id=endpoint_id,
+            attempt=attempt,
+            url=url,
+            secrets=tuple(plain),
+            headers=headers,
+            timeout_s=min(timeout_s, self.settings.endpoint_timeout_cap_s),
+            body=body.encode(),
+        )
+
+    async def _deliver(self, row: Row) -> None:
+        try:
+            try:
+                delivery = self._delivery(row)
+            except SecretError as error:
+                # A worker without the key cannot sign: retry on the schedule, so an
+                # operator who fixes NOTIFYHOOK_SECRET_KEY in time loses nothing.
+                delivery = Delivery(row[0], str(row[1]), row[2], row[3], row[4], (), {}, 0, b"")
+                result = AttemptResult(Verdict.RETRY, datetime.now(UTC), 0.0, error=str(error))
+            else:
+                result = await self._sender.send(delivery)
+            outcome = decide(delivery, result, self.settings)
+            self._note(delivery, outcome)
+            self._outcomes.append(outcome)
+            self._outcomes_ready.set()
+        finally:
+            del self._in_flight[row[0]]
+            self.metrics.in_flight.set(len(self._in_flight))
+            self._freed_since_claim += 1
+            if self._more_due and (self._freed_since_claim >= self._refill_at or not self._in_flight):
+                self._wake.set()
+
+    def _note(self, delivery: Delivery, outcome: Outcome) -> None:
+        result = outcome.result
+        self.metrics.observe_attempt(outcome.status, result.duration_ms)
+        if outcome.status == "dead":
+            log.warning(
+                "delivery %d dead after attempt %d to endpoint %d: %s",
+                delivery.id, delivery.attempt, delivery.endpoint_id, result.error,
+            )
+        elif outcome.next_attempt_at is not None:
+            due_in = (outcome.next_attempt_at - datetime.now(UTC)).total_seconds()
+            deadline = time.monotonic() + max(0.0, due_in)
+            if self._wake_deadline is None or deadline < self._wake_deadline:
+                self._wake_deadline = deadline
+
+    # -- recording ---------------------------------------------------------------
+
+    async def _record_loop(self) -> None:
+        while True:
+            await self._outcomes_ready.wait()
+            self._outcomes_ready.clear()
+            await self._flush_outcomes()
+
+    async def _flush_outcomes(self, *, give_up_after_s: float | None = None) -> None:
+        """Write buffered outcomes in batches; wait out a database outage (rows stay leased)."""
+        delays = retry.reconnect_delays()
+        started = time.monotonic()
+        while self._outcomes:
+            batch = self._outcomes[: self.settings.batch_size]
+            try:
+                disabled = await self._store.record_outcomes(
+                    self.settings.worker_id, batch, self.settings.disable_after
+                )
+            except DatabaseError as error:
+                if give_up_after_s is not None and time.monotonic() - started > give_up_after_s:
+                    log.error("giving up recording %d outcomes: %s", len(self._outcomes), error)
+                    return
+                await self._database_trouble("record", error, next(delays))
+                continue
+            self._database_recovered()
+            del self._outcomes[: len(batch)]
+            for endpoint_id, reason in disabled:
+                self.metrics.endpoint_disables.inc()
+                log.warning("endpoint %d disabled: %s", endpoint_id, reason)
+
+    # -- shutting down -------------------------------------------------------------
+
+    async def _finish_in_flight(self) -> None:
+        """Soft stop: let requests finish within the grace. Hard stop: give the rest back."""
+        tasks = [task for _, task in self._in_flight.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
+        unfinished = [(delivery_id, attempt) for delivery_id, (attempt, _) in self._in_flight.items()]
+        for _, task in list(self._in_flight.values()):
+            task.cancel()
+        await asyncio.gather(*(task for _, task in list(self._in_flight.values())), return_exceptions=True)
+        await self._flush_outcomes(give_up_after_s=5.0)
+        if unfinished:
+            await self._release(unfinished)
+
+    async def _release(self, held: Sequence[tuple[int, int]]) -> None:
+        try:
+            released = await self._store.release_claims(self.settings.worker_id, held)
+        except DatabaseError as error:
+            log.error("could not give back %d claims (their leases will expire): %s", len(held), error)
+            return
+        log.info("gave back %d unfinished deliveries without charging an attempt", released)
+
+    # -- background ------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        """The backstop: every poll interval, take back expired leases and look at the queue."""
+        last_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            try:
+                reclaimed = await self._store.reclaim_expired(self.settings.max_attempts)
+                if reclaimed:
+                    log.warning("took back %d deliveries whose lease expired", reclaimed)
+                self.metrics.set_queue(*await self._store.queue_depth())
+                if time.monotonic() - last_prune > PRUNE_EVERY_S:
+                    last_prune = time.monotonic()
+                    await self._prune()
+            except DatabaseError as error:
+                log.debug("tick skipped: %s", error)
+            self._wake.set()
+
+    async def _prune(self) -> None:
+        total = 0
+        while (deleted := await self._store.prune_once(self.settings.retention, 500)):
+            total += deleted
+        if total:
+            log.info("retention: deleted %d rows older than %gs", total, self.settings.retention)
+
+    async def _heartbeat(self) -> None:
+        """systemd WATCHDOG and STATUS while the claim loop keeps cycling."""
+        interval = self._notifier.watchdog_interval_s or 5.0
+        stuck_after = max(3 * self.settings.poll_interval, 30.0)
+        while True:
+            await asyncio.sleep(min(interval, 5.0))
+            if time.monotonic() - self._last_cycle < stuck_after:
+                self._notifier.watchdog()
+            self._notifier.status(self.metrics.status_line(len(self._in_flight)))
+
+    async def _database_trouble(self, what: str, error: BaseException, wait: float) -> None:
+        if self.database_ok:
+            log.warning("%s failed, database unavailable (%s); retrying", what, str(error).strip()[:200])
+            self.metrics.database_errors.inc()
+        self.database_ok = False
+        await asyncio.sleep(wait)
+        self._wake.set()
+
+    def _database_recovered(self) -> None:
+        if not self.database_ok:
+            log.info("database available again")
+        self.database_ok = True
+
+    @property
+    def healthy(self) -> bool:
+        """For /healthz: the loop cycles and the database answers."""
+        return (
+            self.database_ok
+            and self.listener.connected
+            and time.monotonic() - self._last_cycle < max(3 * self.settings.poll_interval, 30.0)
+        )
+
+
+async def serve(settings: Settings) -> None:
+    """`notifyhook worker`: check the schema, then run until SIGTERM."""
+    metrics = Metrics()
+    url = settings.database_url.get_secret_value()
+    async with Store.open(url) as store:
+        await _wait_for_schema(store)
+        async with Sender(
+            allow_private_networks=settings.allow_private_networks,
+            user_agent=f"notifyhook/{__version__}",
+            max_connections=settings.concurrency,
+        ) as sender:
+            worker = Worker(settings, store, sender, metrics=metrics)
+            worker.install_signal_handlers()
+            runner = None
+            if settings.metrics_port is not None:
+                runner = await serve_metrics(metrics, settings.metrics_port, lambda: worker.healthy)
+            try:
+                await worker.run()
+            finally:
+                if runner is not None:
+                    await runner.cleanup()
+
+
+async def _wait_for_schema(store: Store) -> None:
+    """Refuse a schema this code does not know; wait out a database that is not up yet."""
+    delays = retry.reconnect_delays(longest=5.0)
+    while True:
+        try:
+            async with store.connection() as conn:
+                await check_schema(conn)
+                return
+        except DatabaseError as error:
+            if not is_transient(error):
+                raise
+            wait = next(delays)
+            log.warning("database not available (%s); trying again in %.1fs", str(error).strip()[:200], wait)
+            await asyncio.sleep(wait)

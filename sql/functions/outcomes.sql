@@ -1,0 +1,225 @@
+-- Recording: what workers write back after their HTTP attempts.
+
+-- Record a batch of attempt outcomes for `worker`, in one transaction.
+--
+-- Every attempt gets its notifyhook.attempts row: the audit log says what was
+-- sent, even by a worker that lost its lease. But a delivery's state is written
+-- only while the worker still holds it (status processing, locked_by = worker,
+-- and the attempt number it claimed): a worker cut off past its lease, whose row
+-- another worker has since claimed, must not overwrite that worker's state.
+--
+-- `statuses` are the deliveries' new states: delivered, pending (a retry at
+-- next_attempt_ats) or dead. `gone` marks a 410 Gone answer, which disables the
+-- endpoint. Endpoint health (consecutive failures, failing since) is updated
+-- from the batch, and endpoints failing for longer than `disable_after` are
+-- disabled. Returns the endpoints this call disabled, with the reason.
+CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
+    worker text,
+    delivery_ids bigint[],
+    attempt_numbers integer[],
+    statuses text[],
+    next_attempt_ats timestamptz[],
+    started_ats timestamptz[],
+    durations_ms double precision[],
+    status_codes integer[],
+    errors text[],
+    excerpts text[],
+    gone boolean[],
+    disable_after interval
+) RETURNS TABLE (endpoint_id bigint, disabled_reason text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    touched bigint[];
+    gone_endpoints bigint[];
+BEGIN
+    -- A session-local scratch table: the batch is read by four statements below.
+    -- Created once per connection (checked first: IF NOT EXISTS would send a
+    -- NOTICE on every call), emptied at every commit.
+    IF to_regclass('pg_temp.outcome_batch') IS NULL THEN
+    CREATE TEMP TABLE outcome_batch (
+        delivery_id bigint, endpoint_id bigint, attempt integer, status text,
+        next_attempt_at timestamptz, started_at timestamptz, duration_ms double precision,
+        status_code integer, error text, excerpt text, gone boolean
+    ) ON COMMIT DELETE ROWS;
+    END IF;
+    INSERT INTO pg_temp.outcome_batch
+    SELECT o.delivery_id, d.endpoint_id, o.attempt, o.status, o.next_attempt_at, o.started_at,
+           o.duration_ms, o.status_code, o.error, o.excerpt, o.gone
+    FROM unnest(delivery_ids, attempt_numbers, statuses, next_attempt_ats, started_ats,
+                durations_ms, status_codes, errors, excerpts, gone)
+         AS o(delivery_id, attempt, status, next_attempt_at, started_at, duration_ms,
+              status_code, error, excerpt, gone)
+    -- A delivery deleted meanwhile (its endpoint removed) has nothing left to record.
+    JOIN notifyhook.deliveries AS d ON d.id = o.delivery_id;
+
+    UPDATE notifyhook.deliveries AS d
+    SET status = o.status,
+        next_attempt_at = coalesce(o.next_attempt_at, d.next_attempt_at),
+        locked_by = NULL,
+        locked_until = NULL,
+        last_status_code = o.status_code,
+        last_error = o.error,
+        delivered_at = CASE WHEN o.status = 'delivered' THEN now() END,
+        updated_at = now()
+    FROM pg_temp.outcome_batch AS o
+    WHERE d.id = o.delivery_id
+      AND d.status = 'processing' AND d.locked_by = worker AND d.attempts = o.attempt;
+
+    INSERT INTO notifyhook.attempts
+        (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error,
+         response_excerpt, worker)
+    SELECT o.delivery_id, o.endpoint_id, o.attempt, o.started_at, o.duration_ms, o.status_code,
+           o.error, o.excerpt, worker
+    FROM pg_temp.outcome_batch AS o;
+
+    -- Lock the endpoints' state rows in id order: two workers recording for the
+    -- same endpoints at once then wait for each other instead of deadlocking.
+    SELECT array_agg(s.endpoint_id ORDER BY s.endpoint_id) INTO touched
+    FROM (SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
+          WHERE s.endpoint_id IN (SELECT o.endpoint_id FROM pg_temp.outcome_batch AS o)
+          ORDER BY s.endpoint_id FOR UPDATE) AS s;
+
+    -- Within the batch, only the failures after the endpoint's last success count.
+    WITH summary AS (
+        SELECT o.endpoint_id,
+               max(o.started_at) FILTER (WHERE o.status = 'delivered') AS last_success_at,
+               max(o.started_at) FILTER (WHERE o.status <> 'delivered') AS last_failure_at
+        FROM pg_temp.outcome_batch AS o GROUP BY o.endpoint_id
+    ), health AS (
+        SELECT s.endpoint_id, s.last_success_at, s.last_failure_at,
+               count(*) FILTER (WHERE o.status <> 'delivered'
+                                AND o.started_at > coalesce(s.last_success_at, '-infinity')) AS failures,
+               min(o.started_at) FILTER (WHERE o.status <> 'delivered'
+                                AND o.started_at > coalesce(s.last_success_at, '-infinity')) AS first_failure_at
+        FROM summary AS s JOIN pg_temp.outcome_batch AS o ON o.endpoint_id = s.endpoint_id
+        GROUP BY s.endpoint_id, s.last_success_at, s.last_failure_at
+    )
+    UPDATE notifyhook.endpoint_state AS st
+    SET consecutive_failures = CASE WHEN h.last_success_at IS NULL
+                                    THEN st.consecutive_failures + h.failures
+                                    ELSE h.failures END,
+        failing_since = CASE WHEN h.failures = 0 THEN NULL
+                             WHEN h.last_success_at IS NULL
+                             THEN coalesce(st.failing_since, h.first_failure_at)
+                             ELSE h.first_failure_at END,
+        last_success_at = greatest(st.last_success_at, h.last_success_at),
+        last_failure_at = greatest(st.last_failure_at, h.last_failure_at)
+    FROM health AS h
+    WHERE st.endpoint_id = h.endpoint_id;
+
+    SELECT array_agg(DISTINCT o.endpoint_id) INTO gone_endpoints
+    FROM pg_temp.outcome_batch AS o WHERE o.gone;
+
+    RETURN QUERY
+    UPDATE notifyhook.endpoints AS e
+    SET enabled = false,
+        disabled_reason = CASE
+            WHEN e.id = ANY (gone_endpoints)
+            THEN format('410 Gone received at %s', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'))
+            ELSE format('every attempt failed since %s, longer than %s',
+                        to_char(s.failing_since AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'),
+                        disable_after)
+        END
+    FROM notifyhook.endpoint_state AS s
+    WHERE s.endpoint_id = e.id
+      AND e.id = ANY (touched)
+      AND e.enabled
+      AND (e.id = ANY (gone_endpoints) OR s.failing_since < now() - disable_after)
+    RETURNING e.id, e.disabled_reason;
+END
+$$;
+
+-- Give back claims a worker could not finish (graceful shutdown): pending again,
+-- due now, and the attempt that was never made is not charged. Only rows the
+-- worker still holds under the claim it made are touched.
+CREATE OR REPLACE FUNCTION notifyhook.release_claims(
+    worker text,
+    delivery_ids bigint[],
+    attempt_numbers integer[]
+) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    released integer;
+BEGIN
+    UPDATE notifyhook.deliveries AS d
+    SET status = 'pending', attempts = d.attempts - 1, locked_by = NULL, locked_until = NULL,
+        next_attempt_at = least(d.next_attempt_at, now()), updated_at = now()
+    FROM unnest(delivery_ids, attempt_numbers) AS held(delivery_id, attempt)
+    WHERE d.id = held.delivery_id AND d.status = 'processing'
+      AND d.locked_by = worker AND d.attempts = held.attempt;
+    GET DIAGNOSTICS released = ROW_COUNT;
+    IF released > 0 THEN
+        PERFORM pg_notify('notifyhook', '');
+    END IF;
+    RETURN released;
+END
+$$;
+
+-- Take back deliveries whose lease ran out: their worker died, hung or lost the
+-- database. The attempt it was making is recorded as such (the receiver may have
+-- got it: delivery is at-least-once), and the delivery is due again at once, or
+-- dead if that was its last attempt. Run by every worker on its timer; SKIP
+-- LOCKED lets several do it at once.
+CREATE OR REPLACE FUNCTION notifyhook.reclaim_expired(max_attempts integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    reclaimed integer;
+BEGIN
+    WITH expired AS (
+        SELECT d.id, d.endpoint_id, d.attempts, d.locked_by, d.updated_at AS claimed_at
+        FROM notifyhook.deliveries AS d
+        WHERE d.status = 'processing' AND d.locked_until < now()
+        FOR UPDATE SKIP LOCKED
+    ), returned AS (
+        UPDATE notifyhook.deliveries AS d
+        SET status = CASE WHEN d.attempts >= max_attempts THEN 'dead' ELSE 'pending' END,
+            locked_by = NULL, locked_until = NULL, next_attempt_at = now(), updated_at = now(),
+            last_status_code = NULL,
+            last_error = format('lease expired: worker %s stopped before recording attempt %s',
+                                expired.locked_by, expired.attempts)
+        FROM expired WHERE d.id = expired.id
+        RETURNING d.id
+    )
+    INSERT INTO notifyhook.attempts
+        (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error, worker)
+    SELECT expired.id, expired.endpoint_id, expired.attempts, expired.claimed_at, NULL, NULL,
+           'lease expired: the worker stopped before recording an outcome; the receiver may have got it',
+           expired.locked_by
+    FROM expired JOIN returned ON returned.id = expired.id;
+    GET DIAGNOSTICS reclaimed = ROW_COUNT;
+    IF reclaimed > 0 THEN
+        PERFORM pg_notify('notifyhook', '');
+    END IF;
+    RETURN reclaimed;
+END
+$$;
+
+-- Delete up to batch_size finished deliveries (with their attempts) older than
+-- `older_than`, then up to batch_size events that have no delivery left and are
+-- as old. Small batches keep every lock short; the caller repeats until 0.
+CREATE OR REPLACE FUNCTION notifyhook.prune(older_than interval, batch_size integer)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    deliveries_deleted integer;
+    events_deleted integer;
+BEGIN
+    DELETE FROM notifyhook.deliveries AS d
+    WHERE d.id IN (
+        SELECT f.id FROM notifyhook.deliveries AS f
+        WHERE f.status IN ('delivered', 'dead') AND f.updated_at < now() - older_than
+        ORDER BY f.updated_at LIMIT batch_size
+        FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS deliveries_deleted = ROW_COUNT;
+
+    DELETE FROM notifyhook.events AS e
+    WHERE e.id IN (
+        SELECT o.id FROM notifyhook.events AS o
+        WHERE o.created_at < now() - older_than
+          AND NOT EXISTS (SELECT FROM notifyhook.deliveries AS d WHERE d.event_id = o.id)
+        ORDER BY o.created_at LIMIT batch_size
+        FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS events_deleted = ROW_COUNT;
+    RETURN deliveries_deleted + events_deleted;
+END
+$$;

@@ -1,0 +1,205 @@
+"""The test harness: a throwaway PostgreSQL, a fresh database per test, real workers and receivers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from notifyhook.cluster import Cluster, find_bindir
+from notifyhook.migrate import migrate
+from notifyhook.receiver import Receiver
+
+TEMPLATE = f"notifyhook_template_{os.getpid()}"
+_numbers = itertools.count()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {value!r})")
+        time.sleep(0.02)
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    return make_conninfo(url, dbname=dbname)
+
+
+class Server:
+    """The PostgreSQL the suite runs against: our own cluster, or NOTIFYHOOK_TEST_DATABASE_URL."""
+
+    def __init__(self) -> None:
+        self.cluster: Cluster | None = None
+        external = os.environ.get("NOTIFYHOOK_TEST_DATABASE_URL")
+        if external:
+            self.admin_url = external
+        else:
+            self.cluster = Cluster(fsync=False, max_connections=300).start()
+            self.admin_url = self.cluster.url()
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    running = Server()
+    try:
+        _create_template(running.admin_url)
+        yield running
+    finally:
+        with psycopg.connect(running.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+        running.stop()
+
+
+def _create_template(admin_url: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
+
+    async def apply() -> None:
+        async with await psycopg.AsyncConnection.connect(with_dbname(admin_url, TEMPLATE), autocommit=True) as conn:
+            await migrate(conn, max_payload_bytes=262144)
+
+    asyncio.run(apply())
+
+
+@pytest.fixture
+def database_url(server: Server) -> Iterator[str]:
+    """A fresh, migrated database of its own for each test."""
+    name = f"notifyhook_test_{os.getpid()}_{next(_numbers)}"
+    with psycopg.connect(server.admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+    try:
+        yield with_dbname(server.admin_url, name)
+    finally:
+        with psycopg.connect(server.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection to the test's database, for arranging and checking."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+def psql_binary() -> str:
+    return str(find_bindir() / "psql")
+
+
+def psql(url: str, sql: str) -> subprocess.CompletedProcess[str]:
+    """Run SQL through the real psql command line, as a program in any language would."""
+    return subprocess.run(
+        [psql_binary(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    running = Receiver().start_in_thread()
+    yield running
+    running.stop_thread()
+
+
+def scalar(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:
+    row = conn.execute(sql, params).fetchone()
+    return row[0] if row else None
+
+
+def add_endpoint(conn: psycopg.Connection[Any], tenant: str, name: str, url: str, **columns: Any) -> int:
+    """Insert an endpoint with plain SQL; returns its id."""
+    names = ["tenant_id", "name", "url", *columns]
+    values = [tenant, name, url, *columns.values()]
+    placeholders = ", ".join(["%s"] * len(values))
+    return int(
+        scalar(
+            conn,
+            f"INSERT INTO notifyhook.endpoints ({', '.join(names)}) VALUES ({placeholders}) RETURNING id",
+            values,
+        )
+    )
+
+
+WORKER_DEFAULTS = {
+    "NOTIFYHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+    "NOTIFYHOOK_POLL_INTERVAL": "0.5",
+    "NOTIFYHOOK_RETRY_SCHEDULE": "0.2,0.4",
+    "NOTIFYHOOK_JITTER": "0",
+    "NOTIFYHOOK_LEASE": "10",
+    "NOTIFYHOOK_HTTP_TIMEOUT": "2",
+    "NOTIFYHOOK_SHUTDOWN_GRACE": "5",
+    "NOTIFYHOOK_LOG_LEVEL": "DEBUG",
+}
+
+
+class WorkerProcess:
+    """A real `notifyhook worker` process; its log goes to a file the test can read."""
+
+    def __init__(self, database_url: str, log_path: Path, **settings: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
+        env.update(WORKER_DEFAULTS)
+        env["NOTIFYHOOK_DATABASE_URL"] = database_url
+        env.update({f"NOTIFYHOOK_{k.upper()}": str(v) for k, v in settings.items()})
+        self.worker_id = env.get("NOTIFYHOOK_WORKER_ID", "")
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "notifyhook", "worker"], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(database_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start worker processes on the test's database; all are killed at the end."""
+    started: list[WorkerProcess] = []
+
+    def start(url: str | None = None, **settings: str) -> WorkerProcess:
+        settings.setdefault("worker_id", f"test-worker-{len(started) + 1}")
+        worker = WorkerProcess(url or database_url, tmp_path / f"worker-{len(started) + 1}.log", **settings)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()
