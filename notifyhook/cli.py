@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from notifyhook import __version__
+from notifyhook import __version__, logs
 from notifyhook.errors import ConfigurationError, NotifyhookError, SchemaVersionError
 from notifyhook.settings import Settings, load_settings
 from notifyhook.store import DatabaseError
@@ -27,11 +27,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = load_settings()
-        from notifyhook import logs
-
-        logs.configure(settings.log_format, settings.log_level)
-        result = args.handler(args, settings)
+        if getattr(args, "standalone", False):
+            # demo and bench may start their own PostgreSQL, so they read the
+            # settings themselves once they know the database.
+            result = args.handler(args)
+        else:
+            settings = load_settings()
+            logs.configure(settings.log_format, settings.log_level)
+            result = args.handler(args, settings)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
         return int(result or EXIT_OK)

@@ -23,6 +23,10 @@ def register_all(commands: Any) -> None:
     _register_send(commands)
     _register_replay(commands)
     _register_prune(commands)
+    from notifyhook import bench, demo  # here, not at the top: both import this module
+
+    demo.register(commands)
+    bench.register(commands)
 
 
 def run_async(coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -147,20 +151,34 @@ def _cell(value: Any) -> str:
 
 def _register_endpoint(commands: Any) -> None:
     parser = commands.add_parser(
-        "endpoint", help="add, list, show, disable, enable endpoints; rotate a secret",
+        "endpoint",
+        help="add, list, show, disable, enable endpoints; rotate a secret",
         description="Manage endpoints (rows of notifyhook.endpoints). IDs are positional.",
     )
     actions = parser.add_subparsers(title="actions", required=True, metavar="ACTION")
 
-    add = actions.add_parser("add", help="add an endpoint and print its secret once",
-                             description="Add an endpoint. Its secret is printed once: give it to the receiver.")
+    add = actions.add_parser(
+        "add",
+        help="add an endpoint and print its secret once",
+        description="Add an endpoint. Its secret is printed once: give it to the receiver.",
+    )
     add.add_argument("--tenant", required=True, help="tenant id")
     add.add_argument("--name", required=True, help="label, unique per tenant")
     add.add_argument("--url", required=True, help="http:// or https:// URL to POST to")
-    add.add_argument("--event-types", default="*", help="comma-separated patterns: call.completed, call.*, * (default *)")
-    add.add_argument("--extra-fields", type=_json_object, default={}, help="JSON object merged into every body")
-    add.add_argument("--headers", type=_json_object, default={}, help="JSON object of extra request headers")
-    add.add_argument("--rate-limit", type=_positive_int, help="most requests per second, whole fleet")
+    add.add_argument(
+        "--event-types",
+        default="*",
+        help="comma-separated patterns: call.completed, call.*, * (default *)",
+    )
+    add.add_argument(
+        "--extra-fields", type=_json_object, default={}, help="JSON object merged into every body"
+    )
+    add.add_argument(
+        "--headers", type=_json_object, default={}, help="JSON object of extra request headers"
+    )
+    add.add_argument(
+        "--rate-limit", type=_positive_int, help="most requests per second, whole fleet"
+    )
     add.add_argument("--max-in-flight", type=_positive_int, help="most concurrent requests")
     add.add_argument("--timeout-ms", type=_positive_int, help="request timeout for this endpoint")
     add.add_argument("--secret", help="a whsec_ secret to use instead of a fresh one")
@@ -186,13 +204,18 @@ def _register_endpoint(commands: Any) -> None:
     enable.set_defaults(handler=endpoint_enable)
 
     rotate = actions.add_parser(
-        "rotate-secret", help="set a fresh secret; the old one keeps signing during a grace",
+        "rotate-secret",
+        help="set a fresh secret; the old one keeps signing during a grace",
         description="Move the secret to previous_secret, valid for --grace, and set a fresh one. "
         "Until the grace ends both signatures are sent. Prints the new secret once.",
     )
     rotate.add_argument("endpoint_id", type=int, metavar="ID")
-    rotate.add_argument("--grace", type=_duration, default=86400.0,
-                        help="how long the old secret keeps signing: seconds or 30m, 24h, 7d (default 24h)")
+    rotate.add_argument(
+        "--grace",
+        type=_duration,
+        default=86400.0,
+        help="how long the old secret keeps signing: seconds or 30m, 24h, 7d (default 24h)",
+    )
     rotate.set_defaults(handler=endpoint_rotate_secret)
 
 
@@ -242,10 +265,14 @@ async def endpoint_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _set_enabled(settings: Settings, endpoint_id: int, enabled: bool, reason: str | None) -> int:
+async def _set_enabled(
+    settings: Settings, endpoint_id: int, enabled: bool, reason: str | None
+) -> int:
     async with connect(_url(settings)) as conn:
         rows = await fetch_dicts(
-            conn, "set_endpoint_enabled", {"endpoint_id": endpoint_id, "enabled": enabled, "reason": reason}
+            conn,
+            "set_endpoint_enabled",
+            {"endpoint_id": endpoint_id, "enabled": enabled, "reason": reason},
         )
     if not rows:
         raise UsageError(f"no endpoint {endpoint_id}")
@@ -273,7 +300,9 @@ async def endpoint_rotate_secret(args: argparse.Namespace, settings: Settings) -
     if not rows:
         raise UsageError(f"no endpoint {args.endpoint_id}")
     expires = rows[0]["previous_secret_expires_at"]
-    print(f"endpoint {args.endpoint_id}: new secret set; the previous one keeps signing until {_cell(expires)}")
+    print(
+        f"endpoint {args.endpoint_id}: new secret set; the previous one keeps signing until {_cell(expires)}"
+    )
     print(f"secret: {secret}")
     return 0
 
@@ -283,14 +312,23 @@ async def endpoint_rotate_secret(args: argparse.Namespace, settings: Settings) -
 
 def _register_send(commands: Any) -> None:
     parser = commands.add_parser(
-        "send", help="enqueue one event",
+        "send",
+        help="enqueue one event",
         description="Enqueue one event through notifyhook.enqueue(); prints its id (the webhook-id).",
     )
     parser.add_argument("--tenant", required=True, help="tenant id")
-    parser.add_argument("--type", required=True, dest="event_type", help="event type, e.g. call.completed")
-    parser.add_argument("--data", required=True, type=_json_object, help="the payload, a JSON object")
-    parser.add_argument("--idempotency-key", help="a repeated key enqueues nothing and prints the first id")
-    parser.add_argument("--endpoint", type=int, dest="endpoint_id", help="send to this endpoint only")
+    parser.add_argument(
+        "--type", required=True, dest="event_type", help="event type, e.g. call.completed"
+    )
+    parser.add_argument(
+        "--data", required=True, type=_json_object, help="the payload, a JSON object"
+    )
+    parser.add_argument(
+        "--idempotency-key", help="a repeated key enqueues nothing and prints the first id"
+    )
+    parser.add_argument(
+        "--endpoint", type=int, dest="endpoint_id", help="send to this endpoint only"
+    )
     parser.set_defaults(handler=send_command)
 
 
@@ -310,15 +348,22 @@ async def send_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def _register_replay(commands: Any) -> None:
     parser = commands.add_parser(
-        "replay", help="send dead deliveries again",
+        "replay",
+        help="send dead deliveries again",
         description="Put dead deliveries back to pending with a fresh attempt budget.",
     )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--delivery", type=int, metavar="ID", help="one delivery")
-    which.add_argument("--endpoint", type=int, metavar="ID", help="every dead delivery of an endpoint")
+    which.add_argument(
+        "--endpoint", type=int, metavar="ID", help="every dead delivery of an endpoint"
+    )
     which.add_argument("--all", action="store_true", help="every dead delivery")
-    parser.add_argument("--since", type=datetime.fromisoformat, metavar="TIME",
-                        help="only those that died at or after TIME (ISO 8601, e.g. 2026-11-28T10:00Z)")
+    parser.add_argument(
+        "--since",
+        type=datetime.fromisoformat,
+        metavar="TIME",
+        help="only those that died at or after TIME (ISO 8601, e.g. 2026-11-28T10:00Z)",
+    )
     parser.set_defaults(handler=replay_command)
 
 
@@ -330,7 +375,9 @@ async def replay_command(args: argparse.Namespace, settings: Settings) -> int:
             rows = await fetch_dicts(conn, "replay_delivery", {"delivery_id": args.delivery})
             count = rows[0]["replay"]
         else:
-            rows = await fetch_dicts(conn, "replay_dead", {"endpoint_id": args.endpoint, "since": args.since})
+            rows = await fetch_dicts(
+                conn, "replay_dead", {"endpoint_id": args.endpoint, "since": args.since}
+            )
             count = rows[0]["replay_dead"]
     print(f"replayed {count} dead deliver{'y' if count == 1 else 'ies'}")
     return 0 if count or args.delivery is None else EXIT_FAILURE
@@ -338,11 +385,14 @@ async def replay_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def _register_prune(commands: Any) -> None:
     parser = commands.add_parser(
-        "prune", help="delete finished deliveries older than RETENTION",
+        "prune",
+        help="delete finished deliveries older than RETENTION",
         description="Delete delivered and dead deliveries (with their attempts) and events left with "
         "no delivery, older than NOTIFYHOOK_RETENTION, in small batches.",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=1000, help="rows per batch (default 1000)")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=1000, help="rows per batch (default 1000)"
+    )
     parser.set_defaults(handler=prune_command)
 
 
@@ -354,7 +404,9 @@ async def prune_command(args: argparse.Namespace, settings: Settings) -> int:
         while True:
             deleted = await store.prune_once(settings.retention, args.batch_size)
             if deleted is None:
-                raise UsageError("another prune is running (a worker's retention pass); try again later")
+                raise UsageError(
+                    "another prune is running (a worker's retention pass); try again later"
+                )
             if deleted == 0:
                 break
             total += deleted

@@ -22,7 +22,9 @@ class Listener:
     every (re)connection wakes the claim loop to catch up at once.
     """
 
-    def __init__(self, url: str, wake: Callable[[], None], on_reconnect: Callable[[], None]) -> None:
+    def __init__(
+        self, url: str, wake: Callable[[], None], on_reconnect: Callable[[], None]
+    ) -> None:
         self._url = url
         self._wake = wake
         self._on_reconnect = on_reconnect
@@ -50,10 +52,13 @@ class Listener:
                 self.connected = False
                 first = False
                 wait = next(delays)
-                log.warning("listener lost the database (%s); reconnecting in %.1fs", _first_line(error), wait)
+                log.warning(
+                    "listener lost the database (%s); reconnecting in %.1fs",
+                    _first_line(error),
+                    wait,
+                )
                 await asyncio.sleep(wait)
 
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
-

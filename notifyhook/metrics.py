@@ -20,29 +20,50 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.deliveries = Counter(
-            "notifyhook_deliveries", "Attempts by the delivery state they led to.", ["outcome"], registry=r
+            "notifyhook_deliveries",
+            "Attempts by the delivery state they led to.",
+            ["outcome"],
+            registry=r,
         )
         self.attempt_seconds = Histogram(
-            "notifyhook_attempt_duration_seconds", "HTTP attempt duration.", buckets=_ATTEMPT_BUCKETS_S, registry=r
+            "notifyhook_attempt_duration_seconds",
+            "HTTP attempt duration.",
+            buckets=_ATTEMPT_BUCKETS_S,
+            registry=r,
         )
         self.in_flight = Gauge("notifyhook_in_flight", "HTTP requests in flight.", registry=r)
         self.claim_batch = Histogram(
-            "notifyhook_claim_batch_size", "Deliveries taken per claim.", buckets=_BATCH_BUCKETS, registry=r
+            "notifyhook_claim_batch_size",
+            "Deliveries taken per claim.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.notifications = Counter(
-            "notifyhook_notifications", "Wake-ups from NOTIFY (and listener reconnections).", registry=r
+            "notifyhook_notifications",
+            "Wake-ups from NOTIFY (and listener reconnections).",
+            registry=r,
         )
         self.reconnects = Counter(
-            "notifyhook_listener_reconnects", "Times the LISTEN connection was re-established.", registry=r
+            "notifyhook_listener_reconnects",
+            "Times the LISTEN connection was re-established.",
+            registry=r,
         )
         self.database_errors = Counter(
-            "notifyhook_database_errors", "Times the database became unavailable to the loop.", registry=r
+            "notifyhook_database_errors",
+            "Times the database became unavailable to the loop.",
+            registry=r,
         )
         self.endpoint_disables = Counter(
-            "notifyhook_endpoint_disables", "Endpoints this worker disabled (410, failing too long).", registry=r
+            "notifyhook_endpoint_disables",
+            "Endpoints this worker disabled (410, failing too long).",
+            registry=r,
         )
-        self.queue_pending_due = Gauge("notifyhook_queue_pending_due", "Deliveries due and waiting.", registry=r)
-        self.queue_processing = Gauge("notifyhook_queue_processing", "Deliveries claimed fleet-wide.", registry=r)
+        self.queue_pending_due = Gauge(
+            "notifyhook_queue_pending_due", "Deliveries due and waiting.", registry=r
+        )
+        self.queue_processing = Gauge(
+            "notifyhook_queue_processing", "Deliveries claimed fleet-wide.", registry=r
+        )
         self.queue_oldest_due_age = Gauge(
             "notifyhook_queue_oldest_due_age_seconds", "Age of the oldest due delivery.", registry=r
         )
@@ -80,7 +101,9 @@ async def serve(metrics: Metrics, port: int, healthy: Callable[[], bool]) -> web
     """Start /metrics and /healthz on 0.0.0.0:port; the caller cleans the runner up."""
 
     async def metrics_page(_: web.Request) -> web.Response:
-        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def health_page(_: web.Request) -> web.Response:
         ok = healthy()

@@ -85,7 +85,8 @@ class Receiver:
         body = await request.read()
         count = self._counts.get(name, 0)
         self._counts[name] = count + 1
-        answer = self._scripts.get(name, lambda _: OK)(count)
+        script = self._scripts.get(name)
+        answer = script(count) if script is not None else OK
         headers = dict(request.headers)
         self.arrivals.append(
             Arrival(
@@ -128,18 +129,20 @@ class Receiver:
             for _ in range(answer.size // len(chunk)):
                 await response.write(chunk)
             return response
-        return web.Response(status=answer.status, headers=answer.headers, text="ok" if answer.status < 300 else "no")
+        return web.Response(
+            status=answer.status, headers=answer.headers, text="ok" if answer.status < 300 else "no"
+        )
 
     async def start(self, port: int = 0) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/{name}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.5
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port, backlog=1024)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -154,7 +157,6 @@ class Receiver:
             self._loop.run_until_complete(self.start())
             ready.set()
             self._loop.run_forever()
-            self._loop.run_until_complete(self.stop())
             self._loop.close()
 
         self._thread = threading.Thread(target=serve, name="receiver", daemon=True)
@@ -165,5 +167,8 @@ class Receiver:
 
     def stop_thread(self) -> None:
         if self._loop is not None and self._thread is not None:
+            # Clean up on the receiver's own loop first, so hanging handlers are
+            # cancelled rather than destroyed with the loop.
+            asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)

@@ -67,12 +67,14 @@ def redact_conninfo(url: str) -> str:
         return "<unparseable DSN>"
     if "password" in params:
         params["password"] = "***"
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 def connection_string(url: str) -> str:
     """The DSN with our connection options added, the user's own taking precedence."""
-    return make_conninfo(url, **{k: v for k, v in _CONNECTION_OPTIONS.items() if k not in conninfo_to_dict(url)})
+    return make_conninfo(
+        url, **{k: v for k, v in _CONNECTION_OPTIONS.items() if k not in conninfo_to_dict(url)}
+    )
 
 
 def is_transient(error: BaseException) -> bool:
@@ -88,7 +90,9 @@ def is_transient(error: BaseException) -> bool:
 
 
 @asynccontextmanager
-async def connect(url: str, *, autocommit: bool = True) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+async def connect(
+    url: str, *, autocommit: bool = True
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """One connection, for commands and the listener (the worker's queries use a pool)."""
     conn = await psycopg.AsyncConnection.connect(connection_string(url), autocommit=autocommit)
     async with conn:
@@ -140,14 +144,16 @@ class Store:
 
     async def _fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[Row]:
         async with self._pool.connection() as conn:
-            cursor = await conn.execute(self._sql[name], params)  # type: ignore[arg-type]
+            cursor = await conn.execute(self._sql[name], params)
             return await cursor.fetchall()
 
     async def schema_version(self) -> int | None:
         async with self._pool.connection() as conn:
             return await read_schema_version(conn)
 
-    async def claim_due(self, worker: str, max_rows: int, lease_s: float, endpoint_share: int) -> Claim:
+    async def claim_due(
+        self, worker: str, max_rows: int, lease_s: float, endpoint_share: int
+    ) -> Claim:
         rows = await self._fetch(
             "claim_due",
             {
@@ -235,7 +241,7 @@ async def fetch_dicts(
 ) -> list[dict[str, Any]]:
     """Run a named statement and return its rows as dicts (for commands and stats)."""
     async with conn.cursor(row_factory=dict_row) as cursor:
-        await cursor.execute(queries()[name], params)  # type: ignore[arg-type]
+        await cursor.execute(queries()[name], params)
         return await cursor.fetchall() if cursor.description else []
 
 

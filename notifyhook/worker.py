@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -99,7 +100,9 @@ class Worker:
             ]
             log.info(
                 "worker %s started: concurrency=%d batch_size=%d lease=%gs",
-                self.settings.worker_id, self.settings.concurrency, self.settings.batch_size,
+                self.settings.worker_id,
+                self.settings.concurrency,
+                self.settings.batch_size,
                 self.settings.lease,
             )
             await self._claim_loop()
@@ -124,7 +127,8 @@ class Worker:
             os._exit(1)
         log.info(
             "%s: stopping; in-flight requests have %gs to finish",
-            signal.Signals(signum).name, self.settings.shutdown_grace,
+            signal.Signals(signum).name,
+            self.settings.shutdown_grace,
         )
         self._stop.set()
         self._wake.set()
@@ -139,10 +143,8 @@ class Worker:
         timeout = None
         if self._wake_deadline is not None:
             timeout = max(0.0, self._wake_deadline - time.monotonic())
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
         self._wake.clear()
         self._last_cycle = time.monotonic()
 
@@ -174,7 +176,9 @@ class Worker:
             self._freed_since_claim = 0
             self._more_due = claim.more_due or len(claim.rows) == asked
             self._wake_deadline = (
-                time.monotonic() + max(0.005, claim.wake_in_s) if claim.wake_in_s is not None else None
+                time.monotonic() + max(0.005, claim.wake_in_s)
+                if claim.wake_in_s is not None
+                else None
             )
             if len(claim.rows) == asked and len(self._in_flight) < self.settings.concurrency:
                 self._wake.set()
@@ -188,7 +192,18 @@ class Worker:
     # -- sending -----------------------------------------------------------------
 
     def _delivery(self, row: Row) -> Delivery:
-        delivery_id, event_id, endpoint_id, attempt, url, secret, previous, headers, timeout_ms, body = row
+        (
+            delivery_id,
+            event_id,
+            endpoint_id,
+            attempt,
+            url,
+            secret,
+            previous,
+            headers,
+            timeout_ms,
+            body,
+        ) = row
         plain = [secrets.unseal(secret, self._key)]
         if previous is not None:
             plain.append(secrets.unseal(previous, self._key))
@@ -224,7 +239,9 @@ class Worker:
             del self._in_flight[row[0]]
             self.metrics.in_flight.set(len(self._in_flight))
             self._freed_since_claim += 1
-            if self._more_due and (self._freed_since_claim >= self._refill_at or not self._in_flight):
+            if self._more_due and (
+                self._freed_since_claim >= self._refill_at or not self._in_flight
+            ):
                 self._wake.set()
 
     def _note(self, delivery: Delivery, outcome: Outcome) -> None:
@@ -233,7 +250,10 @@ class Worker:
         if outcome.status == "dead":
             log.warning(
                 "delivery %d dead after attempt %d to endpoint %d: %s",
-                delivery.id, delivery.attempt, delivery.endpoint_id, result.error,
+                delivery.id,
+                delivery.attempt,
+                delivery.endpoint_id,
+                result.error,
             )
         elif outcome.next_attempt_at is not None:
             due_in = (outcome.next_attempt_at - datetime.now(UTC)).total_seconds()
@@ -278,10 +298,14 @@ class Worker:
         tasks = [task for _, task in self._in_flight.values()]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
-        unfinished = [(delivery_id, attempt) for delivery_id, (attempt, _) in self._in_flight.items()]
+        unfinished = [
+            (delivery_id, attempt) for delivery_id, (attempt, _) in self._in_flight.items()
+        ]
         for _, task in list(self._in_flight.values()):
             task.cancel()
-        await asyncio.gather(*(task for _, task in list(self._in_flight.values())), return_exceptions=True)
+        await asyncio.gather(
+            *(task for _, task in list(self._in_flight.values())), return_exceptions=True
+        )
         await self._flush_outcomes(give_up_after_s=5.0)
         if unfinished:
             await self._release(unfinished)
@@ -290,7 +314,9 @@ class Worker:
         try:
             released = await self._store.release_claims(self.settings.worker_id, held)
         except DatabaseError as error:
-            log.error("could not give back %d claims (their leases will expire): %s", len(held), error)
+            log.error(
+                "could not give back %d claims (their leases will expire): %s", len(held), error
+            )
             return
         log.info("gave back %d unfinished deliveries without charging an attempt", released)
 
@@ -315,7 +341,7 @@ class Worker:
 
     async def _prune(self) -> None:
         total = 0
-        while (deleted := await self._store.prune_once(self.settings.retention, 500)):
+        while deleted := await self._store.prune_once(self.settings.retention, 500):
             total += deleted
         if total:
             log.info("retention: deleted %d rows older than %gs", total, self.settings.retention)
@@ -332,7 +358,9 @@ class Worker:
 
     async def _database_trouble(self, what: str, error: BaseException, wait: float) -> None:
         if self.database_ok:
-            log.warning("%s failed, database unavailable (%s); retrying", what, str(error).strip()[:200])
+            log.warning(
+                "%s failed, database unavailable (%s); retrying", what, str(error).strip()[:200]
+            )
             self.metrics.database_errors.inc()
         self.database_ok = False
         await asyncio.sleep(wait)
@@ -388,5 +416,7 @@ async def _wait_for_schema(store: Store) -> None:
             if not is_transient(error):
                 raise
             wait = next(delays)
-            log.warning("database not available (%s); trying again in %.1fs", str(error).strip()[:200], wait)
+            log.warning(
+                "database not available (%s); trying again in %.1fs", str(error).strip()[:200], wait
+            )
             await asyncio.sleep(wait)

@@ -1,0 +1,310 @@
+"""POST one signed webhook and turn the answer into an `AttemptResult`: the only HTTP code."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import re
+import socket
+import ssl
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+import httpx
+from aiohttp.abc import AbstractResolver, ResolveResult
+from httpx_aiohttp import AiohttpTransport
+
+from notifyhook import signing
+from notifyhook.delivery import AttemptResult, Delivery, Verdict
+from notifyhook.errors import SecretError
+from notifyhook.retry import parse_retry_after
+
+EXCERPT_BYTES = 1024
+"""How much of a response body is read and kept; the rest is never read."""
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_ALLOW_HINT = "set NOTIFYHOOK_ALLOW_PRIVATE_NETWORKS to allow"
+_SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")
+# Endpoint headers add to ours; they never replace one we set (the signature would no longer
+# describe the request, or the contract's user-agent would lie) nor reframe the request.
+_RESERVED_HEADERS = frozenset(
+    {"content-type", "user-agent", "webhook-id", "webhook-timestamp", "webhook-signature"}
+    | {"host", "content-length", "transfer-encoding", "connection", "upgrade", "expect", "te"}
+)
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+_RETRY_STATUSES = frozenset({408, 425, 429})
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+_ERRNO_REASONS = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset",
+    errno.EPIPE: "connection reset",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+}
+# Failures from a half-read body: the status already decided the verdict.
+_BODY_ERRORS = (TimeoutError, httpx.HTTPError, aiohttp.ClientError, OSError)
+
+
+class _Refused(OSError):
+    """A request we will not send; an OSError so that aiohttp passes it up from the resolver."""
+
+
+def refusal_reason(address: IPAddress) -> str | None:
+    """What puts `address` off limits ("loopback", "private", …), or None for a public one."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return refusal_reason(address.ipv4_mapped)
+    # Most specific first: 127/8, 169.254/16 and 0/8 are also "private" to the ipaddress module.
+    for reason, applies in (
+        ("unspecified", address.is_unspecified),
+        ("loopback", address.is_loopback),
+        ("link-local", address.is_link_local),
+        ("multicast", address.is_multicast),
+        ("shared (100.64.0.0/10)", address in _SHARED_ADDRESS_SPACE),
+        ("reserved", address.is_reserved),
+        ("private", address.is_private),
+    ):
+        if applies:
+            return reason
+    return None if address.is_global else "non-public"
+
+
+def _check_address(address: IPAddress, subject: str) -> None:
+    reason = refusal_reason(address)
+    if reason is not None:
+        article = "an" if reason[0] in "aeiou" else "a"
+        raise _Refused(f"refused: {subject} is {article} {reason} address ({_ALLOW_HINT})")
+
+
+class _PublicResolver(AbstractResolver):
+    """aiohttp's resolver, refusing a hostname when any of its addresses is not public.
+
+    aiohttp dials the addresses returned here, so what is checked is what is connected to:
+    a rebinding DNS server gets no second lookup to answer differently.
+    """
+
+    def __init__(self) -> None:
+        self._resolver = aiohttp.DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._resolver.resolve(host, port, family)
+        for result in results:
+            address = ipaddress.ip_address(result["host"])
+            _check_address(address, f"{host} resolves to {address}, which")
+        return results
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+class Sender:
+    """Sends deliveries over one keep-alive pool: httpx's API on aiohttp's engine.
+
+    Create it inside the running event loop (aiohttp binds its pool to that loop).
+    """
+
+    def __init__(
+        self, *, allow_private_networks: bool, user_agent: str, max_connections: int = 100
+    ) -> None:
+        self._allow_private_networks = allow_private_networks
+        self._resolver = None if allow_private_networks else _PublicResolver()
+        # No per-host limit beyond the pool's: per-endpoint concurrency is the worker's business.
+        connector = aiohttp.TCPConnector(
+            limit=max_connections, limit_per_host=0, resolver=self._resolver
+        )
+        # Receivers' cookies must never travel to the next tenant's endpoint on the same host.
+        session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+        # httpx's API (Request, Response, transports) on aiohttp's engine, without
+        # httpx.AsyncClient: its request merging and cookie handling cost ~0.4 ms of
+        # CPU per request here, as much as everything else in a delivery together
+        # (docs/performance.md). Nothing it adds is wanted: no cookies, no redirects,
+        # no proxies from the environment (one would be dialled instead of the checked
+        # address), one deadline per attempt (see _exchange).
+        self._transport = AiohttpTransport(client=session)
+        # The excerpt is raw bytes, so don't invite a compressed answer.
+        self._fixed_headers = {"user-agent": user_agent, "accept-encoding": "identity"}
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the pool's connections."""
+        await self._transport.aclose()
+        if self._resolver is not None:  # the connector closes only resolvers it made itself
+            await self._resolver.close()
+
+    async def send(self, delivery: Delivery) -> AttemptResult:
+        """Make one attempt; every way it can end, network failures included, is a value."""
+        started_at = datetime.now(UTC)
+        start = time.perf_counter()
+        try:
+            request = self._request(delivery)
+            status, retry_after, excerpt = await self._exchange(request, delivery.timeout_s)
+        except TimeoutError:
+            verdict, error = Verdict.RETRY, f"timeout after {delivery.timeout_s}s"
+        except (httpx.HTTPError, aiohttp.ClientError, OSError, SecretError) as failure:
+            verdict, error = _describe_failure(failure)
+        else:
+            verdict = _status_verdict(status)
+            return AttemptResult(
+                verdict,
+                started_at,
+                _elapsed_ms(start),
+                status_code=status,
+                error=None if verdict is Verdict.DELIVERED else f"HTTP {status}",
+                response_excerpt=excerpt,
+                retry_after_s=(
+                    parse_retry_after(retry_after) if status in _RETRY_AFTER_STATUSES else None
+                ),
+            )
+        return AttemptResult(verdict, started_at, _elapsed_ms(start), error=error)
+
+    def _request(self, delivery: Delivery) -> httpx.Request:
+        url = self._checked_url(delivery.url)
+        headers = _endpoint_headers(delivery.headers)
+        headers.update(self._fixed_headers)
+        headers["content-type"] = "application/json"
+        timestamp = int(time.time())
+        headers.update(
+            signing.webhook_headers(delivery.secrets, delivery.event_id, timestamp, delivery.body)
+        )
+        return httpx.Request("POST", url, content=delivery.body, headers=headers)
+
+    def _checked_url(self, text: str) -> httpx.URL:
+        try:
+            url = httpx.URL(text)
+        except httpx.InvalidURL as error:
+            raise _Refused(f"invalid URL: {error}") from None
+        if url.scheme not in ("http", "https"):
+            raise _Refused(f"refused: only http and https URLs are delivered, not {text!r}")
+        if not url.host:
+            raise _Refused(f"invalid URL: no host in {text!r}")
+        if not self._allow_private_networks:
+            _check_literal_host(url.host)
+        return url
+
+    async def _exchange(
+        self, request: httpx.Request, timeout_s: float
+    ) -> tuple[int, str | None, str]:
+        """Status, Retry-After and body excerpt, all within one deadline for the whole attempt."""
+        # One deadline, not per-phase timeouts: aiohttp's sock_read restarts at every byte,
+        # so a receiver dripping its answer would hold a delivery slot indefinitely.
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        async with asyncio.timeout_at(deadline):
+            response = await self._transport.handle_async_request(request)
+        body = bytearray()
+        try:
+            # The status line has decided the verdict; the body is only kept for the audit
+            # log, so one cut short by the deadline or the network still counts as answered.
+            with contextlib.suppress(*_BODY_ERRORS):
+                async with asyncio.timeout_at(deadline):
+                    await _read_excerpt(response, body)
+        finally:
+            # A body left unread makes aiohttp close the connection rather than pool it.
+            await response.aclose()
+        excerpt = body[:EXCERPT_BYTES].decode("utf-8", errors="replace")
+        return response.status_code, response.headers.get("retry-after"), excerpt
+
+
+def _check_literal_host(host: str) -> None:
+    # aiohttp dials IP literals without asking the resolver, so they are checked here.
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        # What aiohttp would take for an IP literal (digits and dots, or a colon) must be one
+        # we understand: legacy forms like 127.1 would otherwise reach the socket unchecked.
+        if ":" in host or host.replace(".", "").isdigit():
+            raise _Refused(f"refused: {host!r} is not a canonical IP address") from None
+        return  # a name: the resolver checks every address it resolves to
+    _check_address(address, host)
+
+
+def _endpoint_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The endpoint's own headers, validated, without those reserved to us."""
+    kept: dict[str, str] = {}
+    for name, value in headers.items():
+        # Stored as JSON, so a value may be a number; a CR/LF would inject headers.
+        valid = isinstance(name, str) and isinstance(value, str)
+        if not (valid and _HEADER_NAME.fullmatch(name) and _HEADER_VALUE.fullmatch(value)):
+            raise _Refused(f"endpoint header {name!r} is not a valid HTTP header")
+        if name.lower() not in _RESERVED_HEADERS:
+            kept[name] = value
+    return kept
+
+
+async def _read_excerpt(response: httpx.Response, into: bytearray) -> None:
+    # Stop at the limit: a 10 MB answer must cost neither the memory nor the time to read it.
+    async for chunk in response.aiter_raw():
+        into += chunk
+        if len(into) >= EXCERPT_BYTES:
+            return
+
+
+def _status_verdict(status: int) -> Verdict:
+    if 200 <= status < 300:
+        return Verdict.DELIVERED
+    if status == 410:
+        return Verdict.GONE
+    if status in _RETRY_STATUSES or 500 <= status < 600:
+        return Verdict.RETRY
+    return Verdict.PERMANENT
+
+
+def _describe_failure(failure: BaseException) -> tuple[Verdict, str]:
+    """The verdict and a short reason for a failed exchange, read from its chain of causes."""
+    # httpx-aiohttp maps aiohttp's errors coarsely (a reset becomes ConnectTimeout), so the
+    # original exceptions further down the chain are what tell us what happened. A refusal
+    # is looked for first: aiohttp wraps the resolver's in a DNS error.
+    causes = _causes(failure)
+    if refusal := _first(causes, _Refused):
+        return Verdict.PERMANENT, str(refusal)
+    if secret_error := _first(causes, SecretError):
+        return Verdict.PERMANENT, f"cannot sign: {secret_error}"
+    if bad_url := _first(causes, (httpx.UnsupportedProtocol, aiohttp.InvalidURL)):
+        return Verdict.PERMANENT, f"invalid URL: {bad_url}"
+    if dns_error := _first(causes, (aiohttp.ClientConnectorDNSError, socket.gaierror)):
+        return Verdict.RETRY, f"DNS lookup failed for {getattr(dns_error, 'host', 'the host')}"
+    if tls_error := _first(causes, ssl.SSLError):
+        return Verdict.RETRY, f"TLS failure: {tls_error}"
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.errno in _ERRNO_REASONS:
+            return Verdict.RETRY, _ERRNO_REASONS[cause.errno]
+    if _first(causes, aiohttp.ServerDisconnectedError):
+        return Verdict.RETRY, "connection closed by the server"
+    return Verdict.RETRY, f"network error: {failure or type(failure).__name__}"
+
+
+def _first(
+    causes: list[BaseException], kinds: type[BaseException] | tuple[type[BaseException], ...]
+) -> BaseException | None:
+    return next((cause for cause in causes if isinstance(cause, kinds)), None)
+
+
+def _causes(failure: BaseException) -> list[BaseException]:
+    causes: list[BaseException] = []
+    current: BaseException | None = failure
+    while current is not None and current not in causes and len(causes) < 10:
+        causes.append(current)
+        current = current.__cause__ or current.__context__
+    return causes
+
+
+def _elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000

@@ -1,0 +1,131 @@
+"""The worker under faults: kills, database restarts, cut connections, misbehaving receivers."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+
+import psycopg
+import pytest
+from conftest import add_endpoint, scalar, wait_until
+from test_worker import insert_events, statuses
+
+from notifyhook.cluster import Cluster
+from notifyhook.migrate import migrate
+from notifyhook.receiver import Answer
+
+pytestmark = pytest.mark.slow
+
+
+def test_sigkill_mid_flight_loses_nothing(db, receiver, start_worker):
+    receiver.sequence("slow", Answer(kind="slow", seconds=0.5))
+    add_endpoint(db, "t", "slow", receiver.url("slow"))
+    doomed = start_worker(lease="3", http_timeout="2")
+    insert_events(db, "t", 20)
+    wait_until(lambda: receiver.received("slow"), what="requests in flight")
+    doomed.signal(signal.SIGKILL)
+    doomed.wait(10)
+    start_worker(lease="3", http_timeout="2")
+    wait_until(lambda: statuses(db) == {"delivered": 20}, timeout=60, what="everything delivered")
+    arrivals = Counter(a.webhook_id for a in receiver.received("slow"))
+    assert len(arrivals) == 20
+    repeats = sum(n - 1 for n in arrivals.values())
+    in_flight_at_kill = scalar(db, "SELECT count(*) FROM notifyhook.attempts WHERE error LIKE 'lease expired%%'")
+    assert repeats <= in_flight_at_kill, f"{repeats} repeats, {in_flight_at_kill} leases expired"
+    print(f"repeats after SIGKILL: {repeats}")
+
+
+def test_four_workers_deliver_each_event_exactly_once(db, receiver, start_worker):
+    add_endpoint(db, "t", "a", receiver.url("a"))
+    add_endpoint(db, "t", "b", receiver.url("b"))
+    for _ in range(4):
+        start_worker(concurrency="20", batch_size="20")
+    insert_events(db, "t", 1000)
+    wait_until(lambda: statuses(db) == {"delivered": 2000}, timeout=120, what="2,000 deliveries")
+    arrivals = Counter((a.path, a.webhook_id) for a in receiver.received())
+    assert len(arrivals) == 2000
+    assert set(arrivals.values()) == {1}
+    workers = {r[0] for r in db.execute("SELECT DISTINCT worker FROM notifyhook.attempts")}
+    assert len(workers) >= 2
+
+
+def test_listener_killed_by_pg_terminate_backend_reconnects(db, receiver, start_worker):
+    add_endpoint(db, "t", "a", receiver.url("a"))
+    worker = start_worker(poll_interval="30")
+    insert_events(db, "t", 1)
+    wait_until(lambda: statuses(db) == {"delivered": 1})
+    killed = scalar(
+        db,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name = 'notifyhook'",
+    )
+    assert killed >= 1
+    wait_until(lambda: "listener reconnected" in worker.log(), timeout=30, what="the listener to reconnect")
+    insert_events(db, "t", 5)
+    # With a 30 s poll interval, a prompt delivery proves the new LISTEN works.
+    wait_until(lambda: statuses(db) == {"delivered": 6}, timeout=10, what="deliveries after reconnecting")
+    assert worker.process.poll() is None
+
+
+@pytest.fixture
+def own_cluster():
+    with Cluster(fsync=False) as cluster:
+        import asyncio
+
+        async def setup() -> None:
+            async with await psycopg.AsyncConnection.connect(cluster.url(), autocommit=True) as conn:
+                await migrate(conn, max_payload_bytes=262144)
+
+        asyncio.run(setup())
+        yield cluster
+
+
+def test_postgres_restart_mid_stream(own_cluster, receiver, start_worker):
+    url = own_cluster.url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        add_endpoint(conn, "t", "a", receiver.url("a"))
+        insert_events(conn, "t", 50)
+    worker = start_worker(url, poll_interval="1")
+    with psycopg.connect(url, autocommit=True) as conn:
+        wait_until(lambda: statuses(conn) == {"delivered": 50})
+    own_cluster.restart("fast")
+    with psycopg.connect(url, autocommit=True) as conn:
+        insert_events(conn, "t", 50)
+        wait_until(lambda: statuses(conn) == {"delivered": 100}, timeout=60, what="deliveries after a restart")
+    own_cluster.restart("immediate")
+    with psycopg.connect(url, autocommit=True) as conn:
+        insert_events(conn, "t", 50)
+        wait_until(lambda: statuses(conn) == {"delivered": 150}, timeout=60, what="deliveries after a crash")
+    assert worker.process.poll() is None, worker.log()
+    assert len({a.webhook_id for a in receiver.received("a")}) == 150
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (Answer(kind="hang", seconds=30), ("timeout",)),
+        # An abort after the request was read reaches the client as a reset or a close.
+        (Answer(kind="reset"), ("reset", "closed")),
+        (Answer(kind="slow", seconds=3), ("timeout",)),
+        (Answer(kind="big", status=200, size=10 * 1024 * 1024), None),
+    ],
+    ids=["hang", "reset", "slow", "10MB"],
+)
+def test_a_misbehaving_receiver_costs_nothing_but_its_attempt(db, receiver, start_worker, answer, error):
+    receiver.sequence("bad", answer)
+    add_endpoint(db, "t", "bad", receiver.url("bad"))
+    add_endpoint(db, "t", "good", receiver.url("good"))
+    start_worker(http_timeout="1", retry_schedule="60")
+    insert_events(db, "t", 3)
+    wait_until(lambda: len(receiver.received("good")) == 3, what="the good endpoint's deliveries")
+    wait_until(lambda: scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 6, what="six attempts")
+    bad = db.execute(
+        "SELECT a.error, a.response_excerpt FROM notifyhook.attempts AS a "
+        "JOIN notifyhook.endpoints AS e ON e.id = a.endpoint_id WHERE e.name = 'bad'"
+    ).fetchall()
+    for recorded_error, excerpt in bad:
+        if error is None:
+            assert recorded_error is None
+            assert len(excerpt) <= 1024
+        else:
+            assert any(word in recorded_error.lower() for word in error), recorded_error

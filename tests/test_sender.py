@@ -1,0 +1,448 @@
+"""The sender against real HTTP servers on 127.0.0.1: signing, classification, limits, SSRF guard."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import ipaddress
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import standardwebhooks
+from aiohttp import web
+
+from notifyhook.delivery import AttemptResult, Delivery, Verdict
+from notifyhook.sender import EXCERPT_BYTES, Sender, refusal_reason
+from notifyhook.signing import generate_secret
+
+SECRET = generate_secret()
+EVENT_ID = "0b5e3c5a-6a53-4b8e-9d0c-6f3f1f0e2a11"
+# Odd spacing and a non-ASCII character: any re-serialisation on the way would show.
+BODY = '{"type":"call.completed",  "data": {"name": "Zoë", "n": 1}}'.encode()
+TEN_MB = 10 * 1024 * 1024
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def run(scenario: Coroutine[Any, Any, Any], limit_s: float = 20.0) -> Any:
+    """Run one async scenario, failing rather than hanging when something never answers."""
+
+    async def bounded() -> Any:
+        async with asyncio.timeout(limit_s):
+            return await scenario
+
+    return asyncio.run(bounded())
+
+
+def delivery(url: str, **overrides: Any) -> Delivery:
+    fields: dict[str, Any] = {
+        "id": 1,
+        "event_id": EVENT_ID,
+        "endpoint_id": 1,
+        "attempt": 1,
+        "url": url,
+        "secrets": (SECRET,),
+        "headers": {},
+        "timeout_s": 5.0,
+        "body": BODY,
+    }
+    return Delivery(**(fields | overrides))
+
+
+async def send(url: str, *, allow_private_networks: bool = True, **overrides: Any) -> AttemptResult:
+    async with Sender(
+        allow_private_networks=allow_private_networks, user_agent="notifyhook/test"
+    ) as s:
+        return await s.send(delivery(url, **overrides))
+
+
+class Receiver:
+    """An aiohttp server: `/status/<code>` answers that code, anything else 200; all recorded."""
+
+    def __init__(self) -> None:
+        self.requests: list[web.Request] = []
+        self.bodies: list[bytes] = []
+        self.peers: list[Any] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append(request)
+        self.bodies.append(await request.read())
+        self.peers.append(
+            request.transport.get_extra_info("peername") if request.transport else None
+        )
+        code = (
+            int(request.path.removeprefix("/status/"))
+            if request.path.startswith("/status/")
+            else 200
+        )
+        headers = {"Set-Cookie": "session=abc; Path=/"}
+        if "retry_after" in request.query:
+            headers["Retry-After"] = request.query["retry_after"]
+        if 300 <= code < 400:
+            headers["Location"] = f"http://127.0.0.1:{self.port}/target"
+        return web.Response(status=code, text=f"answer {code}", headers=headers)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Receiver]:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self.port = runner.addresses[0][1]
+        try:
+            yield self
+        finally:
+            await runner.cleanup()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handler: Handler) -> AsyncIterator[tuple[int, list[int]]]:
+    """A bare TCP server; yields its port and a list that grows by one per accepted connection."""
+    accepted: list[int] = []
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(counted, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], accepted
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":")[1]))
+
+
+def test_delivered_with_exact_body_and_verifiable_headers() -> None:
+    async def scenario() -> None:
+        async with Receiver().running() as receiver:
+            previous = generate_secret()
+            extra = {"X-Tenant": "acme", "Authorization": "Bearer t0ken"}
+            result = await send(receiver.url(), secrets=(SECRET, previous), headers=extra)
+            assert result.verdict is Verdict.DELIVERED
+            assert (result.status_code, result.error, result.response_excerpt) == (
+                200,
+                None,
+                "answer 200",
+            )
+            assert result.started_at.tzinfo is not None
+            assert result.duration_ms > 0
+            [request], [body] = receiver.requests, receiver.bodies
+            assert request.method == "POST"
+            assert body == BODY
+            headers = {name.lower(): value for name, value in request.headers.items()}
+            assert headers["content-type"] == "application/json"
+            assert headers["user-agent"] == "notifyhook/test"
+            assert headers["webhook-id"] == EVENT_ID
+            assert abs(int(headers["webhook-timestamp"]) - time.time()) < 5
+            assert headers["x-tenant"] == "acme"
+            assert headers["authorization"] == "Bearer t0ken"
+            # Either secret of a rotation verifies with the reference implementation.
+            for secret in (SECRET, previous):
+                assert standardwebhooks.Webhook(secret).verify(body, headers)["data"]["n"] == 1
+
+    run(scenario())
+
+
+def test_endpoint_headers_cannot_replace_ours() -> None:
+    async def scenario() -> None:
+        async with Receiver().running() as receiver:
+            forged = {"Content-Type": "text/plain", "webhook-id": "forged", "User-Agent": "x"}
+            result = await send(receiver.url(), headers=forged)
+            assert result.verdict is Verdict.DELIVERED
+            headers = receiver.requests[0].headers
+            assert headers.getall("content-type") == ["application/json"]
+            assert headers.getall("webhook-id") == [EVENT_ID]
+            assert headers.getall("user-agent") == ["notifyhook/test"]
+
+    run(scenario())
+
+
+def test_invalid_endpoint_header_is_permanent_and_nothing_is_sent() -> None:
+    async def scenario() -> None:
+        async with Receiver().running() as receiver:
+            result = await send(receiver.url(), headers={"X-Evil": "a\r\nX-Injected: 1"})
+            assert result.verdict is Verdict.PERMANENT
+            assert "X-Evil" in (result.error or "")
+            assert receiver.requests == []
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("code", "verdict"),
+    [
+        (201, Verdict.DELIVERED),
+        (500, Verdict.RETRY),
+        (503, Verdict.RETRY),
+        (408, Verdict.RETRY),
+        (425, Verdict.RETRY),
+        (429, Verdict.RETRY),
+        (400, Verdict.PERMANENT),
+        (404, Verdict.PERMANENT),
+        (410, Verdict.GONE),
+    ],
+)
+def test_status_classification(code: int, verdict: Verdict) -> None:
+    async def scenario() -> None:
+        async with Receiver().running() as receiver:
+            result = await send(receiver.url(f"/status/{code}"))
+            assert (result.verdict, result.status_code) == (verdict, code)
+            assert result.error == (None if verdict is Verdict.DELIVERED else f"HTTP {code}")
+            assert result.response_excerpt == f"answer {code}"
+            assert result.retry_after_s is None
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("code", [429, 503])
+def test_retry_after_in_seconds_and_as_a_date(code: int) -> None:
+    async def scenario() -> None:
+        async with Receiver().running() as receiver:
+            result = await send(receiver.url(f"/status/{code}?retry_after=7"))
+            assert (result.verdict, result.retry_after_s) == (Verdict.RETRY, 7.0)
+            date = email.utils.format_datetime(
+                datetime.now(UTC) + timedelta(seconds=7), usegmt=True
+            )
+            result = await send(receiver.url(f"/status/{code}?retry_after={date}"))
+            assert result.retry_after_s is not None
+            assert 5.0 < result.retry_after_s <= 7.0
+            # Only 429 and 503 carry a meaningful Retry-After.
+            result = await send(receiver.url("/status/500?retry_after=7"))
+            assert result.retry_after_s is None
+
+    run(scenario())
+
+
+def test_redirect_is_a_permanent_status_not_followed() -> None:
+    async def scenario() -> None:
+        async with Receiver().running() as receiver:
+            result = await send(receiver.url("/status/301"))
+            assert (result.verdict, result.status_code, result.error) == (
+                Verdict.PERMANENT,
+                301,
+                "HTTP 301",
+            )
+            assert [request.path for request in receiver.requests] == ["/status/301"]
+
+    run(scenario())
+
+
+def test_connections_are_kept_alive_and_cookies_are_not() -> None:
+    async def scenario() -> None:
+        async with (
+            Receiver().running() as receiver,
+            Sender(allow_private_networks=True, user_agent="notifyhook/test") as sender,
+        ):
+            for _ in range(3):
+                assert (await sender.send(delivery(receiver.url()))).verdict is Verdict.DELIVERED
+            assert len(set(receiver.peers)) == 1
+            # A receiver's Set-Cookie must not follow the next tenant's delivery to that host.
+            assert all("Cookie" not in request.headers for request in receiver.requests)
+
+    run(scenario())
+
+
+def test_connection_refused_is_retried() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # bound, never listening: the kernel refuses
+        result = run(send(f"http://127.0.0.1:{port}/hook"))
+    assert (result.verdict, result.error, result.status_code) == (
+        Verdict.RETRY,
+        "connection refused",
+        None,
+    )
+
+
+def test_connection_reset_is_retried() -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        # Linger 0 turns close() into a RST.
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    async def scenario() -> AttemptResult:
+        async with raw_server(reset) as (port, _):
+            return await send(f"http://127.0.0.1:{port}/hook")
+
+    result = run(scenario())
+    assert result.verdict is Verdict.RETRY
+    assert result.error in ("connection reset", "connection closed by the server")
+
+
+def test_a_server_that_never_answers_is_cut_at_the_timeout() -> None:
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()  # until the client gives up and closes
+
+    async def scenario() -> AttemptResult:
+        async with raw_server(hang) as (port, _):
+            return await send(f"http://127.0.0.1:{port}/hook", timeout_s=0.5)
+
+    result = run(scenario())
+    assert (result.verdict, result.error) == (Verdict.RETRY, "timeout after 0.5s")
+    assert 400 < result.duration_ms < 2000
+
+
+async def drip(writer: asyncio.StreamWriter, data: bytes) -> None:
+    for byte in data:
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(0.1)
+
+
+def test_headers_dripped_slower_than_the_timeout_are_cut_at_the_total() -> None:
+    # Each byte arrives well within any per-read timeout; only a total deadline stops this.
+    async def slow_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await drip(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async def scenario() -> AttemptResult:
+        async with raw_server(slow_head) as (port, _):
+            return await send(f"http://127.0.0.1:{port}/hook", timeout_s=0.5)
+
+    result = run(scenario())
+    assert (result.verdict, result.error) == (Verdict.RETRY, "timeout after 0.5s")
+    assert 400 < result.duration_ms < 2000
+
+
+def test_body_dripped_slower_than_the_timeout_is_cut_and_the_status_stands() -> None:
+    async def slow_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100\r\n\r\n")
+        await drip(writer, b"x" * 100)
+
+    async def scenario() -> AttemptResult:
+        async with raw_server(slow_body) as (port, _):
+            return await send(f"http://127.0.0.1:{port}/hook", timeout_s=0.5)
+
+    result = run(scenario())
+    assert (result.verdict, result.status_code, result.error) == (Verdict.RETRY, 503, "HTTP 503")
+    assert 400 < result.duration_ms < 2000
+    assert result.response_excerpt
+    assert set(result.response_excerpt) == {"x"}
+
+
+def test_a_huge_body_is_not_read() -> None:
+    sent: list[int] = []
+    finished: list[bool] = []
+
+    async def huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A small send buffer, so that what the kernel absorbs does not hide what the client read.
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % TEN_MB)
+        chunk = b"\xc3\xa9" * 32768  # 64 KiB of UTF-8 "é"
+        sent.append(0)
+        while sent[-1] < TEN_MB:
+            writer.write(chunk)
+            await writer.drain()
+            sent[-1] += len(chunk)
+        finished.append(True)
+
+    async def scenario() -> list[AttemptResult]:
+        async with (
+            raw_server(huge) as (port, accepted),
+            Sender(allow_private_networks=True, user_agent="notifyhook/test") as sender,
+        ):
+            results = [await sender.send(delivery(f"http://127.0.0.1:{port}/")) for _ in range(2)]
+            # The half-read connection was closed, not pooled: the second request got a new one.
+            assert len(accepted) == 2
+            return results
+
+    for result in run(scenario()):
+        assert (result.verdict, result.status_code) == (Verdict.DELIVERED, 200)
+        assert result.response_excerpt
+        assert len(result.response_excerpt) <= EXCERPT_BYTES
+        assert set(result.response_excerpt) <= {"é", "\ufffd"}
+    assert finished == []
+    assert len(sent) == 2
+    assert all(count < TEN_MB // 5 for count in sent), sent
+
+
+def test_private_destinations_are_refused_without_a_connection() -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    async def scenario() -> None:
+        async with raw_server(answer) as (port, accepted):
+            hint = " address (set NOTIFYHOOK_ALLOW_PRIVATE_NETWORKS to allow)"
+            for host, words in [
+                ("127.0.0.1", "refused: 127.0.0.1 is a loopback" + hint),
+                ("localhost", "refused: localhost resolves to"),
+                ("[::ffff:127.0.0.1]", "refused: ::ffff:127.0.0.1 is a loopback" + hint),
+                ("127.1", "refused: '127.1' is not a canonical IP address"),
+            ]:
+                result = await send(f"http://{host}:{port}/", allow_private_networks=False)
+                assert result.verdict is Verdict.PERMANENT, (host, result)
+                assert words in (result.error or ""), (host, result.error)
+                assert result.status_code is None
+            assert accepted == []
+            # The same server is reachable when private networks are allowed.
+            result = await send(f"http://localhost:{port}/", allow_private_networks=True)
+            assert result.verdict is Verdict.DELIVERED
+            assert accepted == [1]
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://127.0.0.1/x", "file:///etc/passwd", "127.0.0.1/hook", "http://"]
+)
+def test_urls_other_than_http_are_permanent(url: str) -> None:
+    result = run(send(url))
+    assert result.verdict is Verdict.PERMANENT, result
+    assert result.error
+    assert result.error.startswith(("refused: only http and https", "invalid URL")), result.error
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("fe80::1", "link-local"),
+        ("ff02::1", "multicast"),
+        ("224.0.0.1", "multicast"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:10.0.0.1", "private"),
+        ("100.64.0.1", "shared (100.64.0.0/10)"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("fc00::1", "private"),
+        ("240.0.0.1", "reserved"),
+        ("93.184.216.34", None),
+        ("2606:4700::1", None),
+        ("::ffff:93.184.216.34", None),
+    ],
+)
+def test_address_classifier(address: str, reason: str | None) -> None:
+    # Classification only: nothing here connects anywhere.
+    assert refusal_reason(ipaddress.ip_address(address)) == reason

@@ -1,0 +1,196 @@
+"""The worker end to end: a real worker process, a real PostgreSQL, a real receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import standardwebhooks
+from conftest import add_endpoint, psql, scalar, wait_until
+
+from notifyhook.receiver import Answer
+
+
+def statuses(db) -> dict[str, int]:
+    return dict(
+        db.execute("SELECT status, count(*) FROM notifyhook.deliveries GROUP BY status").fetchall()
+    )
+
+
+def insert_events(db, tenant: str, count: int, event_type: str = "call.completed") -> None:
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
+        "SELECT %s, %s, jsonb_build_object('n', n) FROM generate_series(1, %s) AS n",
+        [tenant, event_type, count],
+    )
+
+
+def test_an_insert_is_delivered_signed_with_the_extra_fields(
+    db, database_url, receiver, start_worker
+):
+    endpoint = add_endpoint(
+        db,
+        "acme",
+        "crm",
+        receiver.url("crm"),
+        extra_fields=json.dumps({"source": "notifyhook", "call_id": "overridden"}),
+        headers=json.dumps({"Authorization": "Bearer t0k"}),
+    )
+    secret = scalar(db, "SELECT secret FROM notifyhook.endpoints WHERE id = %s", [endpoint])
+    start_worker()
+    result = psql(
+        database_url,
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
+        "VALUES ('acme', 'call.completed', '{\"call_id\": 42, \"text\": \"héllo\"}')",
+    )
+    assert result.returncode == 0, result.stderr
+    arrival = wait_until(lambda: receiver.received("crm"), what="the webhook")[0]
+    event_id = scalar(db, "SELECT id::text FROM notifyhook.events")
+    assert arrival.webhook_id == event_id
+    assert json.loads(arrival.body) == {"call_id": 42, "text": "héllo", "source": "notifyhook"}
+    assert arrival.headers["Authorization"] == "Bearer t0k"
+    assert arrival.headers["Content-Type"] == "application/json"
+    assert arrival.headers["User-Agent"].startswith("notifyhook/")
+    standardwebhooks.Webhook(secret).verify(arrival.body, arrival.headers)
+    wait_until(lambda: statuses(db) == {"delivered": 1}, what="delivered state")
+    attempt = db.execute(
+        "SELECT attempt, status_code, error, worker, response_excerpt FROM notifyhook.attempts"
+    ).fetchall()
+    assert attempt == [(1, 200, None, "test-worker-1", "ok")]
+
+
+def test_retries_then_delivers_with_an_attempt_row_each(db, receiver, start_worker):
+    receiver.sequence("flaky", Answer(status=500), Answer(status=500), Answer(status=200))
+    add_endpoint(db, "t", "flaky", receiver.url("flaky"))
+    start_worker()
+    insert_events(db, "t", 1)
+    wait_until(lambda: statuses(db) == {"delivered": 1}, what="delivery after two failures")
+    rows = db.execute(
+        "SELECT attempt, status_code, error FROM notifyhook.attempts ORDER BY attempt"
+    ).fetchall()
+    assert rows == [(1, 500, "HTTP 500"), (2, 500, "HTTP 500"), (3, 200, None)]
+    assert scalar(db, "SELECT attempts FROM notifyhook.deliveries") == 3
+    assert len(receiver.received("flaky")) == 3
+
+
+def test_always_503_goes_dead_after_the_schedule(db, receiver, start_worker):
+    receiver.sequence("down", Answer(status=503))
+    add_endpoint(db, "t", "down", receiver.url("down"))
+    start_worker()
+    insert_events(db, "t", 1)
+    wait_until(lambda: statuses(db) == {"dead": 1}, what="dead letter")
+    assert (
+        scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 3
+    )  # schedule 0.2,0.4: three attempts
+    dead = db.execute(
+        "SELECT attempts, last_status_code, last_error FROM notifyhook.dead_letters"
+    ).fetchall()
+    assert dead == [(3, 503, "HTTP 503")]
+
+
+def test_a_400_is_dead_after_one_attempt(db, receiver, start_worker):
+    receiver.sequence("strict", Answer(status=400))
+    add_endpoint(db, "t", "strict", receiver.url("strict"))
+    start_worker()
+    insert_events(db, "t", 1)
+    wait_until(lambda: statuses(db) == {"dead": 1}, what="dead letter")
+    assert scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 1
+    assert len(receiver.received("strict")) == 1
+
+
+def test_retry_after_is_honoured(db, receiver, start_worker):
+    receiver.sequence("busy", Answer(status=429, headers={"Retry-After": "2"}), Answer(status=200))
+    add_endpoint(db, "t", "busy", receiver.url("busy"))
+    start_worker(retry_schedule="0.1,0.1,5")
+    insert_events(db, "t", 1)
+    wait_until(lambda: statuses(db) == {"delivered": 1}, what="delivery after Retry-After")
+    first, second = receiver.received("busy")
+    assert second.received_at - first.received_at >= 2.0
+
+
+def test_410_gone_kills_the_delivery_and_disables_the_endpoint(db, receiver, start_worker):
+    receiver.sequence("gone", Answer(status=410))
+    endpoint = add_endpoint(db, "t", "gone", receiver.url("gone"))
+    start_worker()
+    insert_events(db, "t", 1)
+    wait_until(lambda: statuses(db) == {"dead": 1}, what="dead letter")
+    enabled, reason = db.execute(
+        "SELECT enabled, disabled_reason FROM notifyhook.endpoints WHERE id = %s", [endpoint]
+    ).fetchone()
+    assert not enabled
+    assert "410 Gone" in reason
+    insert_events(db, "t", 2)
+    assert statuses(db) == {"dead": 1, "pending": 2}
+
+
+def test_a_private_destination_is_refused_without_allow_private_networks(
+    db, receiver, start_worker
+):
+    add_endpoint(db, "t", "local", receiver.url("local"))
+    start_worker(allow_private_networks="false")
+    insert_events(db, "t", 1)
+    wait_until(lambda: statuses(db) == {"dead": 1}, what="refusal")
+    error = scalar(db, "SELECT error FROM notifyhook.attempts")
+    assert "loopback" in error
+    assert receiver.received() == []
+
+
+def test_disabled_endpoint_waits_and_resumes_when_enabled(db, receiver, start_worker):
+    endpoint = add_endpoint(db, "t", "paused", receiver.url("paused"), enabled=False)
+    start_worker()
+    insert_events(db, "t", 5)
+    wait_until(
+        lambda: (
+            scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 0
+            and statuses(db) == {"pending": 5}
+        )
+    )
+    assert receiver.received() == []
+    db.execute("UPDATE notifyhook.endpoints SET enabled = true WHERE id = %s", [endpoint])
+    wait_until(lambda: statuses(db) == {"delivered": 5}, what="resumed deliveries")
+
+
+def test_sigterm_finishes_in_flight_and_exits_zero(db, receiver, start_worker):
+    receiver.sequence("slow", Answer(kind="slow", seconds=1.0))
+    add_endpoint(db, "t", "slow", receiver.url("slow"))
+    worker = start_worker()
+    insert_events(db, "t", 3)
+    wait_until(lambda: len(receiver.received("slow")) == 3, what="requests in flight")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(20) == 0, worker.log()
+    assert statuses(db) == {"delivered": 3}
+
+
+def test_sigterm_gives_back_what_cannot_finish_without_charging(db, receiver, start_worker):
+    receiver.sequence("hang", Answer(kind="hang", seconds=30))
+    add_endpoint(db, "t", "hang", receiver.url("hang"), timeout_ms=8000)
+    worker = start_worker(shutdown_grace="0.5", http_timeout="8")
+    insert_events(db, "t", 2)
+    wait_until(lambda: len(receiver.received("hang")) == 2, what="hanging requests")
+    worker.signal(signal.SIGINT)
+    assert worker.wait(20) == 0, worker.log()
+    rows = db.execute("SELECT status, attempts, locked_by FROM notifyhook.deliveries").fetchall()
+    assert rows == [("pending", 0, None), ("pending", 0, None)]
+
+
+def test_a_second_signal_exits_at_once(db, receiver, start_worker):
+    receiver.sequence("hang", Answer(kind="hang", seconds=30))
+    add_endpoint(db, "t", "hang", receiver.url("hang"), timeout_ms=8000)
+    worker = start_worker(shutdown_grace="20", http_timeout="8")
+    insert_events(db, "t", 1)
+    wait_until(lambda: receiver.received("hang"), what="a hanging request")
+    worker.signal(signal.SIGTERM)
+    wait_until(lambda: "stopping" in worker.log(), what="the first signal to be handled")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(5) != 0
+
+
+def test_the_worker_refuses_an_unknown_schema_version(db, start_worker):
+    db.execute(
+        "INSERT INTO notifyhook.migrations (name, version, checksum) VALUES ('9999_future.sql', 9999, 'x')"
+    )
+    worker = start_worker()
+    assert worker.wait(30) == 2
+    log = worker.log()
+    assert "version 9999" in log
+    assert "newer" in log
