@@ -34,7 +34,9 @@ def find_bindir() -> Path:
         return Path(on_path).resolve().parent
     pg_config = shutil.which("pg_config")
     if pg_config:
-        result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            [pg_config, "--bindir"], capture_output=True, text=True, check=False
+        )
         bindir = Path(result.stdout.strip())
         if result.returncode == 0 and (bindir / "initdb").exists():
             return bindir
@@ -98,14 +100,28 @@ class Cluster:
             command = ["runuser", "-u", self._user, "--", *command]
         result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=self.root)
         if check and result.returncode != 0:
-            raise ClusterError(f"{Path(args[0]).name} failed: {(result.stderr or result.stdout).strip()[-2000:]}")
+            raise ClusterError(
+                f"{Path(args[0]).name} failed: {(result.stderr or result.stdout).strip()[-2000:]}"
+            )
         return result
 
     def start(self) -> Cluster:
         if self._user is not None:
             shutil.chown(self.root, self._user)
-        self._run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
-                   "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+        self._run(
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ]
+        )
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.writelines(f"{key} = {value}\n" for key, value in self._settings.items())
         self.pg_ctl("start", "-w", "-t", "60", "-l", str(self.log))
@@ -123,8 +139,10 @@ class Cluster:
 
     def stop(self) -> None:
         if self.data.exists():
-            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "stop", "-m", "fast", "-w"],
-                      check=False)
+            self._run(
+                [str(self.bindir / "pg_ctl"), "-D", str(self.data), "stop", "-m", "fast", "-w"],
+                check=False,
+            )
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Cluster:

@@ -78,7 +78,9 @@ async def migrate(conn: Any, *, max_payload_bytes: int) -> list[str]:
             applied = {name: checksum for name, _version, checksum in rows}
         done = []
         for file in migration_files():
-            if file.name in applied and (file.version is not None or applied[file.name] == file.checksum):
+            if file.name in applied and (
+                file.version is not None or applied[file.name] == file.checksum
+            ):
                 continue
             async with conn.transaction():
                 await conn.execute(file.text)

@@ -31,8 +31,12 @@ def unseal(stored: str, key: str | None) -> str:
     if not stored.startswith(ENCRYPTED_PREFIX):
         return stored
     if key is None:
-        raise SecretError("an endpoint secret is encrypted (enc:) but NOTIFYHOOK_SECRET_KEY is not set")
+        raise SecretError(
+            "an endpoint secret is encrypted (enc:) but NOTIFYHOOK_SECRET_KEY is not set"
+        )
     try:
         return Fernet(key.encode()).decrypt(stored[len(ENCRYPTED_PREFIX) :].encode()).decode()
     except InvalidToken:
-        raise SecretError("an endpoint secret cannot be decrypted with NOTIFYHOOK_SECRET_KEY") from None
+        raise SecretError(
+            "an endpoint secret cannot be decrypted with NOTIFYHOOK_SECRET_KEY"
+        ) from None

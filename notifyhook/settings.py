@@ -6,7 +6,14 @@ import os
 import socket
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from notifyhook import retry
@@ -48,7 +55,9 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Seconds between backstop looks at the queue (retries, leases)."
     )
     lease: Seconds = Field(
-        60.0, gt=0, description="Seconds a claimed delivery stays with its worker before others may take it."
+        60.0,
+        gt=0,
+        description="Seconds a claimed delivery stays with its worker before others may take it.",
     )
     http_timeout: Seconds = Field(
         10.0, gt=0, description="Seconds one HTTP attempt may take, all included; below LEASE."
@@ -58,13 +67,18 @@ class Settings(BaseSettings):
         description="Seconds to wait before each retry, comma-separated; attempts = retries + 1.",
     )
     jitter: float = Field(
-        0.1, ge=0, le=1, description="Fraction by which each retry delay is randomly varied (0.1 = ±10%)."
+        0.1,
+        ge=0,
+        le=1,
+        description="Fraction by which each retry delay is randomly varied (0.1 = ±10%).",
     )
     shutdown_grace: Seconds = Field(
         30.0, ge=0, description="Seconds in-flight requests may finish after SIGTERM."
     )
     disable_after: Seconds = Field(
-        5 * 86400.0, gt=0, description="Seconds of nothing but failures after which an endpoint is disabled."
+        5 * 86400.0,
+        gt=0,
+        description="Seconds of nothing but failures after which an endpoint is disabled.",
     )
     max_payload_bytes: int = Field(
         262_144,
@@ -76,16 +90,26 @@ class Settings(BaseSettings):
         False, description="Allow deliveries to loopback, private and link-local addresses."
     )
     metrics_port: int | None = Field(
-        None, ge=1, le=65_535, description="TCP port for Prometheus /metrics and /healthz; off when unset."
+        None,
+        ge=1,
+        le=65_535,
+        description="TCP port for Prometheus /metrics and /healthz; off when unset.",
     )
-    sentry_dsn: SecretStr | None = Field(None, description="Sentry DSN; error reporting off when unset.")
+    sentry_dsn: SecretStr | None = Field(
+        None, description="Sentry DSN; error reporting off when unset."
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Least severe level logged.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Least severe level logged."
+    )
     retention: Seconds = Field(
-        30 * 86400.0, gt=0, description="Seconds delivered and dead deliveries are kept before prune."
+        30 * 86400.0,
+        gt=0,
+        description="Seconds delivered and dead deliveries are kept before prune.",
     )
     secret_key: SecretStr | None = Field(
-        None, description="Fernet key: endpoint secrets written by the CLI are stored encrypted with it."
+        None,
+        description="Fernet key: endpoint secrets written by the CLI are stored encrypted with it.",
     )
 
     @field_validator("log_level", mode="before")

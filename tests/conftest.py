@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from notifyhook.cluster import Cluster, find_bindir
 from notifyhook.migrate import migrate
@@ -33,7 +33,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {value!r})")
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what} (last value: {value!r})"
+            )
         time.sleep(0.02)
 
 
@@ -76,7 +78,9 @@ def _create_template(admin_url: str) -> None:
         conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
 
     async def apply() -> None:
-        async with await psycopg.AsyncConnection.connect(with_dbname(admin_url, TEMPLATE), autocommit=True) as conn:
+        async with await psycopg.AsyncConnection.connect(
+            with_dbname(admin_url, TEMPLATE), autocommit=True
+        ) as conn:
             await migrate(conn, max_payload_bytes=262144)
 
     asyncio.run(apply())
@@ -129,7 +133,9 @@ def scalar(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:
     return row[0] if row else None
 
 
-def add_endpoint(conn: psycopg.Connection[Any], tenant: str, name: str, url: str, **columns: Any) -> int:
+def add_endpoint(
+    conn: psycopg.Connection[Any], tenant: str, name: str, url: str, **columns: Any
+) -> int:
     """Insert an endpoint with plain SQL; returns its id."""
     names = ["tenant_id", "name", "url", *columns]
     values = [tenant, name, url, *columns.values()]
@@ -167,7 +173,10 @@ class WorkerProcess:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "notifyhook", "worker"], env=env, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "notifyhook", "worker"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def log(self) -> str:
@@ -196,7 +205,9 @@ def start_worker(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Wo
 
     def start(url: str | None = None, **settings: str) -> WorkerProcess:
         settings.setdefault("worker_id", f"test-worker-{len(started) + 1}")
-        worker = WorkerProcess(url or database_url, tmp_path / f"worker-{len(started) + 1}.log", **settings)
+        worker = WorkerProcess(
+            url or database_url, tmp_path / f"worker-{len(started) + 1}.log", **settings
+        )
         started.append(worker)
         return worker
 

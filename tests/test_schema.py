@@ -20,7 +20,11 @@ def run_cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str
     environment["NOTIFYHOOK_DATABASE_URL"] = url
     environment.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "notifyhook", *args], env=environment, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "notifyhook", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -37,7 +41,9 @@ def empty_database(server) -> Any:
 
 def migrations(url: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(url) as conn:
-        return conn.execute("SELECT name, version, checksum, applied_at FROM notifyhook.migrations ORDER BY name").fetchall()
+        return conn.execute(
+            "SELECT name, version, checksum, applied_at FROM notifyhook.migrations ORDER BY name"
+        ).fetchall()
 
 
 def test_migrate_from_empty_records_the_version(empty_database):
@@ -45,8 +51,13 @@ def test_migrate_from_empty_records_the_version(empty_database):
     assert result.returncode == 0, result.stderr
     assert f"schema version {code_schema_version()}" in result.stdout
     with psycopg.connect(empty_database) as conn:
-        assert scalar(conn, "SELECT max(version) FROM notifyhook.migrations") == code_schema_version()
-        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'notifyhook'")}
+        assert (
+            scalar(conn, "SELECT max(version) FROM notifyhook.migrations") == code_schema_version()
+        )
+        tables = {
+            r[0]
+            for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'notifyhook'")
+        }
     assert {"endpoints", "events", "deliveries", "attempts"} <= tables
     assert {name for name, *_ in migrations(empty_database)} == {f.name for f in migration_files()}
 
@@ -64,8 +75,13 @@ def test_two_concurrent_migrations_are_safe(empty_database):
     environment = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
     environment["NOTIFYHOOK_DATABASE_URL"] = empty_database
     runs = [
-        subprocess.Popen([sys.executable, "-m", "notifyhook", "migrate"], env=environment,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "notifyhook", "migrate"],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     outputs = [run.communicate(timeout=120) for run in runs]
@@ -91,17 +107,29 @@ BAD_EVENTS = [
     ("'[1, 2]'", "x.y", "NULL", "payload must be a JSON object, got array"),
     ("'\"text\"'", "x.y", "NULL", "payload must be a JSON object, got string"),
     ("'null'", "x.y", "NULL", "payload must be a JSON object, got null"),
-    ("jsonb_build_object('big', repeat('x', 300000))", "x.y", "NULL", "more than the limit of 262144"),
+    (
+        "jsonb_build_object('big', repeat('x', 300000))",
+        "x.y",
+        "NULL",
+        "more than the limit of 262144",
+    ),
     ("'{}'", "", "NULL", "event_type must not be empty"),
     ("'{}'", "call..completed", "NULL", "event_type 'call..completed' is malformed"),
     ("'{}'", "call completed", "NULL", "is malformed"),
     ("'{}'", "x.y", "999999", "endpoint_id 999999 does not exist"),
-    ("'{}'", "x.y", "(SELECT id FROM notifyhook.endpoints WHERE tenant_id = 'other')", "belongs to another tenant"),
+    (
+        "'{}'",
+        "x.y",
+        "(SELECT id FROM notifyhook.endpoints WHERE tenant_id = 'other')",
+        "belongs to another tenant",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("payload", "event_type", "endpoint", "message"), BAD_EVENTS)
-def test_a_malformed_event_fails_its_insert(db, database_url, payload, event_type, endpoint, message):
+def test_a_malformed_event_fails_its_insert(
+    db, database_url, payload, event_type, endpoint, message
+):
     add_endpoint(db, "t", "mine", "http://example.com/a")
     add_endpoint(db, "other", "theirs", "http://example.com/b")
     result = psql(
@@ -138,10 +166,16 @@ BAD_ENDPOINTS = [
     ({"event_types": ["call.*", "bad pattern"]}, "malformed pattern: 'bad pattern'"),
     ({"event_types": ["*.call"]}, "malformed pattern"),
     ({"event_types": []}, "at least one pattern"),
-    ({"extra_fields": psycopg.types.json.Jsonb([1])}, "extra_fields must be a JSON object, got array"),
+    (
+        {"extra_fields": psycopg.types.json.Jsonb([1])},
+        "extra_fields must be a JSON object, got array",
+    ),
     ({"headers": psycopg.types.json.Jsonb("x")}, "headers must be a JSON object, got string"),
     ({"headers": psycopg.types.json.Jsonb({"X-Count": 1})}, "headers values must be strings"),
-    ({"headers": psycopg.types.json.Jsonb({"webhook-signature": "v1,x"})}, "must not set webhook-id"),
+    (
+        {"headers": psycopg.types.json.Jsonb({"webhook-signature": "v1,x"})},
+        "must not set webhook-id",
+    ),
     ({"name": ""}, "name must not be empty"),
 ]
 
@@ -169,11 +203,15 @@ def test_an_endpoint_gets_a_standard_webhooks_secret(db):
 
 
 def deliveries_of(conn, event_id) -> set[int]:
-    rows = conn.execute("SELECT endpoint_id FROM notifyhook.deliveries WHERE event_id = %s", [event_id])
+    rows = conn.execute(
+        "SELECT endpoint_id FROM notifyhook.deliveries WHERE event_id = %s", [event_id]
+    )
     return {r[0] for r in rows}
 
 
-def enqueue(conn, tenant: str, event_type: str, payload: dict[str, Any] | None = None, **named: Any) -> Any:
+def enqueue(
+    conn, tenant: str, event_type: str, payload: dict[str, Any] | None = None, **named: Any
+) -> Any:
     extra = "".join(f", {k} => %({k})s" for k in named)
     return scalar(
         conn,
@@ -185,7 +223,9 @@ def enqueue(conn, tenant: str, event_type: str, payload: dict[str, Any] | None =
 def test_fan_out_follows_event_type_patterns(db):
     everything = add_endpoint(db, "t", "all", "https://a.example/h")
     calls = add_endpoint(db, "t", "calls", "https://b.example/h", event_types=["call.*"])
-    exact = add_endpoint(db, "t", "completed", "https://c.example/h", event_types=["call.completed", "sms.sent"])
+    exact = add_endpoint(
+        db, "t", "completed", "https://c.example/h", event_types=["call.completed", "sms.sent"]
+    )
     off = add_endpoint(db, "t", "off", "https://d.example/h", event_types=["call.*"], enabled=False)
     add_endpoint(db, "someone-else", "all", "https://e.example/h")
 
@@ -234,7 +274,9 @@ def test_a_thousand_row_insert_sends_one_notification(db, database_url):
             "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
             "SELECT 't', 'call.completed', jsonb_build_object('n', n) FROM generate_series(1, 1000) AS n"
         )
-        db.execute("INSERT INTO notifyhook.events (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')")
+        db.execute(
+            "INSERT INTO notifyhook.events (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')"
+        )
         received = list(listener.notifies(timeout=1.0))
     assert len(received) == 2
     assert {n.channel for n in received} == {"notifyhook"}
@@ -257,16 +299,27 @@ def test_views_agree_with_the_tables(db):
     endpoint = add_endpoint(db, "t", "a", "https://a.example/h")
     for n in range(5):
         enqueue(db, "t", "call.completed", {"n": n})
-    db.execute("UPDATE notifyhook.deliveries SET status = 'delivered', delivered_at = now() WHERE id IN (1, 2)")
-    db.execute("UPDATE notifyhook.deliveries SET status = 'dead', attempts = 6, last_error = 'HTTP 500' WHERE id = 3")
-    db.execute("UPDATE notifyhook.deliveries SET attempts = 1, next_attempt_at = now() + interval '1 minute' WHERE id = 4")
+    db.execute(
+        "UPDATE notifyhook.deliveries SET status = 'delivered', delivered_at = now() WHERE id IN (1, 2)"
+    )
+    db.execute(
+        "UPDATE notifyhook.deliveries SET status = 'dead', attempts = 6, last_error = 'HTTP 500' WHERE id = 3"
+    )
+    db.execute(
+        "UPDATE notifyhook.deliveries SET attempts = 1, next_attempt_at = now() + interval '1 minute' WHERE id = 4"
+    )
     with db.cursor(row_factory=psycopg.rows.dict_row) as cur:
         queue = cur.execute("SELECT * FROM notifyhook.queue_stats").fetchone()
         endpoints = cur.execute("SELECT * FROM notifyhook.endpoint_stats").fetchall()
         dead = cur.execute("SELECT * FROM notifyhook.dead_letters").fetchall()
     assert queue is not None
     assert (queue["pending_due"], queue["pending_retry"], queue["processing"]) == (1, 1, 0)
-    assert (queue["delivered_1h"], queue["delivered_total"], queue["dead_1h"], queue["dead_total"]) == (2, 2, 1, 1)
+    assert (
+        queue["delivered_1h"],
+        queue["delivered_total"],
+        queue["dead_1h"],
+        queue["dead_total"],
+    ) == (2, 2, 1, 1)
     assert queue["oldest_due_age_s"] >= 0
     assert [(e["endpoint_id"], e["pending"], e["dead"]) for e in endpoints] == [(endpoint, 2, 1)]
     assert [(d["delivery_id"], d["event_type"], d["attempts"], d["last_error"]) for d in dead] == [
@@ -282,4 +335,6 @@ def test_replay_puts_dead_deliveries_back_with_a_fresh_budget(db):
     assert scalar(db, "SELECT notifyhook.replay(1)") is True
     assert scalar(db, "SELECT notifyhook.replay(1)") is False
     assert scalar(db, "SELECT notifyhook.replay_dead()") == 2
-    assert db.execute("SELECT DISTINCT status, attempts FROM notifyhook.deliveries").fetchall() == [("pending", 0)]
+    assert db.execute("SELECT DISTINCT status, attempts FROM notifyhook.deliveries").fetchall() == [
+        ("pending", 0)
+    ]
