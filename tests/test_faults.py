@@ -30,7 +30,9 @@ def test_sigkill_mid_flight_loses_nothing(db, receiver, start_worker):
     arrivals = Counter(a.webhook_id for a in receiver.received("slow"))
     assert len(arrivals) == 20
     repeats = sum(n - 1 for n in arrivals.values())
-    in_flight_at_kill = scalar(db, "SELECT count(*) FROM notifyhook.attempts WHERE error LIKE 'lease expired%%'")
+    in_flight_at_kill = scalar(
+        db, "SELECT count(*) FROM notifyhook.attempts WHERE error LIKE 'lease expired%%'"
+    )
     assert repeats <= in_flight_at_kill, f"{repeats} repeats, {in_flight_at_kill} leases expired"
     print(f"repeats after SIGKILL: {repeats}")
 
@@ -60,10 +62,14 @@ def test_listener_killed_by_pg_terminate_backend_reconnects(db, receiver, start_
         "WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name = 'notifyhook'",
     )
     assert killed >= 1
-    wait_until(lambda: "listener reconnected" in worker.log(), timeout=30, what="the listener to reconnect")
+    wait_until(
+        lambda: "listener reconnected" in worker.log(), timeout=30, what="the listener to reconnect"
+    )
     insert_events(db, "t", 5)
     # With a 30 s poll interval, a prompt delivery proves the new LISTEN works.
-    wait_until(lambda: statuses(db) == {"delivered": 6}, timeout=10, what="deliveries after reconnecting")
+    wait_until(
+        lambda: statuses(db) == {"delivered": 6}, timeout=10, what="deliveries after reconnecting"
+    )
     assert worker.process.poll() is None
 
 
@@ -73,7 +79,9 @@ def own_cluster():
         import asyncio
 
         async def setup() -> None:
-            async with await psycopg.AsyncConnection.connect(cluster.url(), autocommit=True) as conn:
+            async with await psycopg.AsyncConnection.connect(
+                cluster.url(), autocommit=True
+            ) as conn:
                 await migrate(conn, max_payload_bytes=262144)
 
         asyncio.run(setup())
@@ -91,11 +99,19 @@ def test_postgres_restart_mid_stream(own_cluster, receiver, start_worker):
     own_cluster.restart("fast")
     with psycopg.connect(url, autocommit=True) as conn:
         insert_events(conn, "t", 50)
-        wait_until(lambda: statuses(conn) == {"delivered": 100}, timeout=60, what="deliveries after a restart")
+        wait_until(
+            lambda: statuses(conn) == {"delivered": 100},
+            timeout=60,
+            what="deliveries after a restart",
+        )
     own_cluster.restart("immediate")
     with psycopg.connect(url, autocommit=True) as conn:
         insert_events(conn, "t", 50)
-        wait_until(lambda: statuses(conn) == {"delivered": 150}, timeout=60, what="deliveries after a crash")
+        wait_until(
+            lambda: statuses(conn) == {"delivered": 150},
+            timeout=60,
+            what="deliveries after a crash",
+        )
     assert worker.process.poll() is None, worker.log()
     assert len({a.webhook_id for a in receiver.received("a")}) == 150
 
@@ -111,14 +127,18 @@ def test_postgres_restart_mid_stream(own_cluster, receiver, start_worker):
     ],
     ids=["hang", "reset", "slow", "10MB"],
 )
-def test_a_misbehaving_receiver_costs_nothing_but_its_attempt(db, receiver, start_worker, answer, error):
+def test_a_misbehaving_receiver_costs_nothing_but_its_attempt(
+    db, receiver, start_worker, answer, error
+):
     receiver.sequence("bad", answer)
     add_endpoint(db, "t", "bad", receiver.url("bad"))
     add_endpoint(db, "t", "good", receiver.url("good"))
     start_worker(http_timeout="1", retry_schedule="60")
     insert_events(db, "t", 3)
     wait_until(lambda: len(receiver.received("good")) == 3, what="the good endpoint's deliveries")
-    wait_until(lambda: scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 6, what="six attempts")
+    wait_until(
+        lambda: scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 6, what="six attempts"
+    )
     bad = db.execute(
         "SELECT a.error, a.response_excerpt FROM notifyhook.attempts AS a "
         "JOIN notifyhook.endpoints AS e ON e.id = a.endpoint_id WHERE e.name = 'bad'"
