@@ -171,7 +171,7 @@ def describe_errors(error: ValidationError) -> str:
     problems = []
     for item in error.errors(include_url=False):
         field = str(item["loc"][0]) if item["loc"] else ""
-        message = str(item["msg"]).removeprefix("Value error, ")
+        message = " ".join(str(item["msg"]).removeprefix("Value error, ").split())
         if not field:
             problems.append(message)
             continue

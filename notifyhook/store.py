@@ -55,7 +55,7 @@ def check_conninfo(url: str) -> None:
         conninfo_to_dict(url)
     except psycopg.ProgrammingError as error:
         # libpq's message may quote the string, password included: keep its gist only.
-        reason = str(error).split(":")[0]
+        reason = str(error).strip().split(":")[0]
         raise ValueError(f"is not a valid libpq URL or key=value DSN ({reason})") from None
 
 

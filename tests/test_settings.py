@@ -1,0 +1,113 @@
+"""Settings: defaults, durations, and one clear line naming the variable when a value is wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from notifyhook.errors import ConfigurationError
+from notifyhook.settings import ENV_PREFIX, Settings, load_settings
+
+URL = "postgresql://app:s3cr3t-pw@127.0.0.1:5432/app"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("NOTIFYHOOK_DATABASE_URL", URL)
+
+
+def test_defaults_are_the_designs():
+    settings = load_settings()
+    assert settings.concurrency == 100
+    assert settings.batch_size == 100
+    assert settings.poll_interval == 5
+    assert settings.lease == 60
+    assert settings.http_timeout == 10
+    assert settings.retry_schedule == (30, 60, 120, 240, 480)
+    assert settings.max_attempts == 6
+    assert settings.jitter == 0.1
+    assert settings.shutdown_grace == 30
+    assert settings.disable_after == 5 * 86400
+    assert settings.max_payload_bytes == 262144
+    assert settings.allow_private_networks is False
+    assert settings.metrics_port is None
+    assert settings.sentry_dsn is None
+    assert (settings.log_format, settings.log_level) == ("text", "INFO")
+    assert settings.retention == 30 * 86400
+    assert settings.secret_key is None
+    assert ":" in settings.worker_id
+
+
+def test_durations_take_seconds_or_units(monkeypatch):
+    monkeypatch.setenv("NOTIFYHOOK_POLL_INTERVAL", "1.5")
+    monkeypatch.setenv("NOTIFYHOOK_DISABLE_AFTER", "2d")
+    monkeypatch.setenv("NOTIFYHOOK_RETENTION", "12h")
+    monkeypatch.setenv("NOTIFYHOOK_RETRY_SCHEDULE", "10s,1m,5m")
+    monkeypatch.setenv("NOTIFYHOOK_LOG_LEVEL", "debug")
+    settings = load_settings()
+    assert (settings.poll_interval, settings.disable_after, settings.retention) == (
+        1.5,
+        172800,
+        43200,
+    )
+    assert settings.retry_schedule == (10, 60, 300)
+    assert settings.log_level == "DEBUG"
+
+
+WRONG = [
+    ("NOTIFYHOOK_CONCURRENCY", "abc", "NOTIFYHOOK_CONCURRENCY"),
+    ("NOTIFYHOOK_CONCURRENCY", "0", "greater than or equal to 1"),
+    ("NOTIFYHOOK_LEASE", "soon", "NOTIFYHOOK_LEASE"),
+    ("NOTIFYHOOK_RETRY_SCHEDULE", "30,-1", "NOTIFYHOOK_RETRY_SCHEDULE"),
+    ("NOTIFYHOOK_JITTER", "2", "NOTIFYHOOK_JITTER"),
+    ("NOTIFYHOOK_LOG_FORMAT", "xml", "'text' or 'json'"),
+    ("NOTIFYHOOK_METRICS_PORT", "70000", "NOTIFYHOOK_METRICS_PORT"),
+    ("NOTIFYHOOK_ALLOW_PRIVATE_NETWORKS", "perhaps", "NOTIFYHOOK_ALLOW_PRIVATE_NETWORKS"),
+    ("NOTIFYHOOK_SECRET_KEY", "not-a-key", "NOTIFYHOOK_SECRET_KEY: must be a Fernet key"),
+    (
+        "NOTIFYHOOK_HTTP_TIMEOUT",
+        "60",
+        "NOTIFYHOOK_HTTP_TIMEOUT (60s) must be shorter than NOTIFYHOOK_LEASE (60s)",
+    ),
+    ("NOTIFYHOOK_DATABASE_URL", "not a dsn", "NOTIFYHOOK_DATABASE_URL: is not a valid libpq URL"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), WRONG)
+def test_a_wrong_value_names_the_variable(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    text = str(raised.value)
+    assert message in text
+    assert "\n" not in text
+    assert "s3cr3t-pw" not in text
+
+
+def test_a_missing_database_url_says_what_is_required(monkeypatch):
+    monkeypatch.delenv("NOTIFYHOOK_DATABASE_URL")
+    with pytest.raises(ConfigurationError, match="NOTIFYHOOK_DATABASE_URL is required"):
+        load_settings()
+
+
+def test_a_bad_database_url_is_not_echoed(monkeypatch):
+    monkeypatch.setenv("NOTIFYHOOK_DATABASE_URL", "postgresql://app:s3cr3t-pw@[bad/db")
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    assert "s3cr3t-pw" not in str(raised.value)
+
+
+def test_secrets_do_not_show_in_the_settings_repr():
+    assert "s3cr3t-pw" not in repr(Settings())
+
+
+def test_every_setting_is_in_the_example_environment_file():
+    from pathlib import Path
+
+    example = (Path(__file__).parent.parent / "systemd" / "notifyhook.env.example").read_text()
+    for name in Settings.model_fields:
+        assert f"{ENV_PREFIX}{name.upper()}=" in example, name
