@@ -81,7 +81,11 @@ class Worker:
         self._outcomes_ready = asyncio.Event()
         self._more_due = False
         self._freed_since_claim = 0
-        self._wake_deadline: float | None = None
+        # When to look again without being woken (monotonic seconds): what the last
+        # claim said, and the earliest retry this worker scheduled itself; the latter
+        # is kept apart because a claim may run before that retry is recorded.
+        self._claim_deadline: float | None = None
+        self._retry_deadline: float | None = None
         self._last_cycle = time.monotonic()
         self.database_ok = True
         self._signals = 0
@@ -140,9 +144,11 @@ class Worker:
         self._wake.set()
 
     async def _wait_for_work(self) -> None:
-        timeout = None
-        if self._wake_deadline is not None:
-            timeout = max(0.0, self._wake_deadline - time.monotonic())
+        now = time.monotonic()
+        if self._retry_deadline is not None and self._retry_deadline <= now:
+            self._retry_deadline = None
+        deadlines = [d for d in (self._claim_deadline, self._retry_deadline) if d is not None]
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
         self._wake.clear()
@@ -175,7 +181,7 @@ class Worker:
                 self._start(row)
             self._freed_since_claim = 0
             self._more_due = claim.more_due or len(claim.rows) == asked
-            self._wake_deadline = (
+            self._claim_deadline = (
                 time.monotonic() + max(0.005, claim.wake_in_s)
                 if claim.wake_in_s is not None
                 else None
@@ -258,8 +264,8 @@ class Worker:
         elif outcome.next_attempt_at is not None:
             due_in = (outcome.next_attempt_at - datetime.now(UTC)).total_seconds()
             deadline = time.monotonic() + max(0.0, due_in)
-            if self._wake_deadline is None or deadline < self._wake_deadline:
-                self._wake_deadline = deadline
+            if self._retry_deadline is None or deadline < self._retry_deadline:
+                self._retry_deadline = deadline
 
     # -- recording ---------------------------------------------------------------
 
