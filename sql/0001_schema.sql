@@ -135,9 +135,14 @@ CREATE INDEX deliveries_processing
 -- Finished rows by age: retention and the 1 h counters.
 CREATE INDEX deliveries_finished
     ON notifyhook.deliveries (updated_at) WHERE status IN ('delivered', 'dead');
--- Cascades from events (retention) and endpoints, and per-endpoint counts.
+-- Dead letters per endpoint: replay_dead, endpoint_stats, dead_letters.
+CREATE INDEX deliveries_dead
+    ON notifyhook.deliveries (endpoint_id, updated_at) WHERE status = 'dead';
+-- Retention deletes events, which cascades here.
 CREATE INDEX deliveries_event ON notifyhook.deliveries (event_id);
-CREATE INDEX deliveries_endpoint_status ON notifyhook.deliveries (endpoint_id, status);
+-- Every status change writes a new row version into each index whose columns or
+-- predicate it touches, twice per delivery: so there is no index on
+-- (endpoint_id) alone. Deleting an endpoint, which is rare, scans the table.
 
 -- The audit log: one row per HTTP attempt, written by workers, never updated.
 CREATE TABLE notifyhook.attempts (

@@ -36,8 +36,10 @@ SELECT
     s.last_success_at,
     s.last_failure_at,
     coalesce(s.consecutive_failures, 0) AS consecutive_failures,
-    coalesce(q.pending, 0) AS pending,
-    coalesce(q.dead, 0) AS dead
+    (SELECT count(*) FROM notifyhook.deliveries AS d
+     WHERE d.endpoint_id = e.id AND d.status = 'pending') AS pending,
+    (SELECT count(*) FROM notifyhook.deliveries AS d
+     WHERE d.endpoint_id = e.id AND d.status = 'dead') AS dead
 FROM notifyhook.endpoints AS e
 LEFT JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
 LEFT JOIN LATERAL (
@@ -50,13 +52,7 @@ LEFT JOIN LATERAL (
         percentile_cont(0.95) WITHIN GROUP (ORDER BY t.duration_ms) AS p95_ms
     FROM notifyhook.attempts AS t
     WHERE t.endpoint_id = e.id AND t.started_at > now() - interval '24 hours'
-) AS a ON true
-LEFT JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE d.status = 'pending') AS pending,
-           count(*) FILTER (WHERE d.status = 'dead') AS dead
-    FROM notifyhook.deliveries AS d
-    WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'dead')
-) AS q ON true;
+) AS a ON true;
 
 -- Deliveries that gave up, newest first: what `notifyhook replay` can bring back.
 DROP VIEW IF EXISTS notifyhook.dead_letters;
