@@ -1,0 +1,271 @@
+"""The bench's scenarios: each makes a database of its own, runs real workers against it, and
+returns its figures with the CPU and memory they cost."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+
+import aiohttp
+
+from notifyhook import latency, scenario, signing
+from notifyhook.bench_context import (
+    CEILING_PATH,
+    FAST,
+    SECRET,
+    SLOW,
+    SLOW_S,
+    TENANTS,
+    Bench,
+    Result,
+    Scenario,
+    insert_backlog,
+    install_statement_counts,
+    latency_summary,
+    load_history,
+    paced_producer,
+    peak_rss,
+    preload_statement_counts,
+    statement_breakdown,
+    unload_statement_counts,
+    wait_delivered,
+)
+from notifyhook.scenario import ScenarioError, fetch
+from notifyhook.store import connect
+from notifyhook.usage import Meter
+
+LATENCY_RATES = (50, 500)
+NOISY_RATE = 100
+
+
+async def ceiling(bench: Bench) -> Result:
+    """The receiver's own ceiling: an aiohttp client posting signed requests straight at it."""
+    total, parallel = bench.size.ceiling, 64
+    body = b'{"type":"bench.ceiling","padding":"' + b"x" * 200 + b'"}'
+    url = bench.receiver.url(CEILING_PATH)
+    meter = Meter([], None, bench.receiver.pid)
+    left = iter(range(total))
+
+    async def post(session: aiohttp.ClientSession) -> None:
+        for _ in left:
+            headers = signing.webhook_headers([SECRET], str(uuid.uuid4()), int(time.time()), body)
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=parallel)) as session:
+        await asyncio.gather(*(post(session) for _ in range(parallel)))
+    used = meter.read()
+    hits = await bench.collect(total, 30, CEILING_PATH)
+    rate = total / used.wall_s
+    cpu_per_request = used.receiver_cpu_s / total
+    one_core = 1 / cpu_per_request if cpu_per_request else math.inf
+    return Result(
+        "receiver",
+        "ceiling",
+        f"{one_core:,.0f} requests/s per core of receiver CPU ({cpu_per_request * 1e6:.0f} µs "
+        f"per request); {rate:,.0f}/s measured with {parallel} POSTs at a time",
+        "above the workers' rate",
+        {
+            "requests_per_s_per_core": one_core,
+            "receiver_cpu_us_per_request": cpu_per_request * 1e6,
+            "measured_requests_per_s": rate,
+            "verified": sum(1 for h in hits if h.verified),
+        },
+        used,
+        note="measured by an aiohttp client in the bench process, which shares the cores with "
+        "the receiver: the measured rate is the client's as much as the receiver's",
+    )
+
+
+async def _drain_backlog(bench: Bench, workers: int, case: str, history: int = 0) -> Result:
+    """`size.backlog` deliveries queued by one INSERT, timed from its COMMIT until all are
+    recorded as delivered."""
+    name, url, _ = await bench.database([(tenant, FAST) for tenant in TENANTS])
+    started: list[scenario.WorkerProcess] = []
+    note = ""
+    try:
+        if history:
+            loaded = await load_history(url, history)
+            note = f"{history:,} delivered rows of history loaded in {loaded:.0f}s, vacuumed"
+        started = await bench.start_workers(url, workers)
+        count = bench.size.backlog
+        await insert_backlog(url, count, TENANTS)
+        meter = bench.meter(started)
+        hits = await bench.collect(count, 120 + count / 50, FAST)
+        await wait_delivered(url, count, 60)
+        used = meter.read()
+        rss = peak_rss(started)
+    finally:
+        scenario.stop_workers(started)
+        await bench.server.drop_database(name)
+    rate = count / used.wall_s
+    unverified = sum(1 for h in hits if not h.verified)
+    if unverified:
+        note += f"; {unverified} requests failed verification"
+    figures = {
+        "deliveries": count,
+        "seconds": used.wall_s,
+        "deliveries_per_s": rate,
+        "worker_cpu_us_per_delivery": used.worker_cpu_s / count * 1e6,
+        "postgres_cpu_us_per_delivery": (used.postgres_cpu_s or 0) / count * 1e6,
+    }
+    summary = (
+        f"{rate:,.0f} deliveries/s ({count:,} in {used.wall_s:.1f}s; CPU per delivery: worker "
+        f"{figures['worker_cpu_us_per_delivery']:.0f} µs, PostgreSQL "
+        f"{figures['postgres_cpu_us_per_delivery']:.0f} µs)"
+    )
+    return Result("backlog", case, summary, "", figures, used, rss, note.strip("; "))
+
+
+async def backlog(bench: Bench) -> list[Result]:
+    one = await _drain_backlog(bench, 1, "1 worker")
+    one.target = "≥ 2,000/s; RSS < 150 MB"
+    bench.empty_backlog_rate = one.figures["deliveries_per_s"]
+    many = await _drain_backlog(bench, bench.workers, f"{bench.workers} workers")
+    many.target = "≥ 3,000/s with 2"
+    return [one, many]
+
+
+async def steady_rate(bench: Bench) -> list[Result]:
+    """Events one per transaction at a steady rate; COMMIT to the first request for each."""
+    name, url, _ = await bench.database([(TENANTS[0], FAST)])
+    results = []
+    started: list[scenario.WorkerProcess] = []
+    try:
+        started = await bench.start_workers(url, 1)
+        for rate in LATENCY_RATES:
+            count = max(10, round(rate * bench.size.latency_s))
+            meter = bench.meter(started)
+            committed, achieved = await paced_producer(url, TENANTS[0], rate, count)
+            hits = await bench.collect(count, 60, FAST)
+            used = meter.read()
+            figures = latency.summarize(latency.latencies(committed, latency.first_arrivals(hits)))
+            figures["achieved_per_s"] = achieved
+            results.append(
+                Result(
+                    "latency",
+                    f"{rate}/s",
+                    f"{latency_summary(figures)} ({count:,} events at {achieved:,.0f}/s)",
+                    "p50 ≤ 2 ms, p99 ≤ 6 ms" if rate == 50 else "",
+                    dict(figures),
+                    used,
+                    peak_rss(started),
+                )
+            )
+    finally:
+        scenario.stop_workers(started)
+        await bench.server.drop_database(name)
+    return results
+
+
+async def idle(bench: Bench) -> list[Result]:
+    """What a worker with nothing to do costs the database, counted by pg_stat_statements
+    where it can be loaded, else by committed transactions."""
+    restarted = await preload_statement_counts(bench)
+    name, url, _ = await bench.database([(TENANTS[0], FAST)])
+    poll = bench.size.idle_poll_s
+    started: list[scenario.WorkerProcess] = []
+    before = 0
+    try:
+        async with connect(url) as conn:
+            counting = await install_statement_counts(conn)
+            started = await bench.start_workers(url, 1, {"POLL_INTERVAL": f"{poll:g}"})
+            await asyncio.sleep(1.0)  # start-up's own queries are not idling
+            if counting:
+                await fetch(conn, "reset_statement_counts")
+            else:
+                before = int((await fetch(conn, "commit_count"))[0]["xact_commit"])
+            meter = bench.meter(started)
+            await asyncio.sleep(bench.size.idle_s)
+            used = meter.read()
+            if counting:
+                rows = await fetch(conn, "statement_counts")
+                statements_run = sum(int(r["calls"]) for r in rows)
+                how = f"pg_stat_statements: {statement_breakdown(rows)}"
+            else:
+                after = int((await fetch(conn, "commit_count"))[0]["xact_commit"])
+                statements_run = after - before
+                how = "committed transactions (pg_stat_database), pg_stat_statements not loaded"
+        rss = peak_rss(started)
+    finally:
+        scenario.stop_workers(started)
+        await bench.server.drop_database(name)
+        if restarted:
+            await unload_statement_counts(bench)
+    per_minute = statements_run * 60 / used.wall_s
+    per_poll = statements_run * poll / used.wall_s
+    return [
+        Result(
+            "idle",
+            f"1 worker, POLL_INTERVAL {poll:g}s",
+            f"{per_minute:.0f} statements/min = {per_poll:.1f} per poll interval "
+            f"(over {used.wall_s:.0f}s)",
+            "a few per POLL_INTERVAL",
+            {"statements_per_min": per_minute, "statements_per_poll": per_poll},
+            used,
+            rss,
+            how,
+        )
+    ]
+
+
+async def noisy(bench: Bench) -> list[Result]:
+    """Endpoint A answers in 2 s and has a backlog; B's fresh events must not wait behind it."""
+    name, url, _ = await bench.database([("noisy-a", SLOW), ("noisy-b", FAST)])
+    started: list[scenario.WorkerProcess] = []
+    try:
+        await insert_backlog(url, bench.size.noisy_slow, ["noisy-a"])
+        started = await bench.start_workers(url, 1, {"SHUTDOWN_GRACE": "3"})
+        await asyncio.sleep(SLOW_S * 1.5)  # A's requests fill the slots it may take
+        await bench.drain()
+        meter = bench.meter(started)
+        count = bench.size.noisy_fast
+        committed, _ = await paced_producer(url, "noisy-b", NOISY_RATE, count)
+        hits = await bench.collect(count, 60, FAST)
+        used = meter.read()
+        rss = peak_rss(started)
+    finally:
+        scenario.stop_workers(started)
+        await bench.server.drop_database(name)
+    figures = latency.summarize(latency.latencies(committed, latency.first_arrivals(hits), [FAST]))
+    served = sum(1 for h in hits if h.path == SLOW) / used.wall_s
+    figures["slow_served_per_s"] = served
+    return [
+        Result(
+            "noisy",
+            f"B at {NOISY_RATE}/s beside A (2 s/request)",
+            f"B: {latency_summary(figures)}; A meanwhile {served:.0f}/s of "
+            f"{bench.size.noisy_slow:,} queued",
+            "B's p99 as without A",
+            dict(figures),
+            used,
+            rss,
+        )
+    ]
+
+
+async def history(bench: Bench) -> list[Result]:
+    try:
+        result = await _drain_backlog(
+            bench, 1, f"1 worker over {bench.size.history:,} rows", bench.size.history
+        )
+    except ScenarioError as error:
+        return [Result("history", "1 worker", f"skipped: {error}")]
+    result.scenario, result.target = "history", "within 10% of empty"
+    empty = bench.empty_backlog_rate
+    if empty:
+        ratio = result.figures["deliveries_per_s"] / empty
+        result.figures["vs_empty"] = ratio
+        result.summary += f"; {ratio:.0%} of the empty-table rate"
+    return [result]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "backlog": backlog,
+    "latency": steady_rate,
+    "idle": idle,
+    "noisy": noisy,
+    "history": history,
+}

@@ -1,0 +1,298 @@
+"""What the demo and the bench share: a server to work in, worker processes, the producer, percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
+
+from notifyhook import usage
+from notifyhook.cluster import Cluster
+from notifyhook.errors import NotifyhookError
+from notifyhook.migrate import migrate
+from notifyhook.store import connect, json_param
+
+Connection = Any
+"""An open psycopg.AsyncConnection (from notifyhook.store.connect)."""
+
+
+class ScenarioError(NotifyhookError):
+    """The demo or the bench could not go on: a worker died, or a wait ran out of time."""
+
+
+@cache
+def statements() -> dict[str, str]:
+    """The named statements of notifyhook/scenario.sql."""
+    text = resources.files("notifyhook").joinpath("scenario.sql").read_text(encoding="utf-8")
+    chunks = re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]
+    return {name.strip(): body.strip() for name, _, body in (c.partition("\n") for c in chunks)}
+
+
+async def fetch(
+    conn: Connection, name: str, params: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Run a statement of scenario.sql; its rows as dicts (none for a statement without)."""
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(statements()[name], params)
+        return await cursor.fetchall() if cursor.description else []
+
+
+# -- where the scenario runs ---------------------------------------------------------------
+
+
+class Server:
+    """A PostgreSQL server to make scenario databases in: a throwaway cluster started here,
+    or the server of a given URL. Everything made is removed by `close`."""
+
+    def __init__(self, url: str | None, prefix: str) -> None:
+        self._given_url = url
+        self._prefix = prefix
+        self.cluster: Cluster | None = None
+        self.admin_url = url or ""
+        self.databases: list[str] = []
+        self.postmaster: int | None = None
+        self.version = ""
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, url: str | None, prefix: str) -> AsyncIterator[Server]:
+        server = cls(url, prefix)
+        try:
+            await server._start()
+            yield server
+        finally:
+            await server.close()
+
+    async def _start(self) -> None:
+        if self._given_url is None:
+            self.cluster = Cluster(fsync=True)
+            self.admin_url = self.cluster.url()
+            await _uninterrupted(self.cluster.start)
+        await self._learn_facts()
+
+    async def _learn_facts(self) -> None:
+        async with connect(self.admin_url) as conn:
+            facts = (await fetch(conn, "server_facts"))[0]
+        self.version = str(facts["version"])
+        self.postmaster = usage.postmaster_of(int(facts["backend_pid"]))
+
+    async def restart(self) -> None:
+        """Restart our own cluster (to load a library); a no-op on a given server."""
+        if self.cluster is not None:
+            await _uninterrupted(self.cluster.restart)
+            await self._learn_facts()
+
+    def describe(self) -> str:
+        if self.cluster is not None:
+            return (
+                f"a throwaway PostgreSQL {self.version} cluster in {self.cluster.root} "
+                f"on port {self.cluster.port}"
+            )
+        return f"PostgreSQL {self.version} at NOTIFYHOOK_DATABASE_URL, in databases of our own"
+
+    async def create_database(self) -> tuple[str, str]:
+        """A fresh database, migrated: (name, url)."""
+        name = f"{self._prefix}_{secrets.token_hex(4)}"
+        async with connect(self.admin_url) as conn:
+            await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self.databases.append(name)
+        url = make_conninfo(self.admin_url, dbname=name)
+        async with connect(url) as conn:
+            await migrate(conn, max_payload_bytes=262_144)
+        return name, url
+
+    async def drop_database(self, name: str) -> None:
+        async with connect(self.admin_url) as conn:
+            await conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+        self.databases.remove(name)
+
+    async def close(self) -> None:
+        try:
+            for name in list(self.databases):
+                if self.cluster is None:
+                    await self.drop_database(name)
+        finally:
+            if self.cluster is not None:
+                await asyncio.to_thread(self.cluster.stop)
+
+
+async def _uninterrupted(action: Callable[[], Any]) -> None:
+    """Run a blocking cluster command in a thread, and on Ctrl-C let it finish before
+    cleaning up: stopping a cluster that initdb or pg_ctl is still creating could leave a
+    server running."""
+    running = asyncio.ensure_future(asyncio.to_thread(action))
+    try:
+        await asyncio.shield(running)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await running
+        raise
+
+
+# -- worker processes ----------------------------------------------------------------------
+
+WORKER_DEFAULTS = {
+    "ALLOW_PRIVATE_NETWORKS": "true",
+    "LOG_LEVEL": "INFO",
+    "SHUTDOWN_GRACE": "5",
+}
+
+
+class WorkerProcess:
+    """A real `notifyhook worker` process. It reports READY over a notify socket of ours,
+    exactly as it would to systemd; its log goes to a file."""
+
+    def __init__(
+        self, url: str, worker_id: str, directory: Path, settings: Mapping[str, str]
+    ) -> None:
+        self.worker_id = worker_id
+        self.log_path = directory / f"{worker_id}.log"
+        self._socket_path = directory / f"{worker_id}.sock"
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(str(self._socket_path))
+        self._socket.setblocking(False)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
+        for key, value in {**WORKER_DEFAULTS, **settings}.items():
+            env[f"NOTIFYHOOK_{key}"] = value
+        env["NOTIFYHOOK_DATABASE_URL"] = url
+        env["NOTIFYHOOK_WORKER_ID"] = worker_id
+        env["NOTIFY_SOCKET"] = str(self._socket_path)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "notifyhook", "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Its own session: a Ctrl-C meant for the demo is the demo's to handle.
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def wait_ready(self, within_s: float = 30.0) -> None:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            try:
+                if b"READY=1" in self._socket.recv(4096):
+                    return
+                continue
+            except BlockingIOError:
+                pass
+            if self.process.poll() is not None:
+                raise ScenarioError(
+                    f"worker {self.worker_id} exited with {self.process.returncode}: {self.log_tail()}"
+                )
+            await asyncio.sleep(0.02)
+        raise ScenarioError(
+            f"worker {self.worker_id} not ready after {within_s:g}s: {self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def peak_rss_bytes(self) -> int | None:
+        return usage.peak_rss_bytes(self.pid)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM and wait (the worker gives back what it holds); SIGKILL when it lingers."""
+        try:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(5)
+            return self.process.returncode
+        finally:
+            self._socket.close()
+            self._socket_path.unlink(missing_ok=True)
+
+
+def start_workers(
+    url: str, count: int, directory: Path, settings: Mapping[str, str], name: str = "worker"
+) -> list[WorkerProcess]:
+    return [WorkerProcess(url, f"{name}-{n + 1}", directory, settings) for n in range(count)]
+
+
+def stop_workers(workers: Iterable[WorkerProcess]) -> None:
+    for worker in workers:
+        worker.stop()
+
+
+# -- the producer ----------------------------------------------------------------------------
+
+
+async def insert_event(
+    conn: Connection,
+    tenant_id: str,
+    event_type: str,
+    payload: dict[str, Any],
+    endpoint_id: int | None = None,
+) -> tuple[str, float]:
+    """INSERT one event on an autocommit connection: (its id, time.time() once committed)."""
+    cursor = await conn.execute(
+        statements()["insert_event"],
+        {
+            "tenant_id": tenant_id,
+            "event_type": event_type,
+            "payload": json_param(payload),
+            "endpoint_id": endpoint_id,
+        },
+    )
+    row = await cursor.fetchone()
+    return str(row[0]), time.time()
+
+
+async def paced(
+    count: int, rate: float, insert: Callable[[int], Awaitable[None]], stop_at: float | None = None
+) -> float:
+    """Call `insert(n)` for n in 0..count-1 at `rate` per second (catching up, never bursting
+    ahead); stop early at monotonic time `stop_at`. Returns the rate achieved."""
+    start = time.monotonic()
+    done = 0
+    for n in range(count):
+        due = start + n / rate
+        if stop_at is not None and due > stop_at:
+            break
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await insert(n)
+        done += 1
+    elapsed = time.monotonic() - start
+    return done / elapsed if elapsed > 0 else 0.0
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[bool]], within_s: float, what: str, interval: float = 0.1
+) -> None:
+    deadline = time.monotonic() + within_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise ScenarioError(f"timed out after {within_s:g}s waiting for {what}")
+        await asyncio.sleep(interval)

@@ -1,0 +1,119 @@
+-- The statements `notifyhook demo` and `notifyhook bench` run, each under a
+-- `-- name:` line; loaded by notifyhook.scenario. The producer statements are
+-- what any program in any language would run: plain INSERTs into events.
+
+-- name: insert_event
+-- One event, in a transaction of its own (autocommit): returns once committed.
+INSERT INTO notifyhook.events (tenant_id, event_type, payload, endpoint_id)
+VALUES (%(tenant_id)s, %(event_type)s, %(payload)s, %(endpoint_id)s)
+RETURNING id::text;
+
+-- name: insert_events
+-- Many events in one statement: one fan-out and one NOTIFY for all of them.
+INSERT INTO notifyhook.events (tenant_id, event_type, payload)
+SELECT %(tenant_id)s, e.event_type, jsonb_build_object('n', e.n, 'kind', 'burst')
+FROM unnest(%(event_types)s::text[]) WITH ORDINALITY AS e(event_type, n)
+RETURNING id::text;
+
+-- name: insert_backlog
+-- `count` events spread over the tenants round-robin, each with a padded payload
+-- the size of a typical webhook (about 300 bytes of JSON).
+INSERT INTO notifyhook.events (tenant_id, event_type, payload)
+SELECT (%(tenants)s::text[])[1 + i %% cardinality(%(tenants)s::text[])], 'bench.backlog',
+       jsonb_build_object('i', i, 'call_id', md5(i::text), 'padding', repeat('x', 200))
+FROM generate_series(1, %(count)s) AS i;
+
+-- name: delivery_totals
+-- Where the deliveries stand, for progress and for the summary.
+SELECT
+    count(*) AS deliveries,
+    count(*) FILTER (WHERE status = 'delivered') AS delivered,
+    count(*) FILTER (WHERE status = 'dead') AS dead,
+    count(*) FILTER (WHERE status = 'pending' AND attempts > 0) AS retrying,
+    count(*) FILTER (WHERE status = 'pending' AND attempts = 0) AS waiting,
+    count(*) FILTER (WHERE status = 'processing') AS processing,
+    (SELECT count(*) FROM notifyhook.attempts) AS attempts
+FROM notifyhook.deliveries;
+
+-- name: dead_letter_reasons
+SELECT endpoint_id, last_status_code, count(*) AS deliveries
+FROM notifyhook.dead_letters
+GROUP BY endpoint_id, last_status_code
+ORDER BY endpoint_id;
+
+-- name: endpoint_disabled
+SELECT id, enabled, disabled_reason FROM notifyhook.endpoints ORDER BY id;
+
+-- name: server_facts
+SELECT current_setting('server_version') AS version, pg_backend_pid() AS backend_pid,
+       current_setting('fsync') AS fsync, current_setting('synchronous_commit') AS synchronous_commit;
+
+-- name: history_without_triggers
+-- Bulk history bypasses the fan-out and validation triggers (and foreign-key
+-- checks): the rows are written as the worker would have left them. Needs a
+-- superuser or, from PostgreSQL 15, a GRANT SET on session_replication_role.
+SET session_replication_role = replica;
+
+-- name: history_events
+INSERT INTO notifyhook.events (id, tenant_id, event_type, payload, created_at)
+SELECT gen_random_uuid(), (%(tenants)s::text[])[1 + i %% cardinality(%(tenants)s::text[])],
+       'bench.history', jsonb_build_object('i', i, 'call_id', md5(i::text), 'padding', repeat('x', 200)),
+       now() - interval '7 days' * (i::float8 / %(count)s) - interval '1 hour'
+FROM generate_series(1, %(count)s) AS i;
+
+-- name: history_deliveries
+-- One delivered row per history event, to the endpoint of the event's tenant.
+INSERT INTO notifyhook.deliveries
+    (event_id, tenant_id, endpoint_id, status, attempts, next_attempt_at,
+     last_status_code, created_at, updated_at, delivered_at)
+SELECT ev.id, ev.tenant_id, ep.id, 'delivered', 1, ev.created_at, 200,
+       ev.created_at, ev.created_at + interval '2 ms', ev.created_at + interval '2 ms'
+FROM notifyhook.events AS ev
+JOIN notifyhook.endpoints AS ep ON ep.tenant_id = ev.tenant_id
+WHERE ev.event_type = 'bench.history';
+
+-- name: history_attempts
+INSERT INTO notifyhook.attempts
+    (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, response_excerpt, worker)
+SELECT d.id, d.endpoint_id, 1, d.created_at, 1.5, 200, 'ok', 'history'
+FROM notifyhook.deliveries AS d
+WHERE d.status = 'delivered' AND d.delivered_at < now() - interval '1 hour';
+
+-- name: history_done
+RESET session_replication_role;
+
+-- name: statement_counts_available
+-- Whether pg_stat_statements is loaded (shared_preload_libraries) and installed here.
+SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'pg_stat_statements')
+       AND current_setting('shared_preload_libraries') ~ 'pg_stat_statements' AS available;
+
+-- name: install_statement_counts
+CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+
+-- name: reset_statement_counts
+SELECT pg_stat_statements_reset();
+
+-- name: statement_counts
+-- Statements run in this database since the last reset, but for this bench's own.
+SELECT calls,
+       left(regexp_replace(regexp_replace(query, '--[^\n]*\n', '', 'g'), '\s+', ' ', 'g'), 80) AS query
+FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND query !~* 'pg_stat_statements|pg_stat_database'
+ORDER BY calls DESC;
+
+-- name: commit_count
+-- Committed transactions in this database: every statement of an autocommit
+-- session is one. Backends report at most once a second (and idle ones within
+-- ten), so read it over a long enough window.
+SELECT xact_commit FROM pg_stat_database WHERE datname = current_database();
+
+-- name: preload_statement_counts
+ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements';
+
+-- name: reset_preload
+ALTER SYSTEM RESET shared_preload_libraries;
+
+-- name: history_vacuum
+-- What autovacuum would have done to a table of this age.
+VACUUM ANALYZE notifyhook.events, notifyhook.deliveries, notifyhook.attempts;

@@ -1,0 +1,96 @@
+"""`notifyhook bench --small` as a user runs it: every scenario runs, the figures hang together,
+nothing is left behind. Figures are reported, never asserted against a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from notifyhook.bench import format_report
+
+
+def run_bench(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "notifyhook", "bench", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def bench_databases(admin_url: str) -> list[str]:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'notifyhook_bench_%'"
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+def test_small_bench_reports_every_scenario_and_leaves_nothing(server):
+    before = bench_databases(server.admin_url)
+    result = run_bench("--small", "--json", NOTIFYHOOK_DATABASE_URL=server.admin_url)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert bench_databases(server.admin_url) == before
+
+    results = {(r["scenario"], r["case"]): r for r in report["results"]}
+    scenarios = [r["scenario"] for r in report["results"]]
+    assert scenarios == ["receiver", "backlog", "backlog", "latency", "latency", "idle", "noisy",
+                         "history"]  # fmt: skip
+
+    ceiling = results["receiver", "ceiling"]
+    assert ceiling["figures"]["verified"] == report["environment"]["sizes"]["ceiling"]
+
+    for case in ("1 worker", "2 workers"):
+        backlog = results["backlog", case]
+        assert backlog["figures"]["deliveries"] == 500
+        assert backlog["figures"]["deliveries_per_s"] > 0
+        assert backlog["usage"]["worker_cpu_s"] > 0
+        assert backlog["usage"]["postgres_cpu_s"] > 0
+        assert backlog["peak_rss_bytes"] > 0
+        assert "failed verification" not in backlog["note"]
+
+    for case in ("50/s", "500/s"):
+        latency = results["latency", case]["figures"]
+        assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+
+    idle = next(r for r in report["results"] if r["scenario"] == "idle")
+    assert idle["figures"]["statements_per_min"] >= 0
+    assert idle["note"]  # says what was counted
+
+    noisy = next(r for r in report["results"] if r["scenario"] == "noisy")
+    assert noisy["figures"]["p99_ms"] > 0
+    assert noisy["figures"]["slow_served_per_s"] > 0
+
+    history = next(r for r in report["results"] if r["scenario"] == "history")
+    assert history["figures"]["deliveries"] == 500
+    assert history["figures"]["vs_empty"] > 0
+    assert "10,000 delivered rows of history" in history["note"]
+
+    table = format_report(report)
+    assert "backlog  | 2 workers" in table
+    assert "PostgreSQL CPU" in table
+
+
+@pytest.mark.slow
+def test_bench_with_its_own_postgresql_cleans_up():
+    result = run_bench("--small", "--scenarios", "backlog,idle", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "deliveries/s" in result.stdout
+    assert "pg_stat_statements: " in result.stdout  # loaded into the throwaway cluster
+    directory = result.stderr.split("cluster in ", 1)[1].split()[0]
+    assert not os.path.exists(directory)
+
+
+def test_unknown_scenario_is_a_usage_error():
+    result = run_bench("--scenarios", "backlog,warp")
+    assert result.returncode == 2
+    assert "unknown scenario warp" in result.stderr

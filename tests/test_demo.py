@@ -1,0 +1,160 @@
+"""`notifyhook demo` as a user runs it: the real command, its own PostgreSQL or a given one."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+from conftest import scalar
+
+SMALL = ["--events", "40", "--duration", "2"]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
+    env.update(extra)
+    return env
+
+
+def run_demo(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "notifyhook", "demo", *args],
+        env=environment(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def figure(output: str, label: str) -> int:
+    match = re.search(rf"^  {label}\s+(\d+)", output, re.MULTILINE)
+    assert match, f"no {label!r} line in:\n{output}"
+    return int(match.group(1))
+
+
+def assert_consistent_summary(output: str, events: int) -> None:
+    assert figure(output, "events enqueued") == events
+    deliveries = figure(output, "deliveries")
+    delivered = figure(output, "delivered")
+    dead = figure(output, "dead letters")
+    assert deliveries > events  # events fan out to several endpoints
+    assert delivered + dead == deliveries
+    assert dead >= 1  # the broken and the retired endpoints
+    verified = re.search(r"signatures verified\s+(\d+) of (\d+) requests", output)
+    assert verified, output
+    assert int(verified.group(1)) == int(verified.group(2)) >= deliveries
+    assert figure(output, "HTTP attempts") == int(verified.group(2))
+    assert re.search(r"latency, COMMIT to first request: p50 [\d.]+ ms, p95 [\d.]+ ms", output)
+    assert "NOT FINISHED" not in output
+    assert "select * from notifyhook.queue_stats" in output
+
+
+def cluster_directory(output: str) -> Path:
+    match = re.search(r"cluster in (\S+) on port", output)
+    assert match, output
+    return Path(match.group(1))
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def pids(output: str) -> list[int]:
+    """The worker's and the receiver's."""
+    found = re.findall(r"worker started \(pid (\d+)|receiver on \S+ \(pid (\d+)\)", output)
+    numbers = [int(a or b) for a, b in found]
+    assert len(numbers) == 2, output
+    return numbers
+
+
+def assert_gone(pid: int) -> None:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return
+    assert state == "Z", f"process {pid} still running"
+
+
+def test_demo_starts_its_own_postgresql_and_removes_it():
+    result = run_demo(*SMALL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_consistent_summary(result.stdout, 40)
+    directory = cluster_directory(result.stdout)
+    assert not directory.exists()
+    assert processes_mentioning(str(directory)) == []
+    for pid in pids(result.stdout):
+        assert_gone(pid)
+    assert "PostgreSQL cluster stopped and its directory removed" in result.stdout
+    # Not a terminal: progress comes as plain lines, no control sequences.
+    assert "\x1b[" not in result.stdout
+    assert re.search(r"^  elapsed [\d.]+s  events \d+", result.stdout, re.MULTILINE)
+
+
+def demo_databases(admin_url: str) -> list[str]:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'notifyhook_demo_%'"
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+def test_demo_in_a_given_server_works_in_a_database_of_its_own(server):
+    before = demo_databases(server.admin_url)
+    result = run_demo(*SMALL, NOTIFYHOOK_DATABASE_URL=server.admin_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_consistent_summary(result.stdout, 40)
+    assert "demo database dropped" in result.stdout
+    assert demo_databases(server.admin_url) == before
+    with psycopg.connect(server.admin_url) as conn:
+        # Nothing was made in the database the URL names.
+        assert scalar(conn, "SELECT to_regnamespace('notifyhook') IS NULL")
+
+
+def test_ctrl_c_removes_everything_the_demo_started():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "notifyhook", "demo", "--events", "200", "--duration", "30"],
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            seen.append(line)
+            if line.startswith("Enqueueing"):
+                break
+        process.send_signal(signal.SIGINT)
+        rest, errors = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = "".join(seen) + rest
+    assert process.returncode == 130, output + errors
+    assert "Interrupted" in output
+    directory = cluster_directory(output)
+    assert not directory.exists()
+    assert processes_mentioning(str(directory)) == []
+    for pid in pids(output):
+        assert_gone(pid)
+
+
+def test_bad_arguments_exit_2():
+    result = run_demo("--events", "3")
+    assert result.returncode == 2
+    assert result.stderr.startswith("notifyhook: --events must be at least 10")
