@@ -2,17 +2,24 @@
 
 -- Claim up to max_rows due deliveries for `worker`, leasing them for `lease`.
 --
--- Fairness comes first: rows are taken per endpoint and interleaved (every
--- endpoint's oldest row, then every endpoint's second, …), so a backlog of one
--- slow endpoint never stands in front of another endpoint's fresh events. Per
--- endpoint, the number taken is the least of:
---   * endpoint_share minus what this worker already holds of it (no endpoint
---     takes more than its share of one worker's delivery slots);
+-- Fairness comes first. No endpoint, and no tenant, holds more than
+-- endpoint_share of this worker's slots (the worker passes half its
+-- concurrency), so another endpoint's or tenant's fresh events always find a
+-- free slot however slow a backlog is. Within that, slots are filled level by
+-- level: every endpoint's first slot, then every endpoint's second, …, counting
+-- the rows this worker already holds, so an endpoint that holds nothing goes
+-- before one that holds many, and a fresh endpoint is never queued behind old
+-- backlogs. Per endpoint, the number taken is the least of:
+--   * endpoint_share minus what this worker already holds of it, and of its tenant;
 --   * max_in_flight minus the rows the whole fleet holds (`processing`);
 --   * 1 minus the rows in flight while its circuit is open (5 or more
 --     consecutive failures): a failing endpoint gets one probe at a time;
 --   * the whole tokens in its rate bucket (rate_limit per second, burst of one
 --     second's worth), shared by every worker through endpoint_state.
+--
+-- The fleet-wide limits (max_in_flight, the circuit, the bucket) are read under
+-- a lock on the endpoint's endpoint_state row, taken by one statement before the
+-- statement that reads and claims: see "Why two statements" below.
 --
 -- Returns the claimed rows, each with the exact body to send (payload merged
 -- over the endpoint's extra_fields, built here so the worker never parses JSON
@@ -23,6 +30,17 @@
 --             that the worker's clock need not agree with the database's;
 --   more_due  rows are due but held back by a cap that a finishing delivery of
 --             this worker may lift: claim again when slots free up.
+--
+-- Why two statements. Under READ COMMITTED one statement reads with one
+-- snapshot, taken when it starts. Were the lock taken inside the claiming
+-- statement, a worker that waited for another's claim to commit would get the
+-- lock, yet still count that endpoint's `processing` rows as they were before
+-- the other claim: both would send max_in_flight requests (or both a probe).
+-- Locking in a statement of its own means the claiming statement, which starts
+-- after the lock is granted, sees every claim committed before it. Claims are
+-- the only thing that adds `processing` rows, so serializing them per endpoint
+-- makes the fleet-wide counts exact. Unlimited endpoints take no lock: workers
+-- claim them in parallel with SKIP LOCKED.
 CREATE OR REPLACE FUNCTION notifyhook.claim_due(
     worker text,
     max_rows integer,
@@ -42,21 +60,57 @@ CREATE OR REPLACE FUNCTION notifyhook.claim_due(
     wake_in_s double precision,
     more_due boolean
 )
-LANGUAGE sql AS $$
-    WITH RECURSIVE
-    -- Every endpoint with pending rows, by a skip scan of deliveries_pending: one
-    -- index probe per such endpoint, however many rows each has queued.
-    busy(endpoint_id) AS (
-        (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
-         WHERE d.status = 'pending' ORDER BY d.endpoint_id LIMIT 1)
-        UNION ALL
-        SELECT (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
-                WHERE d.status = 'pending' AND d.endpoint_id > busy.endpoint_id
-                ORDER BY d.endpoint_id LIMIT 1)
-        FROM busy WHERE busy.endpoint_id IS NOT NULL
-    ),
-    candidate AS (
-        SELECT e.id AS endpoint_id, e.rate_limit, e.max_in_flight, s.consecutive_failures,
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    -- Consecutive failures at which an endpoint's circuit opens.
+    circuit_threshold CONSTANT integer := 5;
+    -- Enabled endpoints with pending rows.
+    busy bigint[];
+    -- Those whose endpoint_state row this transaction has locked.
+    guarded bigint[];
+    -- When the rate buckets are read: after the locks, not at transaction start.
+    bucket_at timestamptz;
+BEGIN
+    -- Every enabled endpoint with pending rows, by a skip scan of deliveries_pending:
+    -- one index probe per such endpoint, however many rows each has queued.
+    busy := ARRAY(
+        WITH RECURSIVE queued(endpoint_id) AS (
+            (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
+             WHERE d.status = 'pending' ORDER BY d.endpoint_id LIMIT 1)
+            UNION ALL
+            SELECT (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
+                    WHERE d.status = 'pending' AND d.endpoint_id > queued.endpoint_id
+                    ORDER BY d.endpoint_id LIMIT 1)
+            FROM queued WHERE queued.endpoint_id IS NOT NULL
+        )
+        SELECT e.id FROM queued JOIN notifyhook.endpoints AS e ON e.id = queued.endpoint_id
+        WHERE e.enabled);
+
+    -- Lock the state rows of the limited endpoints that have rows due, in id order
+    -- (record_outcomes locks in the same order, so two transactions never deadlock).
+    guarded := ARRAY(
+        SELECT s.endpoint_id
+        FROM notifyhook.endpoint_state AS s
+        JOIN notifyhook.endpoints AS e ON e.id = s.endpoint_id
+        WHERE s.endpoint_id = ANY (busy)
+          AND (e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL
+               OR s.consecutive_failures >= circuit_threshold)
+          AND EXISTS (
+              SELECT FROM notifyhook.deliveries AS d
+              WHERE d.endpoint_id = s.endpoint_id AND d.status = 'pending'
+                AND d.next_attempt_at <= now())
+        ORDER BY s.endpoint_id
+        FOR UPDATE OF s);
+    bucket_at := clock_timestamp();
+
+    RETURN QUERY
+    WITH candidate AS (
+        SELECT e.id AS endpoint_id, e.tenant_id, e.rate_limit, e.max_in_flight,
+               s.consecutive_failures, s.tokens, s.tokens_at,
+               e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL
+                   OR s.consecutive_failures >= circuit_threshold AS limited,
+               e.id = ANY (guarded) AS guarded,
                EXISTS (
                    SELECT FROM notifyhook.deliveries AS d
                    WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now()
@@ -65,46 +119,61 @@ LANGUAGE sql AS $$
                 WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at > now()
                ) AS later_at,
                flight.total AS in_flight, flight.mine
-        FROM busy
-        JOIN notifyhook.endpoints AS e ON e.id = busy.endpoint_id AND e.enabled
+        FROM unnest(busy) AS b(endpoint_id)
+        JOIN notifyhook.endpoints AS e ON e.id = b.endpoint_id AND e.enabled
         JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
         CROSS JOIN LATERAL (
             SELECT count(*) AS total, count(*) FILTER (WHERE d.locked_by = worker) AS mine
             FROM notifyhook.deliveries AS d
             WHERE d.endpoint_id = e.id AND d.status = 'processing') AS flight
     ),
-    -- Rate buckets are locked (in id order, so two workers never deadlock) and
-    -- read after the lock: under READ COMMITTED a locked row is its latest version,
-    -- so two workers cannot both spend the same token.
+    -- What this worker holds per tenant, every endpoint of it counted (not only the
+    -- candidates): a tenant with many endpoints still gets one share.
+    tenant_held AS (
+        SELECT d.tenant_id, count(*) AS mine FROM notifyhook.deliveries AS d
+        WHERE d.status = 'processing' AND d.locked_by = worker
+        GROUP BY d.tenant_id
+    ),
+    -- The buckets of guarded endpoints only. No FOR UPDATE here: the rows are locked
+    -- since the statement before, so this statement's snapshot has their latest tokens.
     bucket AS (
-        SELECT s.endpoint_id, c.rate_limit,
+        SELECT c.endpoint_id, c.rate_limit,
                least(c.rate_limit::double precision,
-                     coalesce(s.tokens, c.rate_limit)
-                     + c.rate_limit * greatest(0, extract(epoch FROM clock_timestamp()
-                                                           - coalesce(s.tokens_at, clock_timestamp()))))
+                     coalesce(c.tokens, c.rate_limit)
+                     + c.rate_limit * greatest(0, extract(epoch FROM bucket_at
+                                                           - coalesce(c.tokens_at, bucket_at))))
                    AS tokens
-        FROM notifyhook.endpoint_state AS s
-        JOIN candidate AS c ON c.endpoint_id = s.endpoint_id
-        WHERE c.rate_limit IS NOT NULL AND c.has_due
-        ORDER BY s.endpoint_id
-        FOR UPDATE OF s
+        FROM candidate AS c
+        WHERE c.rate_limit IS NOT NULL AND c.has_due AND c.guarded
     ),
     allowance AS (
-        SELECT c.endpoint_id,
-               greatest(0, least(
+        SELECT c.endpoint_id, c.tenant_id, c.mine,
+               endpoint_share - coalesce(t.mine, 0) AS tenant_room,
+               -- A limited endpoint not locked above (it became limited, by an
+               -- operator or a failure, between the two statements) waits for the
+               -- next claim, which will lock it.
+               CASE WHEN c.limited AND NOT c.guarded THEN 0
+               ELSE greatest(0, least(
                    max_rows,
                    endpoint_share - c.mine,
+                   endpoint_share - coalesce(t.mine, 0),
                    coalesce(c.max_in_flight - c.in_flight, max_rows),
-                   CASE WHEN c.consecutive_failures >= 5 THEN 1 - c.in_flight ELSE max_rows END,
+                   CASE WHEN c.consecutive_failures >= circuit_threshold
+                        THEN 1 - c.in_flight ELSE max_rows END,
                    coalesce(floor(b.tokens)::integer, max_rows)
-               ))::integer AS allowed,
+               )) END::integer AS allowed,
+               c.limited AND NOT c.guarded AS unguarded,
                b.tokens, b.rate_limit
-        FROM candidate AS c LEFT JOIN bucket AS b ON b.endpoint_id = c.endpoint_id
+        FROM candidate AS c
+        LEFT JOIN bucket AS b ON b.endpoint_id = c.endpoint_id
+        LEFT JOIN tenant_held AS t ON t.tenant_id = c.tenant_id
         WHERE c.has_due
     ),
     picked AS (
-        SELECT d.id, d.endpoint_id, d.next_attempt_at,
-               row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) AS turn
+        SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room,
+               -- The slot of this worker's that the row would fill for its endpoint.
+               a.mine + row_number() OVER (PARTITION BY d.endpoint_id
+                                           ORDER BY d.next_attempt_at, d.id) AS slot
         FROM allowance AS a
         CROSS JOIN LATERAL (
             SELECT d.id, d.endpoint_id, d.next_attempt_at FROM notifyhook.deliveries AS d
@@ -114,8 +183,17 @@ LANGUAGE sql AS $$
             FOR UPDATE SKIP LOCKED) AS d
         WHERE a.allowed > 0
     ),
+    -- The tenant's cap, applied in the same level order across its endpoints.
+    ranked AS (
+        SELECT p.*, row_number() OVER (PARTITION BY p.tenant_id
+                                       ORDER BY p.slot, p.next_attempt_at, p.id) AS tenant_turn
+        FROM picked AS p
+    ),
     chosen AS (
-        SELECT picked.id FROM picked ORDER BY picked.turn, picked.next_attempt_at LIMIT max_rows
+        SELECT r.id FROM ranked AS r
+        WHERE r.tenant_turn <= r.tenant_room
+        ORDER BY r.slot, r.next_attempt_at, r.id
+        LIMIT max_rows
     ),
     claimed AS (
         UPDATE notifyhook.deliveries AS d
@@ -127,9 +205,16 @@ LANGUAGE sql AS $$
     claimed_per_endpoint AS (
         SELECT claimed.endpoint_id, count(*) AS taken FROM claimed GROUP BY claimed.endpoint_id
     ),
+    -- Endpoints that used all they were allowed, with the tokens they have left.
+    held_back AS (
+        SELECT a.endpoint_id, a.rate_limit, a.tokens - coalesce(n.taken, 0) AS tokens_left
+        FROM allowance AS a
+        LEFT JOIN claimed_per_endpoint AS n ON n.endpoint_id = a.endpoint_id
+        WHERE coalesce(n.taken, 0) >= a.allowed AND NOT a.unguarded
+    ),
     spent AS (
         UPDATE notifyhook.endpoint_state AS s
-        SET tokens = b.tokens - n.taken, tokens_at = clock_timestamp()
+        SET tokens = b.tokens - n.taken, tokens_at = bucket_at
         FROM bucket AS b JOIN claimed_per_endpoint AS n ON n.endpoint_id = b.endpoint_id
         WHERE s.endpoint_id = b.endpoint_id
     )
@@ -142,12 +227,15 @@ LANGUAGE sql AS $$
     JOIN notifyhook.events AS ev ON ev.id = c.event_id
     UNION ALL
     SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-           extract(epoch FROM least(
-               (SELECT min(c.later_at) FROM candidate AS c),
-               (SELECT min(now() + make_interval(secs => (1 - a.tokens) / a.rate_limit))
-                FROM allowance AS a WHERE a.tokens < 1)) - now())::double precision,
-           EXISTS (
-               SELECT FROM allowance AS a
-               LEFT JOIN claimed_per_endpoint AS n ON n.endpoint_id = a.endpoint_id
-               WHERE coalesce(a.tokens, 1) >= 1 AND coalesce(n.taken, 0) >= a.allowed)
+           -- The worker waits at least a few ms, so 0 cannot spin.
+           CASE WHEN EXISTS (SELECT FROM allowance AS a WHERE a.unguarded) THEN 0
+           ELSE extract(epoch FROM least(
+               (SELECT min(c.later_at) FROM candidate AS c) - now(),
+               -- The next token of a bucket that held rows back.
+               (SELECT min(make_interval(secs => (1 - h.tokens_left) / h.rate_limit))
+                FROM held_back AS h WHERE h.tokens_left < 1)))
+           END::double precision,
+           EXISTS (SELECT FROM held_back AS h WHERE coalesce(h.tokens_left, 1) >= 1)
+           OR EXISTS (SELECT FROM ranked AS r WHERE r.tenant_turn > r.tenant_room);
+END
 $$;

@@ -52,6 +52,19 @@ BEGIN
     -- A delivery deleted meanwhile (its endpoint removed) has nothing left to record.
     JOIN notifyhook.deliveries AS d ON d.id = o.delivery_id;
 
+    -- A worker retries a call that failed with the connection, but a call can commit
+    -- and then lose its answer (an immediate shutdown, a connection cut right after
+    -- the commit): outcomes recorded by that first try are dropped here, or their
+    -- attempts rows would be written twice and their failures counted twice. An
+    -- attempt is known by its worker, start and duration (reclaim_expired's rows
+    -- have no duration).
+    DELETE FROM pg_temp.outcome_batch AS o
+    WHERE EXISTS (
+        SELECT FROM notifyhook.attempts AS a
+        WHERE a.delivery_id = o.delivery_id AND a.attempt = o.attempt
+          AND a.worker = record_outcomes.worker
+          AND a.started_at = o.started_at AND a.duration_ms = o.duration_ms);
+
     UPDATE notifyhook.deliveries AS d
     SET status = o.status,
         next_attempt_at = coalesce(o.next_attempt_at, d.next_attempt_at),
@@ -79,31 +92,39 @@ BEGIN
           WHERE s.endpoint_id IN (SELECT o.endpoint_id FROM pg_temp.outcome_batch AS o)
           ORDER BY s.endpoint_id FOR UPDATE) AS s;
 
-    -- Within the batch, only the failures after the endpoint's last success count.
-    WITH summary AS (
+    -- Health: only failures that began after the endpoint's latest success count,
+    -- whichever batch (or worker) recorded that success: a slow timeout recorded
+    -- after a quick success began before it, and must not restart the clock at a
+    -- time before the success. A success newer than any known resets the count and
+    -- the clock, unless failures already counted began after it.
+    WITH batch AS (
         SELECT o.endpoint_id,
-               max(o.started_at) FILTER (WHERE o.status = 'delivered') AS last_success_at,
-               max(o.started_at) FILTER (WHERE o.status <> 'delivered') AS last_failure_at
+               max(o.started_at) FILTER (WHERE o.status = 'delivered') AS success_at,
+               max(o.started_at) FILTER (WHERE o.status <> 'delivered') AS failure_at
         FROM pg_temp.outcome_batch AS o GROUP BY o.endpoint_id
+    ), latest AS (
+        SELECT b.endpoint_id, b.failure_at, b.success_at,
+               greatest(st.last_success_at, b.success_at) AS success_since,
+               b.success_at > coalesce(st.last_success_at, '-infinity')
+                   AND coalesce(st.failing_since <= b.success_at, true) AS recovered
+        FROM batch AS b JOIN notifyhook.endpoint_state AS st ON st.endpoint_id = b.endpoint_id
     ), health AS (
-        SELECT s.endpoint_id, s.last_success_at, s.last_failure_at,
+        SELECT l.endpoint_id, l.success_at, l.failure_at, l.recovered,
                count(*) FILTER (WHERE o.status <> 'delivered'
-                                AND o.started_at > coalesce(s.last_success_at, '-infinity')) AS failures,
+                                AND o.started_at > coalesce(l.success_since, '-infinity')) AS failures,
                min(o.started_at) FILTER (WHERE o.status <> 'delivered'
-                                AND o.started_at > coalesce(s.last_success_at, '-infinity')) AS first_failure_at
-        FROM summary AS s JOIN pg_temp.outcome_batch AS o ON o.endpoint_id = s.endpoint_id
-        GROUP BY s.endpoint_id, s.last_success_at, s.last_failure_at
+                                AND o.started_at > coalesce(l.success_since, '-infinity')) AS first_failure_at
+        FROM latest AS l JOIN pg_temp.outcome_batch AS o ON o.endpoint_id = l.endpoint_id
+        GROUP BY l.endpoint_id, l.success_at, l.failure_at, l.recovered
     )
     UPDATE notifyhook.endpoint_state AS st
-    SET consecutive_failures = CASE WHEN h.last_success_at IS NULL
-                                    THEN st.consecutive_failures + h.failures
-                                    ELSE h.failures END,
-        failing_since = CASE WHEN h.failures = 0 THEN NULL
-                             WHEN h.last_success_at IS NULL
-                             THEN coalesce(st.failing_since, h.first_failure_at)
-                             ELSE h.first_failure_at END,
-        last_success_at = greatest(st.last_success_at, h.last_success_at),
-        last_failure_at = greatest(st.last_failure_at, h.last_failure_at)
+    SET consecutive_failures = CASE WHEN h.recovered THEN h.failures
+                                    ELSE st.consecutive_failures + h.failures END,
+        -- least() ignores nulls: the earliest counted failure, or null when none.
+        failing_since = CASE WHEN h.recovered THEN h.first_failure_at
+                             ELSE least(st.failing_since, h.first_failure_at) END,
+        last_success_at = greatest(st.last_success_at, h.success_at),
+        last_failure_at = greatest(st.last_failure_at, h.failure_at)
     FROM health AS h
     WHERE st.endpoint_id = h.endpoint_id;
 

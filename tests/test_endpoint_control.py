@@ -1,0 +1,453 @@
+"""Per-endpoint control end to end: fair shares, max_in_flight, rate_limit, the circuit,
+automatic disabling, secret rotation and secrets at rest, with real workers and receivers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+import standardwebhooks
+from conftest import add_endpoint, scalar, wait_until
+from cryptography.fernet import Fernet
+from test_worker import insert_events, statuses
+
+from notifyhook.receiver import Answer, Arrival
+
+
+def run_cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The real console script, as an operator runs it."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
+    environment["NOTIFYHOOK_DATABASE_URL"] = url
+    environment.update({f"NOTIFYHOOK_{k.upper()}": v for k, v in env.items()})
+    result = subprocess.run(
+        [sys.executable, "-m", "notifyhook", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def printed_secret(output: str) -> str:
+    found = re.search(r"^secret: (whsec_\S+)$", output, re.MULTILINE)
+    assert found, output
+    return found.group(1)
+
+
+def most_at_once(arrivals: Sequence[Arrival], window_s: float) -> int:
+    """The most arrivals within any `window_s` seconds.
+
+    When every request is held at least `window_s` by the receiver, this is exactly the
+    most requests in flight at one instant: those that arrived within `window_s` before
+    an instant are all still open at it.
+    """
+    times = sorted(a.received_at for a in arrivals)
+    most, first = 0, 0
+    for last, arrived in enumerate(times):
+        while arrived - times[first] >= window_s:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+def utc_text(moment: datetime) -> str:
+    """A time as record_outcomes writes it in disabled_reason."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def pending(db, endpoint: int) -> int:
+    return int(
+        scalar(
+            db,
+            "SELECT count(*) FROM notifyhook.deliveries WHERE endpoint_id = %s AND status = 'pending'",
+            [endpoint],
+        )
+    )
+
+
+def insert_for(db, tenant: str, endpoint: int, count: int) -> None:
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload, endpoint_id) "
+        "SELECT %s, 'call.completed', jsonb_build_object('n', n), %s FROM generate_series(1, %s) AS n",
+        [tenant, endpoint, count],
+    )
+
+
+# -- fairness ------------------------------------------------------------------------
+
+
+def test_a_slow_backlog_holds_half_the_slots_and_others_pass_it(db, receiver, start_worker):
+    receiver.sequence("slow", Answer(kind="slow", seconds=1.5))
+    slow = add_endpoint(db, "t", "slow", receiver.url("slow"))
+    fast = add_endpoint(db, "t2", "fast", receiver.url("fast"))
+    start_worker(concurrency="20")
+    insert_for(db, "t", slow, 200)
+    wait_until(lambda: len(receiver.received("slow")) >= 10, what="the slow backlog under way")
+    insert_for(db, "t2", fast, 30)
+    wait_until(lambda: len(receiver.received("fast")) == 30, what="the fast endpoint's events")
+    # Passed the backlog rather than waited for it: most of it is still queued.
+    assert pending(db, slow) > 100
+    assert most_at_once(receiver.received("slow"), 1.45) <= 10
+
+
+def test_a_tenant_holds_half_the_slots_across_its_endpoints(db, receiver, start_worker):
+    busy = []
+    for n in range(4):
+        receiver.sequence(f"busy{n}", Answer(kind="slow", seconds=1.5))
+        busy.append(add_endpoint(db, "big", f"busy{n}", receiver.url(f"busy{n}")))
+    small = add_endpoint(db, "small", "fast", receiver.url("fast"))
+    start_worker(concurrency="20")
+    for endpoint in busy:
+        insert_for(db, "big", endpoint, 50)
+    wait_until(lambda: len(receiver.received()) >= 10, what="the big tenant's backlog under way")
+    insert_for(db, "small", small, 30)
+    wait_until(lambda: len(receiver.received("fast")) == 30, what="the small tenant's events")
+    assert sum(pending(db, endpoint) for endpoint in busy) > 100
+    big = [a for a in receiver.received() if a.path.startswith("busy")]
+    # Each endpoint alone stays within its share (10) even without a tenant cap: only the
+    # tenant's total shows whether the cap holds.
+    assert most_at_once(big, 1.45) <= 10
+
+
+# -- max_in_flight and rate_limit ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_max_in_flight_holds_across_two_workers(db, receiver, start_worker):
+    receiver.sequence("narrow", Answer(kind="slow", seconds=0.3))
+    endpoint = add_endpoint(db, "t", "narrow", receiver.url("narrow"), max_in_flight=3)
+    start_worker(concurrency="20")
+    start_worker(concurrency="20")
+    # Rounds of twice the limit, each insert waking both workers at the same instant
+    # with nothing in flight: the moment when two claims race for the same room.
+    for round_ in range(1, 6):
+        insert_for(db, "t", endpoint, 6)
+        done = {"delivered": 6 * round_}
+        wait_until(lambda done=done: statuses(db) == done, what="the round")
+    arrivals = receiver.received("narrow")
+    assert len({a.webhook_id for a in arrivals}) == 30
+    assert most_at_once(arrivals, 0.28) <= 3
+    workers = {r[0] for r in db.execute("SELECT DISTINCT worker FROM notifyhook.attempts")}
+    assert len(workers) == 2
+
+
+@pytest.mark.slow
+def test_rate_limit_holds_across_two_workers(db, receiver, start_worker):
+    endpoint = add_endpoint(db, "t", "metered", receiver.url("metered"), rate_limit=20)
+    start_worker(concurrency="20")
+    start_worker(concurrency="20")
+    insert_for(db, "t", endpoint, 100)
+    wait_until(lambda: statuses(db) == {"delivered": 100}, what="every delivery")
+    arrivals = receiver.received("metered")
+    times = sorted(a.received_at for a in arrivals)
+    assert len(times) == 100
+    # 20 at once (the burst), then 80 at 20 per second: the last is claimed at least 4 s
+    # after the first, however many workers. Arrivals carry each request's latency, and a
+    # fresh worker's first request, which opens the connection, can be late by some tens
+    # of ms: hence a little slack, and a window a little under a second, for which the
+    # bucket allows 20 + 18 = 38 claims (2 to spare for latency).
+    assert times[-1] - times[0] >= 3.8
+    assert most_at_once(arrivals, 0.9) <= 40
+
+
+# -- automatic disabling ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["sql", "cli"])
+def test_an_endpoint_failing_too_long_is_disabled_then_resumed(
+    db, database_url, receiver, start_worker, how
+):
+    health = {"answer": Answer(status=503)}
+    receiver.script("down", lambda n: health["answer"])
+    down = add_endpoint(db, "t", "down", receiver.url("down"))
+    add_endpoint(db, "t", "up", receiver.url("up"))
+    start_worker(disable_after="2", retry_schedule=",".join(["0.2"] * 40))
+    insert_for(db, "t", down, 5)
+    reason = wait_until(
+        lambda: scalar(
+            db,
+            "SELECT disabled_reason FROM notifyhook.endpoints WHERE id = %s AND NOT enabled",
+            [down],
+        ),
+        what="automatic disabling",
+    )
+    assert reason.startswith("every attempt failed since ")
+    failing_for = scalar(
+        db,
+        "SELECT e.updated_at - s.failing_since FROM notifyhook.endpoints AS e "
+        "JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id WHERE e.id = %s",
+        [down],
+    )
+    assert failing_for.total_seconds() >= 2
+    # Its deliveries wait, untouched: once the request in flight when it was disabled is
+    # recorded, the worker serves new events of another endpoint, and not its.
+    wait_until(
+        lambda: (
+            not scalar(
+                db,
+                "SELECT count(*) FROM notifyhook.deliveries WHERE endpoint_id = %s AND status = 'processing'",
+                [down],
+            )
+        ),
+        what="the last request in flight to finish",
+    )
+    sent = len(receiver.received("down"))
+    insert_events(db, "t", 3)  # to both endpoints
+    wait_until(lambda: len(receiver.received("up")) == 3, what="the healthy endpoint served")
+    assert len(receiver.received("down")) == sent
+    assert pending(db, down) == 8
+    assert (
+        scalar(
+            db,
+            "SELECT consecutive_failures FROM notifyhook.endpoint_state WHERE endpoint_id = %s",
+            [down],
+        )
+        >= 5
+    )
+    # Enabling wakes every worker (NOTIFY), resets the failing clock and the circuit.
+    health["answer"] = Answer(status=200)
+    with psycopg.connect(database_url, autocommit=True) as listening:
+        listening.execute("LISTEN notifyhook")
+        if how == "sql":
+            db.execute("UPDATE notifyhook.endpoints SET enabled = true WHERE id = %s", [down])
+        else:
+            run_cli(database_url, "endpoint", "enable", str(down))
+        assert next(listening.notifies(timeout=10, stop_after=1)).channel == "notifyhook"
+    wait_until(lambda: statuses(db) == {"delivered": 11}, what="the waiting deliveries sent")
+    state = db.execute(
+        "SELECT e.enabled, e.disabled_reason, s.consecutive_failures, s.failing_since "
+        "FROM notifyhook.endpoints AS e JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id "
+        "WHERE e.id = %s",
+        [down],
+    ).fetchone()
+    assert state == (True, None, 0, None)
+    assert {a.webhook_id for a in receiver.received("down")} == {
+        str(r[0]) for r in db.execute("SELECT id FROM notifyhook.events")
+    }
+
+
+def test_a_success_resets_the_failing_clock(db, receiver, start_worker):
+    # 503 until the test lets exactly one request through, then 503 again.
+    let_through = {"one": False}
+
+    def answer(_: int) -> Answer:
+        if let_through["one"]:
+            let_through["one"] = False
+            return Answer(status=200)
+        return Answer(status=503)
+
+    receiver.script("flaky", answer)
+    endpoint = add_endpoint(db, "t", "flaky", receiver.url("flaky"))
+    start_worker(disable_after="3", retry_schedule=",".join(["0.2"] * 80))
+    insert_for(db, "t", endpoint, 20)
+    state = "SELECT {} FROM notifyhook.endpoint_state WHERE endpoint_id = %s"
+    first_since = wait_until(
+        lambda: scalar(db, state.format("failing_since"), [endpoint]), what="failures"
+    )
+    wait_until(
+        lambda: scalar(
+            db, state.format("last_failure_at > failing_since + interval '1 s'"), [endpoint]
+        ),
+        what="a second of failures",
+    )
+    let_through["one"] = True
+    second_since = wait_until(
+        lambda: scalar(
+            db,
+            state.format("CASE WHEN failing_since > last_success_at THEN failing_since END"),
+            [endpoint],
+        ),
+        what="a success, then failures again",
+    )
+    reason = wait_until(
+        lambda: scalar(
+            db,
+            "SELECT disabled_reason FROM notifyhook.endpoints WHERE id = %s AND NOT enabled",
+            [endpoint],
+        ),
+        what="disabling after the second run of failures",
+    )
+    # Disabled for failing since the second run began, not the first: a clock that the
+    # success did not reset would have disabled it during the second run, citing the first.
+    assert f"since {utc_text(second_since)}" in reason
+    assert utc_text(first_since) not in reason
+    assert not statuses(db).get("dead")
+
+
+def test_a_failure_that_began_before_a_recorded_success_does_not_count(db, receiver, start_worker):
+    receiver.sequence("mixed", Answer(kind="slow", status=503, seconds=1.0), Answer(status=200))
+    endpoint = add_endpoint(db, "t", "mixed", receiver.url("mixed"))
+    start_worker(retry_schedule="60")
+    insert_for(db, "t", endpoint, 1)
+    wait_until(lambda: receiver.received("mixed"), what="the slow failing request")
+    # Sent after the slow one began, answered at once: its success is recorded first.
+    insert_for(db, "t", endpoint, 1)
+    wait_until(
+        lambda: scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 2, what="both attempts"
+    )
+    failed_first, succeeded_last = db.execute(
+        "SELECT status_code FROM notifyhook.attempts ORDER BY started_at"
+    ).fetchall()
+    assert (failed_first, succeeded_last) == ((503,), (200,))
+    state = db.execute(
+        "SELECT consecutive_failures, failing_since, last_failure_at IS NOT NULL "
+        "FROM notifyhook.endpoint_state WHERE endpoint_id = %s",
+        [endpoint],
+    ).fetchone()
+    assert state == (0, None, True)
+
+
+# -- the circuit -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_open_circuit_sends_one_request_at_a_time_then_closes(db, receiver, start_worker):
+    health = {"answer": Answer(kind="slow", status=503, seconds=0.5)}
+    receiver.script("shaky", lambda n: health["answer"])
+    endpoint = add_endpoint(db, "t", "shaky", receiver.url("shaky"))
+    # Two workers: one probe at a time for the fleet, not per worker.
+    for _ in range(2):
+        start_worker(concurrency="20", retry_schedule=",".join(["0.5"] * 30))
+    insert_for(db, "t", endpoint, 5)
+    # Open: five failures recorded, and nothing claimed before they were.
+    wait_until(
+        lambda: scalar(
+            db,
+            "SELECT s.consecutive_failures >= 5 AND NOT EXISTS ("
+            "    SELECT FROM notifyhook.deliveries AS d"
+            "    WHERE d.endpoint_id = s.endpoint_id AND d.status = 'processing')"
+            " FROM notifyhook.endpoint_state AS s WHERE s.endpoint_id = %s",
+            [endpoint],
+        ),
+        what="the circuit to open",
+    )
+    opened_at = len(receiver.received("shaky"))
+    insert_for(db, "t", endpoint, 40)
+    wait_until(lambda: len(receiver.received("shaky")) >= opened_at + 6, what="probes")
+    health["answer"] = Answer(kind="slow", seconds=0.5)
+    wait_until(lambda: statuses(db) == {"delivered": 45}, what="every delivery")
+    arrivals = receiver.received("shaky")
+    probes = [a for a in arrivals[opened_at:] if a.answered == 503]
+    recovered = [a for a in arrivals if a.answered == 200]
+    assert len(probes) >= 6
+    assert most_at_once(probes, 0.45) == 1
+    # Closed again: the backlog went out many at a time.
+    assert most_at_once(recovered, 0.45) > 1
+
+
+# -- secrets -------------------------------------------------------------------------
+
+
+def test_rotate_secret_signs_with_both_during_the_grace_then_the_new_one(
+    db, database_url, receiver, start_worker
+):
+    endpoint = add_endpoint(db, "t", "rotating", receiver.url("rotating"))
+    old = scalar(db, "SELECT secret FROM notifyhook.endpoints WHERE id = %s", [endpoint])
+    start_worker()
+    rotated = run_cli(database_url, "endpoint", "rotate-secret", str(endpoint), "--grace", "3s")
+    new = printed_secret(rotated.stdout)
+    assert new != old
+    insert_events(db, "t", 1)
+    during = wait_until(lambda: receiver.received("rotating"), what="a webhook")[0]
+    in_grace = wait_until(
+        lambda: db.execute(
+            "SELECT a.started_at < e.previous_secret_expires_at FROM notifyhook.attempts AS a "
+            "JOIN notifyhook.endpoints AS e ON e.id = a.endpoint_id WHERE e.id = %s",
+            [endpoint],
+        ).fetchone(),
+        what="the attempt recorded",
+    )
+    assert in_grace == (True,), "sent after the grace: the machine is too slow for this test"
+    assert len(during.headers["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):
+        standardwebhooks.Webhook(secret).verify(during.body, during.headers)
+    wait_until(
+        lambda: scalar(
+            db,
+            "SELECT previous_secret_expires_at < now() FROM notifyhook.endpoints WHERE id = %s",
+            [endpoint],
+        ),
+        what="the grace to end",
+    )
+    insert_events(db, "t", 1)
+    after = wait_until(lambda: receiver.received("rotating")[1:], what="a second webhook")[0]
+    standardwebhooks.Webhook(new).verify(after.body, after.headers)
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(old).verify(after.body, after.headers)
+
+
+def test_secrets_at_rest_are_encrypted_and_signed_with_in_clear(
+    db, database_url, receiver, start_worker
+):
+    key = Fernet.generate_key().decode()
+    added = run_cli(
+        database_url,
+        "endpoint",
+        "add",
+        "--tenant",
+        "t",
+        "--name",
+        "sealed",
+        "--url",
+        receiver.url("sealed"),
+        secret_key=key,
+    )
+    secret = printed_secret(added.stdout)
+    stored = scalar(db, "SELECT secret FROM notifyhook.endpoints WHERE name = 'sealed'")
+    assert stored.startswith("enc:")
+    assert secret not in stored
+    assert secret.removeprefix("whsec_") not in stored
+    plain = add_endpoint(db, "t", "plain", receiver.url("plain"))
+    plain_secret = scalar(db, "SELECT secret FROM notifyhook.endpoints WHERE id = %s", [plain])
+    receiver.trust("sealed", secret)
+    receiver.trust("plain", plain_secret)
+    start_worker(secret_key=key)
+    insert_events(db, "t", 2)
+    wait_until(lambda: statuses(db) == {"delivered": 4}, what="both endpoints served")
+    arrivals = receiver.received()
+    assert [a.verified for a in arrivals] == [True] * 4
+    for arrival in receiver.received("sealed"):
+        standardwebhooks.Webhook(secret).verify(arrival.body, arrival.headers)
+
+
+def test_a_worker_without_the_key_records_why_and_retries(db, database_url, receiver, start_worker):
+    key = Fernet.generate_key().decode()
+    added = run_cli(
+        database_url,
+        "endpoint",
+        "add",
+        "--tenant",
+        "t",
+        "--name",
+        "sealed",
+        "--url",
+        receiver.url("sealed"),
+        secret_key=key,
+    )
+    receiver.trust("sealed", printed_secret(added.stdout))
+    schedule = ",".join(["0.3"] * 30)
+    keyless = start_worker(retry_schedule=schedule)
+    insert_events(db, "t", 1)
+    wait_until(
+        lambda: scalar(db, "SELECT count(*) FROM notifyhook.attempts") >= 2,
+        what="failed attempts, retried",
+    )
+    keyless.signal(signal.SIGTERM)
+    assert keyless.wait(20) == 0
+    errors = {r[0] for r in db.execute("SELECT error FROM notifyhook.attempts")}
+    assert errors == {"an endpoint secret is encrypted (enc:) but NOTIFYHOOK_SECRET_KEY is not set"}
+    assert statuses(db) == {"pending": 1}
+    assert receiver.received() == []
+    start_worker(retry_schedule=schedule, secret_key=key)
+    wait_until(lambda: statuses(db) == {"delivered": 1}, what="delivery by a worker with the key")
+    assert [a.verified for a in receiver.received()] == [True]
