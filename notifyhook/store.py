@@ -109,6 +109,8 @@ class Claim:
     """Seconds until a retry falls due or a rate token arrives, if anything waits."""
     more_due: bool
     """Due rows were held back by a cap that finishing deliveries will lift."""
+    more_now: bool
+    """An endpoint filled its even split of the claim: more may be claimable at once."""
 
 
 class Store:
@@ -165,7 +167,12 @@ class Store:
         )
         # The function always ends with one row of hints, its delivery_id null.
         hints = rows.pop()
-        return Claim(rows=[row[:10] for row in rows], wake_in_s=hints[10], more_due=bool(hints[11]))
+        return Claim(
+            rows=[row[:10] for row in rows],
+            wake_in_s=hints[10],
+            more_due=bool(hints[11]),
+            more_now=bool(hints[12]),
+        )
 
     async def record_outcomes(
         self, worker: str, outcomes: Sequence[Outcome], disable_after_s: float

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from notifyhook import __version__, retry, secrets
+from notifyhook import __version__, reporting, retry, secrets
 from notifyhook.delivery import AttemptResult, Delivery, Outcome, Verdict
 from notifyhook.errors import SecretError
 from notifyhook.listener import Listener
@@ -186,7 +186,8 @@ class Worker:
                 if claim.wake_in_s is not None
                 else None
             )
-            if len(claim.rows) == asked and len(self._in_flight) < self.settings.concurrency:
+            more_now = claim.more_now or len(claim.rows) == asked
+            if more_now and len(self._in_flight) < self.settings.concurrency:
                 self._wake.set()
 
     def _start(self, row: Row) -> None:
@@ -265,7 +266,13 @@ class Worker:
             due_in = (outcome.next_attempt_at - datetime.now(UTC)).total_seconds()
             deadline = time.monotonic() + max(0.0, due_in)
             if self._retry_deadline is None or deadline < self._retry_deadline:
+                earliest = min(d for d in (deadline, self._claim_deadline) if d is not None)
                 self._retry_deadline = deadline
+                if earliest == deadline:
+                    # The claim loop waits with a timeout computed before this
+                    # retry existed: wake it to look again (rare: later retries
+                    # of the same run fall due later).
+                    self._wake.set()
 
     # -- recording ---------------------------------------------------------------
 
@@ -293,6 +300,10 @@ class Worker:
                 continue
             self._database_recovered()
             del self._outcomes[: len(batch)]
+            if self._more_due:
+                # A limited endpoint's slot is free only once its outcome is
+                # recorded: a claim that ran before this flush saw it still held.
+                self._wake.set()
             for endpoint_id, reason in disabled:
                 self.metrics.endpoint_disables.inc()
                 log.warning("endpoint %d disabled: %s", endpoint_id, reason)
@@ -368,6 +379,7 @@ class Worker:
                 "%s failed, database unavailable (%s); retrying", what, str(error).strip()[:200]
             )
             self.metrics.database_errors.inc()
+            reporting.report_database_lost(what, error)
         self.database_ok = False
         await asyncio.sleep(wait)
         self._wake.set()
@@ -389,6 +401,7 @@ class Worker:
 
 async def serve(settings: Settings) -> None:
     """`notifyhook worker`: check the schema, then run until SIGTERM."""
+    reporting.start(settings)
     metrics = Metrics()
     url = settings.database_url.get_secret_value()
     async with Store.open(url) as store:

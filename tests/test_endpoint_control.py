@@ -137,8 +137,8 @@ def test_max_in_flight_holds_across_two_workers(db, receiver, start_worker):
     arrivals = receiver.received("narrow")
     assert len({a.webhook_id for a in arrivals}) == 30
     assert most_at_once(arrivals, 0.28) <= 3
-    workers = {r[0] for r in db.execute("SELECT DISTINCT worker FROM notifyhook.attempts")}
-    assert len(workers) == 2
+    # Which worker wins each race is up to the lock: one may take every round,
+    # which is as correct as sharing them, so the split is not asserted.
 
 
 @pytest.mark.slow

@@ -29,7 +29,9 @@
 --             retry falling due, a rate token arriving), or null; relative, so
 --             that the worker's clock need not agree with the database's;
 --   more_due  rows are due but held back by a cap that a finishing delivery of
---             this worker may lift: claim again when slots free up.
+--             this worker may lift: claim again when slots free up;
+--   more_now  an endpoint took its even level of this claim, not its cap, and
+--             may have more due: claim again at once if slots are free.
 --
 -- Why two statements. Under READ COMMITTED one statement reads with one
 -- snapshot, taken when it starts. Were the lock taken inside the claiming
@@ -41,7 +43,9 @@
 -- the only thing that adds `processing` rows, so serializing them per endpoint
 -- makes the fleet-wide counts exact. Unlimited endpoints take no lock: workers
 -- claim them in parallel with SKIP LOCKED.
-CREATE OR REPLACE FUNCTION notifyhook.claim_due(
+-- Dropped first: CREATE OR REPLACE cannot change the columns a function returns.
+DROP FUNCTION IF EXISTS notifyhook.claim_due(text, integer, interval, integer);
+CREATE FUNCTION notifyhook.claim_due(
     worker text,
     max_rows integer,
     lease interval,
@@ -58,9 +62,15 @@ CREATE OR REPLACE FUNCTION notifyhook.claim_due(
     timeout_ms integer,
     body text,
     wake_in_s double precision,
-    more_due boolean
+    more_due boolean,
+    more_now boolean
 )
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- The statements below are planned once per connection and reused: planning them
+-- afresh (PostgreSQL's default for the first calls, and whenever it guesses a
+-- custom plan is cheaper) costs several times what running them does.
+SET plan_cache_mode = force_generic_plan
+AS $$
 #variable_conflict use_column
 DECLARE
     -- Consecutive failures at which an endpoint's circuit opens.
@@ -96,10 +106,9 @@ BEGIN
         WHERE s.endpoint_id = ANY (busy)
           AND (e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL
                OR s.consecutive_failures >= circuit_threshold)
-          AND EXISTS (
-              SELECT FROM notifyhook.deliveries AS d
-              WHERE d.endpoint_id = s.endpoint_id AND d.status = 'pending'
-                AND d.next_attempt_at <= now())
+          AND (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+               WHERE d.endpoint_id = s.endpoint_id AND d.status = 'pending'
+               ORDER BY d.next_attempt_at LIMIT 1) <= now()
         ORDER BY s.endpoint_id
         FOR UPDATE OF s);
     bucket_at := clock_timestamp();
@@ -111,10 +120,11 @@ BEGIN
                e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL
                    OR s.consecutive_failures >= circuit_threshold AS limited,
                e.id = ANY (guarded) AS guarded,
-               EXISTS (
-                   SELECT FROM notifyhook.deliveries AS d
-                   WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now()
-               ) AS has_due,
+               -- Read off the first entry of deliveries_pending for the endpoint. (An
+               -- EXISTS lets the planner choose a sequential scan in a generic plan.)
+               (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+                WHERE d.endpoint_id = e.id AND d.status = 'pending'
+                ORDER BY d.next_attempt_at LIMIT 1) <= now() AS has_due,
                (SELECT min(d.next_attempt_at) FROM notifyhook.deliveries AS d
                 WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at > now()
                ) AS later_at,
@@ -169,19 +179,32 @@ BEGIN
         LEFT JOIN tenant_held AS t ON t.tenant_id = c.tenant_id
         WHERE c.has_due
     ),
+    -- How many rows each endpoint takes in this claim: up to an even level of slots
+    -- across the endpoints with rows due (what it holds counted), within its cap.
+    -- Locking only what the level admits matters: locking every endpoint's whole
+    -- cap and keeping the first max_rows would lock (and write) rows for nothing.
+    -- An endpoint stopped by the level rather than its cap may have more due:
+    -- the worker is told (more_now) and claims again at once.
+    share AS (
+        SELECT a.*,
+               least(a.allowed, greatest(0,
+                   ceil((max_rows + sum(a.mine) OVER ())::numeric / count(*) OVER ())::integer
+                   - a.mine::integer)) AS take
+        FROM allowance AS a
+    ),
     picked AS (
         SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room,
                -- The slot of this worker's that the row would fill for its endpoint.
                a.mine + row_number() OVER (PARTITION BY d.endpoint_id
                                            ORDER BY d.next_attempt_at, d.id) AS slot
-        FROM allowance AS a
+        FROM share AS a
         CROSS JOIN LATERAL (
             SELECT d.id, d.endpoint_id, d.next_attempt_at FROM notifyhook.deliveries AS d
             WHERE d.endpoint_id = a.endpoint_id AND d.status = 'pending' AND d.next_attempt_at <= now()
             ORDER BY d.next_attempt_at
-            LIMIT a.allowed
+            LIMIT a.take
             FOR UPDATE SKIP LOCKED) AS d
-        WHERE a.allowed > 0
+        WHERE a.take > 0
     ),
     -- The tenant's cap, applied in the same level order across its endpoints.
     ranked AS (
@@ -221,7 +244,7 @@ BEGIN
     SELECT c.id, c.event_id, c.endpoint_id, c.attempts, e.url, e.secret,
            CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END,
            e.headers, e.timeout_ms, (e.extra_fields || ev.payload)::text,
-           NULL::double precision, NULL::boolean
+           NULL::double precision, NULL::boolean, NULL::boolean
     FROM claimed AS c
     JOIN notifyhook.endpoints AS e ON e.id = c.endpoint_id
     JOIN notifyhook.events AS ev ON ev.id = c.event_id
@@ -236,6 +259,9 @@ BEGIN
                 FROM held_back AS h WHERE h.tokens_left < 1)))
            END::double precision,
            EXISTS (SELECT FROM held_back AS h WHERE coalesce(h.tokens_left, 1) >= 1)
-           OR EXISTS (SELECT FROM ranked AS r WHERE r.tenant_turn > r.tenant_room);
+           OR EXISTS (SELECT FROM ranked AS r WHERE r.tenant_turn > r.tenant_room),
+           EXISTS (SELECT FROM share AS a
+                   JOIN claimed_per_endpoint AS n ON n.endpoint_id = a.endpoint_id
+                   WHERE a.take < a.allowed AND n.taken >= a.take);
 END
 $$;
