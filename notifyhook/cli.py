@@ -7,6 +7,8 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable, Sequence
+from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from notifyhook import __version__, logs
@@ -21,6 +23,10 @@ Handler = Callable[[argparse.Namespace, Settings], Any]
 
 class UsageError(NotifyhookError):
     """The command line asks for something that cannot be done as asked (exit 2)."""
+
+
+class CommandError(NotifyhookError):
+    """The command was well formed but could not do its work: no such row, a lock held (exit 1)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,16 +46,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(result or EXIT_OK)
     except (ConfigurationError, SchemaVersionError, UsageError) as error:
         return _fail(error, EXIT_USAGE)
-    except (NotifyhookError, DatabaseError, OSError) as error:
+    except DatabaseError as error:
+        return _fail(error, EXIT_FAILURE, _database_message(error))
+    except (NotifyhookError, OSError) as error:
         return _fail(error, EXIT_FAILURE)
     except KeyboardInterrupt:
         return 130
 
 
-def _fail(error: BaseException, code: int) -> int:
-    message = " ".join(str(error).split()) or type(error).__name__
+def _fail(error: BaseException, code: int, text: str | None = None) -> int:
+    message = " ".join((text or str(error)).split()) or type(error).__name__
     print(f"notifyhook: {message}", file=sys.stderr)
     return code
+
+
+def _database_message(error: DatabaseError) -> str:
+    """The server's message and detail, without the CONTEXT of PL/pgSQL internals."""
+    primary = error.diag.message_primary
+    if not primary:
+        return str(error)  # a connection error: libpq's own text
+    detail = error.diag.message_detail
+    return f"{primary} ({detail})" if detail else primary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,4 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str))
+    print(json.dumps(value, indent=2, default=_json_value))
+
+
+def _json_value(value: Any) -> Any:
+    """What json cannot encode by itself: numeric columns stay numbers, times are ISO 8601."""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return str(value)

@@ -7,12 +7,15 @@ import asyncio
 import json
 from collections.abc import Coroutine
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from notifyhook import retry, secrets, signing
-from notifyhook.cli import EXIT_FAILURE, UsageError, print_json
+from notifyhook.cli import CommandError, UsageError, print_json
 from notifyhook.settings import Settings
 from notifyhook.store import connect, fetch_dicts, json_param
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
 
 
 def register_all(commands: Any) -> None:
@@ -82,9 +85,18 @@ def _register_worker(commands: Any) -> None:
 
 
 def worker_command(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook import reporting
     from notifyhook.worker import serve
 
-    run_async(serve(settings))
+    try:
+        run_async(serve(settings))
+    except Exception as error:
+        # Whatever stops the worker is worth a report (a no-op without a DSN);
+        # the command line then prints it and picks the exit code.
+        reporting.report_exception(error)
+        raise
+    finally:
+        reporting.flush()
     return 0
 
 
@@ -117,8 +129,9 @@ async def stats_command(args: argparse.Namespace, settings: Settings) -> int:
                 print(format_table(endpoints) if endpoints else "(no endpoints)")
             if not args.watch:
                 return 0
+            # Piped output is block-buffered: a watcher must see each round as it comes.
+            print(flush=True)
             await asyncio.sleep(args.watch)
-            print()
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -256,7 +269,7 @@ async def endpoint_show(args: argparse.Namespace, settings: Settings) -> int:
     async with connect(_url(settings)) as conn:
         rows = await fetch_dicts(conn, "show_endpoint", {"endpoint_id": args.endpoint_id})
     if not rows:
-        raise UsageError(f"no endpoint {args.endpoint_id}")
+        raise CommandError(f"no endpoint {args.endpoint_id}")
     if args.json:
         print_json(rows[0])
     else:
@@ -275,7 +288,7 @@ async def _set_enabled(
             {"endpoint_id": endpoint_id, "enabled": enabled, "reason": reason},
         )
     if not rows:
-        raise UsageError(f"no endpoint {endpoint_id}")
+        raise CommandError(f"no endpoint {endpoint_id}")
     print(f"endpoint {endpoint_id} {'enabled' if enabled else 'disabled'}")
     return 0
 
@@ -298,7 +311,7 @@ async def endpoint_rotate_secret(args: argparse.Namespace, settings: Settings) -
     async with connect(_url(settings)) as conn:
         rows = await fetch_dicts(conn, "rotate_secret", params)
     if not rows:
-        raise UsageError(f"no endpoint {args.endpoint_id}")
+        raise CommandError(f"no endpoint {args.endpoint_id}")
     expires = rows[0]["previous_secret_expires_at"]
     print(
         f"endpoint {args.endpoint_id}: new secret set; the previous one keeps signing until {_cell(expires)}"
@@ -360,27 +373,30 @@ def _register_replay(commands: Any) -> None:
     which.add_argument("--all", action="store_true", help="every dead delivery")
     parser.add_argument(
         "--since",
-        type=datetime.fromisoformat,
+        type=_timestamp,
         metavar="TIME",
-        help="only those that died at or after TIME (ISO 8601, e.g. 2026-11-28T10:00Z)",
+        help="only those that died at or after TIME: ISO 8601, e.g. 2026-11-28T10:00Z "
+        "(local time without an offset)",
     )
     parser.set_defaults(handler=replay_command)
 
 
 async def replay_command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.delivery is not None and args.since is not None:
+        raise UsageError("--since goes with --endpoint or --all, not --delivery")
     async with connect(_url(settings)) as conn:
         if args.delivery is not None:
-            if args.since is not None:
-                raise UsageError("--since goes with --endpoint or --all")
             rows = await fetch_dicts(conn, "replay_delivery", {"delivery_id": args.delivery})
-            count = rows[0]["replay"]
+            if not rows[0]["replay"]:
+                raise CommandError(f"delivery {args.delivery} is not dead (or does not exist)")
+            count = 1
         else:
             rows = await fetch_dicts(
                 conn, "replay_dead", {"endpoint_id": args.endpoint, "since": args.since}
             )
             count = rows[0]["replay_dead"]
     print(f"replayed {count} dead deliver{'y' if count == 1 else 'ies'}")
-    return 0 if count or args.delivery is None else EXIT_FAILURE
+    return 0
 
 
 def _register_prune(commands: Any) -> None:
@@ -397,21 +413,28 @@ def _register_prune(commands: Any) -> None:
 
 
 async def prune_command(args: argparse.Namespace, settings: Settings) -> int:
-    from notifyhook.store import Store
-
     total = 0
-    async with Store.open(_url(settings), size=1) as store:
-        while True:
-            deleted = await store.prune_once(settings.retention, args.batch_size)
-            if deleted is None:
-                raise UsageError(
-                    "another prune is running (a worker's retention pass); try again later"
-                )
-            if deleted == 0:
-                break
+    # One plain connection, not the worker's pool: a pool would hide an
+    # unreachable database behind its own retries and a generic timeout.
+    async with connect(_url(settings)) as conn:
+        while deleted := await _prune_batch(conn, settings.retention, args.batch_size):
             total += deleted
     print(f"deleted {total} rows older than {settings.retention:g}s")
     return 0
+
+
+async def _prune_batch(conn: AsyncConnection[Any], retention_s: float, batch_size: int) -> int:
+    """One batch, under the lock the workers' retention pass takes: one prune at a time."""
+    async with conn.transaction():
+        locked = await fetch_dicts(conn, "try_lock_prune")
+        if not next(iter(locked[0].values())):
+            raise CommandError("another prune is running (a worker's retention pass); try later")
+        rows = await fetch_dicts(
+            conn,
+            "prune",
+            {"older_than": timedelta(seconds=retention_s), "batch_size": batch_size},
+        )
+    return int(rows[0]["prune"])
 
 
 # -- argument types ----------------------------------------------------------------
@@ -422,6 +445,15 @@ def _duration(text: str) -> float:
         return retry.parse_duration(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    # Without an offset, the operator means their own clock, as journalctl --since does.
+    return value if value.tzinfo is not None else value.astimezone()
 
 
 def _positive_int(text: str) -> int:

@@ -39,5 +39,5 @@ def configure(log_format: str, level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Libraries stay quiet unless something is wrong.
-    for noisy in ("psycopg", "psycopg.pool", "aiohttp", "httpx", "httpcore"):
+    for noisy in ("psycopg", "psycopg.pool", "aiohttp", "httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -1,0 +1,136 @@
+"""Error reports to Sentry when NOTIFYHOOK_SENTRY_DSN is set: bugs and lost databases, never a payload or secret."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import sentry_sdk
+from psycopg.conninfo import conninfo_to_dict
+from sentry_sdk.integrations.atexit import AtexitIntegration
+from sentry_sdk.integrations.dedupe import DedupeIntegration
+from sentry_sdk.integrations.excepthook import ExcepthookIntegration
+from sentry_sdk.integrations.logging import LoggingIntegration
+
+from notifyhook import __version__
+from notifyhook.settings import Settings
+
+FLUSH_TIMEOUT_S = 2.0
+"""How long shutdown waits for reports still being sent."""
+
+REDACTED = "[redacted]"
+
+# Secrets whose values no code here knows in advance: endpoint secrets as stored
+# (whsec_…, or enc: + a Fernet token) and the password part of any URL.
+_SECRET_PATTERNS = (
+    re.compile(r"whsec_[A-Za-z0-9+/=_-]+"),
+    re.compile(r"enc:[A-Za-z0-9_=-]+"),
+    re.compile(r"gAAAAA[A-Za-z0-9_=-]{20,}"),
+    re.compile(r"(?<=://)[^/@\s:]*:[^/@\s]+(?=@)"),
+    re.compile(r"(?<=password=)\S+"),
+)
+
+# Event fields that can carry request bodies, headers, cookies, users or variables.
+_DROPPED_FIELDS = ("request", "user", "extra")
+
+
+def start(settings: Settings) -> bool:
+    """Initialise the Sentry client when a DSN is set; returns whether reporting is on."""
+    if settings.sentry_dsn is None:
+        return False
+    known = _known_secrets(settings)
+    worker_id = settings.worker_id
+
+    def before_send(event: Any, hint: Any) -> Any:
+        event = scrub(event, known)
+        event.setdefault("tags", {})["worker_id"] = worker_id
+        return event
+
+    sentry_sdk.init(
+        dsn=settings.sentry_dsn.get_secret_value(),
+        release=f"notifyhook@{__version__}",
+        send_default_pii=False,
+        include_local_variables=False,
+        max_request_body_size="never",
+        # Only what is listed: the auto-enabled httpx and aiohttp integrations
+        # would add tracing headers to webhook requests and record their URLs.
+        default_integrations=False,
+        integrations=[
+            AtexitIntegration(),
+            DedupeIntegration(),
+            ExcepthookIntegration(),
+            LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
+        ],
+        traces_sample_rate=None,
+        before_send=before_send,
+        shutdown_timeout=FLUSH_TIMEOUT_S,
+    )
+    # The global scope: events captured outside the worker's task (an uncaught
+    # exception reaching the interpreter) carry the tag too.
+    sentry_sdk.get_global_scope().set_tag("worker_id", worker_id)
+    return True
+
+
+def report_database_lost(what: str, error: BaseException) -> None:
+    """One report per outage: the worker calls this when the database stops answering."""
+    with sentry_sdk.new_scope() as scope:
+        scope.fingerprint = ["notifyhook", "database-unavailable"]
+        scope.set_tag("failed_operation", what)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        sentry_sdk.capture_message(
+            f"database unavailable: {what} failed: {first_line[:200]}", level="warning"
+        )
+
+
+def report_exception(error: BaseException) -> None:
+    """Report an exception that stops the worker."""
+    sentry_sdk.capture_exception(error)
+
+
+def flush() -> None:
+    """Wait (briefly) for queued reports to go out; a no-op when reporting is off."""
+    sentry_sdk.flush(timeout=FLUSH_TIMEOUT_S)
+
+
+def scrub(event: dict[str, Any], known_secrets: Iterable[str] = ()) -> dict[str, Any]:
+    """The event without request data, variables or anything that looks like a secret."""
+    for field in _DROPPED_FIELDS:
+        event.pop(field, None)
+    for exception in (event.get("exception") or {}).get("values") or []:
+        for frame in (exception.get("stacktrace") or {}).get("frames") or []:
+            frame.pop("vars", None)
+    crumbs = event.get("breadcrumbs")
+    for crumb in (crumbs or {}).get("values", []) if isinstance(crumbs, dict) else crumbs or []:
+        crumb.pop("data", None)
+    secrets = sorted({s for s in known_secrets if s}, key=len, reverse=True)
+    return _redact(event, secrets)  # type: ignore[no-any-return]
+
+
+def _redact(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        for pattern in _SECRET_PATTERNS:
+            value = pattern.sub(REDACTED, value)
+        return value
+    if isinstance(value, dict):
+        return {key: _redact(item, secrets) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact(item, secrets) for item in value]
+    return value
+
+
+def _known_secrets(settings: Settings) -> list[str]:
+    """Values that must never leave the process: URLs, the database password, keys."""
+    known = [settings.database_url.get_secret_value()]
+    # Parsed again here (settings has checked it) because the password alone
+    # can appear in a message where the whole DSN does not.
+    password = conninfo_to_dict(known[0]).get("password")
+    if password:
+        known.append(str(password))
+    for secret in (settings.sentry_dsn, settings.secret_key):
+        if secret is not None:
+            known.append(secret.get_secret_value())
+    return known

@@ -1,0 +1,553 @@
+"""The `notifyhook` command line, run as a real process against the test's database."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from conftest import add_endpoint, scalar, wait_until
+from cryptography.fernet import Fernet
+from test_worker import insert_events, statuses
+
+from notifyhook.cluster import free_port
+from notifyhook.receiver import Answer
+
+COMMAND = [sys.executable, "-m", "notifyhook"]
+
+
+def environment(database_url: str | None, /, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
+    # Buffered output, as in a terminal pipeline or a systemd unit.
+    env.pop("PYTHONUNBUFFERED", None)
+    if database_url is not None:
+        env["NOTIFYHOOK_DATABASE_URL"] = database_url
+    env.update({f"NOTIFYHOOK_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def run(
+    database_url: str | None, /, *args: str, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    """`notifyhook ARGS…` with these NOTIFYHOOK_* settings; bounded in time."""
+    return subprocess.run(
+        [*COMMAND, *args],
+        env=environment(database_url, **settings),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+
+
+def ok(database_url: str, /, *args: str, **settings: str) -> str:
+    result = run(database_url, *args, **settings)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    return result.stdout
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    """Assert the process failed with `code` and one line on stderr, no traceback; return it."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("notifyhook: ")
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def usage_error(result: subprocess.CompletedProcess[str]) -> str:
+    """argparse's way: a usage line, then the error; exit 2."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.startswith("usage: notifyhook")
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+def as_json_numbers(row: dict[str, Any]) -> dict[str, Any]:
+    """A database row as `--json` prints it: numerics as numbers, times in ISO 8601."""
+    return json.loads(
+        json.dumps(row, default=lambda v: v.isoformat() if hasattr(v, "isoformat") else float(v))
+    )
+
+
+# -- help and usage ------------------------------------------------------------------
+
+HELP = {
+    (): "Webhook delivery straight out of PostgreSQL",
+    ("migrate",): "Safe to run twice",
+    ("worker",): "Deliver webhooks until SIGTERM",
+    ("stats",): "queue_stats",
+    ("endpoint",): "Manage endpoints",
+    ("endpoint", "add"): "printed once",
+    ("endpoint", "list"): "--tenant",
+    ("endpoint", "show"): "ID",
+    ("endpoint", "disable"): "--reason",
+    ("endpoint", "enable"): "ID",
+    ("endpoint", "rotate-secret"): "--grace",
+    ("send",): "--idempotency-key",
+    ("replay",): "--since",
+    ("prune",): "NOTIFYHOOK_RETENTION",
+    ("demo",): "usage: notifyhook demo",
+    ("bench",): "usage: notifyhook bench",
+}
+
+
+@pytest.mark.parametrize("command", list(HELP), ids=lambda c: " ".join(c) or "notifyhook")
+def test_help_exits_zero_and_explains(command):
+    # No database: --help must not need one.
+    result = run(None, *command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: notifyhook {' '.join(command)}".rstrip())
+    assert HELP[command] in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["bogus"],
+        ["endpoint"],
+        ["endpoint", "show", "abc"],
+        ["endpoint", "rotate-secret", "1", "--grace", "soon"],
+        ["replay"],
+        ["replay", "--delivery", "1", "--all"],
+        ["replay", "--all", "--since", "yesterday"],
+        ["send", "--tenant", "t", "--type", "x", "--data", "[1, 2]"],
+        ["send", "--tenant", "t", "--type", "x", "--data", "{not json"],
+        ["stats", "--watch", "-1x"],
+    ],
+    ids=" ".join,
+)
+def test_bad_usage_exits_2(args):
+    usage_error(run("postgresql://nobody@127.0.0.1:1/none", *args))
+
+
+def test_replay_since_with_one_delivery_is_bad_usage():
+    # Refused before any connection is tried: the database here does not exist.
+    result = run(
+        "postgresql://nobody@127.0.0.1:1/none", "replay", "--delivery", "1", "--since", "2026-01-01"
+    )
+    assert "--since" in one_line_error(result, 2)
+
+
+# -- settings and connection errors ----------------------------------------------------
+
+PASSWORD = "pa55-never-printed"
+
+
+@pytest.mark.parametrize(
+    ("settings", "variable"),
+    [
+        ({"concurrency": "abc"}, "NOTIFYHOOK_CONCURRENCY"),
+        ({"http_timeout": "90", "lease": "60"}, "NOTIFYHOOK_HTTP_TIMEOUT"),
+        ({"retention": "soon"}, "NOTIFYHOOK_RETENTION"),
+        ({"log_format": "xml"}, "NOTIFYHOOK_LOG_FORMAT"),
+        (
+            {"database_url": f"postgresql://app:{PASSWORD}@db:5432/app?nonsense=1"},
+            "NOTIFYHOOK_DATABASE_URL",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else ",".join(v),
+)
+def test_a_wrong_setting_exits_2_naming_the_variable(settings, variable):
+    result = run(f"postgresql://app:{PASSWORD}@127.0.0.1:1/app", "stats", **settings)
+    assert variable in one_line_error(result, 2)
+    assert PASSWORD not in result.stderr + result.stdout
+
+
+def test_the_worker_refuses_a_wrong_setting_before_it_starts():
+    url = f"postgresql://app:{PASSWORD}@127.0.0.1:1/app"
+    result = run(url, "worker", http_timeout="90", lease="60")
+    assert "NOTIFYHOOK_HTTP_TIMEOUT" in one_line_error(result, 2)
+
+
+def test_a_missing_database_url_exits_2():
+    line = one_line_error(run(None, "stats"), 2)
+    assert "NOTIFYHOOK_DATABASE_URL is required" in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["migrate"],
+        ["stats"],
+        ["endpoint", "list"],
+        ["endpoint", "add", "--tenant", "t", "--name", "n", "--url", "https://example.com/"],
+        ["send", "--tenant", "t", "--type", "x", "--data", "{}"],
+        ["replay", "--all"],
+        ["prune"],
+    ],
+    ids=" ".join,
+)
+def test_an_unreachable_database_exits_1_without_the_password(args):
+    port = free_port()
+    urls = [f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/app"]
+    if args == ["stats"]:
+        urls.append(f"host=127.0.0.1 port={port} user=app password={PASSWORD} dbname=app")
+    for url in urls:
+        started = time.monotonic()
+        result = run(url, *args)
+        assert "connect" in one_line_error(result, 1).lower()
+        assert PASSWORD not in result.stderr + result.stdout
+        # Refused at once, not after a pool's retries.
+        assert time.monotonic() - started < 8
+
+
+def test_the_worker_never_logs_the_password_while_it_waits_for_the_database(start_worker):
+    worker = start_worker(f"postgresql://app:{PASSWORD}@127.0.0.1:{free_port()}/app")
+    wait_until(lambda: worker.log().count("Connection refused") >= 2, what="two tries")
+    assert PASSWORD not in worker.log()
+
+
+# -- stats -----------------------------------------------------------------------------
+
+
+def test_stats_match_the_database(db, database_url, receiver, start_worker):
+    receiver.sequence("strict", Answer(status=400))
+    add_endpoint(db, "t", "ok", receiver.url("ok"), event_types="{call.*}")
+    add_endpoint(db, "t", "strict", receiver.url("strict"), event_types="{call.failed}")
+    add_endpoint(db, "t", "paused", receiver.url("paused"), event_types="{job.*}", enabled=False)
+    worker = start_worker()
+    insert_events(db, "t", 4, "call.completed")
+    insert_events(db, "t", 2, "call.failed")
+    wait_until(lambda: statuses(db) == {"delivered": 6, "dead": 2}, what="the outcomes")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(20) == 0
+    insert_events(db, "t", 3, "job.done")
+
+    printed = json.loads(ok(database_url, "stats", "--json"))
+    queue = db.execute("SELECT * FROM notifyhook.queue_stats").fetchone()
+    columns = [
+        c.name for c in db.execute("SELECT * FROM notifyhook.queue_stats LIMIT 0").description
+    ]
+    expected_queue = as_json_numbers(dict(zip(columns, queue, strict=True)))
+    # The oldest due delivery ages between the two reads.
+    assert printed["queue"].pop("oldest_due_age_s") == pytest.approx(
+        expected_queue.pop("oldest_due_age_s"), abs=5
+    )
+    assert printed["queue"] == expected_queue
+    assert printed["queue"]["delivered_total"] == 6
+    assert printed["queue"]["pending_due"] == 3
+    with db.cursor() as cursor:
+        cursor.execute("SELECT * FROM notifyhook.endpoint_stats ORDER BY endpoint_id")
+        names = [c.name for c in cursor.description]
+        expected = [as_json_numbers(dict(zip(names, row, strict=True))) for row in cursor]
+    assert printed["endpoints"] == expected
+    assert [e["pending"] for e in printed["endpoints"]] == [0, 0, 3]
+
+    table = ok(database_url, "stats")
+    assert "pending_due" in table
+    assert "delivered_total" in table
+    assert "success_rate_24h" in table
+    for name in ("ok", "strict", "paused"):
+        assert f"| {name} " in table
+
+
+def test_stats_watch_prints_each_round_as_it_comes_until_interrupted(database_url, tmp_path):
+    out, err = tmp_path / "stats.out", tmp_path / "stats.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        process = subprocess.Popen(
+            [*COMMAND, "stats", "--watch", "0.5"],
+            env=environment(database_url),
+            stdout=stdout,
+            stderr=stderr,
+        )
+        try:
+            # A file is block-buffered like a pipe: unflushed, rounds would show
+            # only by the dozen, once 8 KiB of them have piled up.
+            rounds = wait_until(lambda: out.read_text().count("pending_due"), what="a round")
+            assert rounds <= 2
+            wait_until(lambda: out.read_text().count("pending_due") >= 3, what="more rounds")
+            process.send_signal(signal.SIGINT)
+            assert process.wait(10) == 130
+        finally:
+            process.kill()
+            process.wait(10)
+    assert err.read_text() == ""
+
+
+# -- endpoint --------------------------------------------------------------------------
+
+
+def endpoint_row(db, endpoint_id: int) -> dict[str, Any]:
+    with db.cursor() as cursor:
+        cursor.execute("SELECT * FROM notifyhook.endpoints WHERE id = %s", [endpoint_id])
+        names = [c.name for c in cursor.description]
+        row = cursor.fetchone()
+    return dict(zip(names, row, strict=True))
+
+
+def added(stdout: str) -> tuple[int, str]:
+    """The endpoint id and secret `endpoint add` printed."""
+    first, second, *_ = stdout.splitlines()
+    assert first.startswith("endpoint "), stdout
+    assert first.endswith(" added"), stdout
+    assert second.startswith("secret: whsec_"), stdout
+    return int(first.split()[1]), second.removeprefix("secret: ")
+
+
+def test_endpoint_add_prints_the_secret_once_and_list_and_show_never(db, database_url):
+    stdout = ok(
+        database_url,
+        "endpoint", "add", "--tenant", "acme", "--name", "crm", "--url", "https://crm.example/hook",
+        "--event-types", "call.*, job.done", "--extra-fields", '{"source": "nh"}',
+        "--headers", '{"X-Token": "t"}', "--rate-limit", "20", "--max-in-flight", "5",
+        "--timeout-ms", "3000",
+    )  # fmt: skip
+    endpoint_id, secret = added(stdout)
+    assert stdout.count(secret) == 1
+    row = endpoint_row(db, endpoint_id)
+    assert row["secret"] == secret
+    assert row["event_types"] == ["call.*", "job.done"]
+    assert (row["extra_fields"], row["headers"]) == ({"source": "nh"}, {"X-Token": "t"})
+    assert (row["rate_limit"], row["max_in_flight"], row["timeout_ms"]) == (20, 5, 3000)
+
+    listing = ok(database_url, "endpoint", "list")
+    assert "crm" in listing
+    assert "https://crm.example/hook" in listing
+    listed = json.loads(ok(database_url, "endpoint", "list", "--json", "--tenant", "acme"))
+    assert [e["id"] for e in listed] == [endpoint_id]
+    assert json.loads(ok(database_url, "endpoint", "list", "--json", "--tenant", "other")) == []
+    shown = json.loads(ok(database_url, "endpoint", "show", str(endpoint_id), "--json"))
+    assert (shown["name"], shown["enabled"], shown["consecutive_failures"]) == ("crm", True, 0)
+    text = ok(database_url, "endpoint", "show", str(endpoint_id))
+    assert "https://crm.example/hook" in text
+    for output in (listing, json.dumps(listed), json.dumps(shown), text):
+        assert secret.removeprefix("whsec_") not in output
+
+    duplicate = run(database_url, "endpoint", "add", "--tenant", "acme", "--name", "crm",
+                    "--url", "https://crm.example/other")  # fmt: skip
+    assert "crm" in one_line_error(duplicate, 1)
+
+
+def test_endpoint_add_with_a_secret_key_stores_it_encrypted(db, database_url):
+    key = Fernet.generate_key().decode()
+    stdout = ok(
+        database_url,
+        "endpoint", "add", "--tenant", "t", "--name", "n", "--url", "https://example.com/",
+        secret_key=key,
+    )  # fmt: skip
+    endpoint_id, secret = added(stdout)
+    stored = endpoint_row(db, endpoint_id)["secret"]
+    assert stored.startswith("enc:")
+    assert Fernet(key.encode()).decrypt(stored.removeprefix("enc:").encode()).decode() == secret
+
+
+def test_endpoint_commands_on_a_missing_endpoint_exit_1(database_url):
+    for action in ("show", "disable", "enable", "rotate-secret"):
+        line = one_line_error(run(database_url, "endpoint", action, "999"), 1)
+        assert "no endpoint 999" in line
+
+
+def test_disable_keeps_deliveries_pending_and_enable_sends_them(
+    db, database_url, receiver, start_worker
+):
+    endpoint_id, _ = added(
+        ok(
+            database_url,
+            "endpoint",
+            "add",
+            "--tenant",
+            "t",
+            "--name",
+            "paused",
+            "--url",
+            receiver.url("paused"),
+        )
+    )
+    add_endpoint(db, "t", "live", receiver.url("live"))
+    stdout = ok(database_url, "endpoint", "disable", str(endpoint_id), "--reason", "maintenance")
+    assert stdout.strip() == f"endpoint {endpoint_id} disabled"
+    row = endpoint_row(db, endpoint_id)
+    assert (row["enabled"], row["disabled_reason"]) == (False, "maintenance")
+
+    start_worker()
+    ok(database_url, "send", "--tenant", "t", "--type", "call.completed", "--data", '{"n": 1}')
+    wait_until(lambda: receiver.received("live"), what="the live endpoint's delivery")
+    wait_until(lambda: statuses(db) == {"delivered": 1, "pending": 1}, what="the outcome")
+    assert (
+        scalar(
+            db, "SELECT attempts FROM notifyhook.deliveries WHERE endpoint_id = %s", [endpoint_id]
+        )
+        == 0
+    )
+    assert receiver.received("paused") == []
+
+    assert (
+        ok(database_url, "endpoint", "enable", str(endpoint_id)).strip()
+        == f"endpoint {endpoint_id} enabled"
+    )
+    wait_until(lambda: statuses(db) == {"delivered": 2}, what="the waiting delivery")
+    assert endpoint_row(db, endpoint_id)["disabled_reason"] is None
+
+
+def test_rotate_secret_keeps_the_old_one_for_the_grace(db, database_url):
+    endpoint_id, old = added(
+        ok(
+            database_url,
+            "endpoint",
+            "add",
+            "--tenant",
+            "t",
+            "--name",
+            "n",
+            "--url",
+            "https://example.com/",
+        )
+    )
+    stdout = ok(database_url, "endpoint", "rotate-secret", str(endpoint_id), "--grace", "2h")
+    new = next(line for line in stdout.splitlines() if line.startswith("secret: ")).removeprefix(
+        "secret: "
+    )
+    assert new.startswith("whsec_")
+    assert new != old
+    assert old not in stdout
+    row = endpoint_row(db, endpoint_id)
+    assert (row["secret"], row["previous_secret"]) == (new, old)
+    expected = datetime.now(UTC) + timedelta(hours=2)
+    assert abs((row["previous_secret_expires_at"] - expected).total_seconds()) < 30
+
+
+# -- send ------------------------------------------------------------------------------
+
+
+def test_send_prints_the_event_id_and_honours_the_idempotency_key(db, database_url):
+    add_endpoint(db, "t", "a", "https://example.com/a")
+    event_id = ok(
+        database_url, "send", "--tenant", "t", "--type", "call.completed", "--data", '{"n": 1}'
+    ).strip()
+    assert scalar(db, "SELECT payload FROM notifyhook.events WHERE id = %s", [event_id]) == {"n": 1}
+    assert statuses(db) == {"pending": 1}
+
+    args = [
+        "send",
+        "--tenant",
+        "t",
+        "--type",
+        "call.completed",
+        "--data",
+        '{"n": 2}',
+        "--idempotency-key",
+        "k1",
+    ]
+    first = ok(database_url, *args).strip()
+    assert ok(database_url, *args).strip() == first
+    assert first != event_id
+    assert scalar(db, "SELECT count(*) FROM notifyhook.events") == 2
+
+    wrong = run(database_url, "send", "--tenant", "t", "--type", "", "--data", "{}")
+    # The database's own words, without the PL/pgSQL CONTEXT behind them.
+    assert one_line_error(wrong, 1) == "notifyhook: events.event_type must not be empty"
+
+
+# -- replay ----------------------------------------------------------------------------
+
+
+def make_dead(db, endpoint_id: int, count: int, died_ago: timedelta = timedelta(0)) -> list[int]:
+    """`count` deliveries to the endpoint, dead `died_ago`: as if their retries ran out."""
+    tenant = scalar(db, "SELECT tenant_id FROM notifyhook.endpoints WHERE id = %s", [endpoint_id])
+    ids = []
+    for _ in range(count):
+        event_id = scalar(
+            db, "SELECT notifyhook.enqueue(%s, 'x', '{}', NULL, %s)", [tenant, endpoint_id]
+        )
+        ids.append(scalar(
+            db,
+            "UPDATE notifyhook.deliveries SET status = 'dead', attempts = 3, last_error = 'HTTP 500', "
+            "updated_at = now() - %s WHERE event_id = %s RETURNING id",
+            [died_ago, event_id],
+        ))  # fmt: skip
+    return ids
+
+
+def test_replay_one_delivery_an_endpoint_since_a_time_or_all(db, database_url):
+    a = add_endpoint(db, "t", "a", "https://example.com/a")
+    b = add_endpoint(db, "t", "b", "https://example.com/b")
+    first, *_rest_a = make_dead(db, a, 3)
+    (old_b,) = make_dead(db, b, 1, died_ago=timedelta(days=2))
+    (new_b,) = make_dead(db, b, 1)
+
+    assert (
+        ok(database_url, "replay", "--delivery", str(first)).strip() == "replayed 1 dead delivery"
+    )
+    assert db.execute(
+        "SELECT status, attempts FROM notifyhook.deliveries WHERE id = %s", [first]
+    ).fetchone() == ("pending", 0)
+    again = run(database_url, "replay", "--delivery", str(first))
+    assert f"delivery {first} is not dead" in one_line_error(again, 1)
+
+    since = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    assert (
+        ok(database_url, "replay", "--endpoint", str(b), "--since", since).strip()
+        == "replayed 1 dead delivery"
+    )
+    assert (
+        scalar(db, "SELECT status FROM notifyhook.deliveries WHERE id = %s", [new_b]) == "pending"
+    )
+    assert scalar(db, "SELECT status FROM notifyhook.deliveries WHERE id = %s", [old_b]) == "dead"
+
+    assert ok(database_url, "replay", "--all").strip() == "replayed 3 dead deliveries"
+    assert statuses(db) == {"pending": 5}
+    assert ok(database_url, "replay", "--all").strip() == "replayed 0 dead deliveries"
+
+
+# -- prune -----------------------------------------------------------------------------
+
+
+def test_prune_deletes_old_finished_rows_their_attempts_and_orphan_events(db, database_url):
+    endpoint = add_endpoint(db, "t", "a", "https://example.com/a")
+
+    def event(tenant: str = "t") -> str:
+        return str(scalar(db, "SELECT notifyhook.enqueue(%s, 'x', '{}')", [tenant]))
+
+    def finish(event_id: str, status: str, age: str) -> None:
+        delivery = scalar(
+            db,
+            "UPDATE notifyhook.deliveries SET status = %s, attempts = 1, updated_at = now() - %s::interval, "
+            "created_at = now() - %s::interval WHERE event_id = %s RETURNING id",
+            [status, age, age, event_id],
+        )
+        db.execute(
+            "INSERT INTO notifyhook.attempts (delivery_id, endpoint_id, attempt, started_at, worker) "
+            "VALUES (%s, %s, 1, now() - %s::interval, 'w')",
+            [delivery, endpoint, age],
+        )
+
+    old_delivered, old_dead, old_pending, new_delivered = event(), event(), event(), event()
+    finish(old_delivered, "delivered", "2 hours")
+    finish(old_dead, "dead", "2 hours")
+    finish(new_delivered, "delivered", "0 seconds")
+    db.execute(
+        "UPDATE notifyhook.deliveries SET created_at = now() - interval '2 hours', "
+        "updated_at = now() - interval '2 hours' WHERE event_id = %s",
+        [old_pending],
+    )
+    old_orphan, new_orphan = event("nobody"), event("nobody")
+    db.execute(
+        "UPDATE notifyhook.events SET created_at = now() - interval '2 hours' WHERE id = ANY(%s::uuid[])",
+        [[old_delivered, old_dead, old_pending, old_orphan]],
+    )
+
+    # Two deliveries (their two attempts go with them) and three events, one row a batch.
+    stdout = ok(database_url, "prune", "--batch-size", "1", retention="1h")
+    assert stdout.strip() == "deleted 5 rows older than 3600s"
+    remaining = {r[0] for r in db.execute("SELECT id::text FROM notifyhook.events")}
+    assert remaining == {old_pending, new_delivered, new_orphan}
+    assert statuses(db) == {"pending": 1, "delivered": 1}
+    assert scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 1
+    assert ok(database_url, "prune", retention="1h").strip() == "deleted 0 rows older than 3600s"
+
+
+def test_prune_waits_for_no_one_when_another_prune_holds_the_lock(db, database_url):
+    # The lock a worker's retention pass takes (notifyhook/queries.sql, try_lock_prune).
+    db.execute("SELECT pg_advisory_lock(7305872156748263002)")
+    line = one_line_error(run(database_url, "prune"), 1)
+    assert "another prune is running" in line

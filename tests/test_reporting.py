@@ -1,0 +1,181 @@
+"""Sentry reports from a real worker, sent by the real sentry-sdk to a stand-in ingest server."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import add_endpoint, wait_until
+from psycopg.conninfo import make_conninfo
+from test_worker import statuses
+
+from notifyhook import __version__, signing
+from notifyhook.cluster import Cluster
+from notifyhook.migrate import migrate
+from notifyhook.reporting import REDACTED, scrub
+
+PASSWORD = "db-pa55word-never-shown"
+PAYLOAD_TEXT = "payload-text-never-reported"
+
+
+class Ingest:
+    """Sentry's envelope endpoint on 127.0.0.1: records every envelope it is sent, decompressed."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[bytes] = []
+        ingest = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                ingest.envelopes.append(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def dsn(self) -> str:
+        return f"http://public@127.0.0.1:{self.port}/1"
+
+    def events(self) -> list[dict[str, Any]]:
+        """The event items of every envelope (an envelope is header, then item header and payload lines)."""
+        found = []
+        for envelope in list(self.envelopes):
+            lines = envelope.split(b"\n")
+            for header, payload in zip(lines[1::2], lines[2::2], strict=False):
+                if json.loads(header).get("type") == "event":
+                    found.append(json.loads(payload))
+        return found
+
+
+@pytest.fixture
+def ingest() -> Iterator[Ingest]:
+    server = Ingest()
+    server._thread.start()
+    yield server
+    server._server.shutdown()
+    server._server.server_close()
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Cluster]:
+    """A PostgreSQL of the test's own, which it may stop and start."""
+    with Cluster(fsync=False) as cluster:
+
+        async def setup() -> None:
+            async with await psycopg.AsyncConnection.connect(
+                cluster.url(), autocommit=True
+            ) as conn:
+                await migrate(conn, max_payload_bytes=262144)
+
+        asyncio.run(setup())
+        yield cluster
+
+
+def database_lost(ingest: Ingest) -> list[dict[str, Any]]:
+    return [e for e in ingest.events() if "database unavailable" in json.dumps(e)]
+
+
+def test_a_lost_database_is_reported_once_per_outage_without_secrets(
+    own_cluster, ingest, receiver, start_worker
+):
+    # Trust authentication ignores the password, so it is in the DSN only to prove it never leaks.
+    url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{own_cluster.port}/postgres"
+    secret = signing.generate_secret()
+    with psycopg.connect(own_cluster.url(), autocommit=True) as conn:
+        add_endpoint(conn, "t", "a", receiver.url("a"), secret=secret)
+        conn.execute(
+            "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
+            "VALUES ('t', 'call.completed', jsonb_build_object('text', %s::text))",
+            [PAYLOAD_TEXT],
+        )
+    worker = start_worker(url, sentry_dsn=ingest.dsn, worker_id="reported-worker")
+    with psycopg.connect(own_cluster.url(), autocommit=True) as conn:
+        wait_until(lambda: statuses(conn) == {"delivered": 1}, what="the delivery")
+    assert PAYLOAD_TEXT.encode() in receiver.received("a")[0].body
+
+    own_cluster.pg_ctl("stop", "-m", "fast", "-w")
+    first = wait_until(lambda: database_lost(ingest), what="a report of the lost database")[0]
+    assert first["tags"]["worker_id"] == "reported-worker"
+    assert first["release"] == f"notifyhook@{__version__}"
+    assert first["level"] == "warning"
+
+    # Back, then gone again: a second outage is a second report, the first only one.
+    own_cluster.pg_ctl("start", "-w", "-t", "30", "-l", str(own_cluster.log))
+    wait_until(lambda: "database available again" in worker.log(), what="the worker to recover")
+    assert len(database_lost(ingest)) == 1
+    own_cluster.pg_ctl("stop", "-m", "fast", "-w")
+    wait_until(lambda: len(database_lost(ingest)) == 2, what="a report of the second outage")
+
+    sent = b"\n".join(ingest.envelopes)
+    for never in (PASSWORD, PAYLOAD_TEXT, secret, secret.removeprefix("whsec_")):
+        assert never.encode() not in sent, never
+
+
+def test_what_stops_the_worker_is_reported_before_it_exits(database_url, ingest, start_worker):
+    # A metrics port already taken: the worker cannot start, and says so.
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker = start_worker(
+            make_conninfo(database_url, password=PASSWORD),
+            sentry_dsn=ingest.dsn,
+            metrics_port=str(port),
+            worker_id="doomed-worker",
+        )
+        assert worker.wait(20) == 1
+    # Flushed before exit: the report is already there.
+    (event,) = [e for e in ingest.events() if "exception" in e]
+    assert event["tags"]["worker_id"] == "doomed-worker"
+    assert event["exception"]["values"][-1]["type"] == "OSError"
+    assert event["level"] == "error"
+    assert PASSWORD.encode() not in b"\n".join(ingest.envelopes)
+    assert worker.log().splitlines()[-1].startswith("notifyhook: ")
+
+
+def test_scrub_drops_request_data_and_variables_and_redacts_secrets():
+    secret = signing.generate_secret()
+    event = {
+        "message": f"failed for postgresql://app:{PASSWORD}@db/app with {secret}",
+        "request": {"data": PAYLOAD_TEXT, "headers": {"Authorization": "Bearer x"}},
+        "user": {"ip_address": "10.0.0.1"},
+        "extra": {"sys.argv": ["notifyhook", "endpoint", "add", "--secret", secret]},
+        "exception": {
+            "values": [
+                {
+                    "value": f"key enc:gAAAAABm{'x' * 40} refused",
+                    "stacktrace": {
+                        "frames": [{"function": "send", "vars": {"body": PAYLOAD_TEXT}}]
+                    },
+                }
+            ]
+        },
+        "breadcrumbs": {
+            "values": [{"message": f"password={PASSWORD} host=db", "data": {"body": PAYLOAD_TEXT}}]
+        },
+    }
+    scrubbed = scrub(event, ["sentry-dsn-value"])
+    text = json.dumps(scrubbed)
+    for never in (PASSWORD, PAYLOAD_TEXT, secret, "gAAAAAB", "Bearer", "10.0.0.1"):
+        assert never not in text, never
+    assert scrubbed["message"] == f"failed for postgresql://{REDACTED}@db/app with {REDACTED}"
+    assert scrubbed["exception"]["values"][0]["stacktrace"]["frames"] == [{"function": "send"}]
