@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import sentry_sdk
-from psycopg.conninfo import conninfo_to_dict
 from sentry_sdk.integrations.atexit import AtexitIntegration
 from sentry_sdk.integrations.dedupe import DedupeIntegration
 from sentry_sdk.integrations.excepthook import ExcepthookIntegration
@@ -16,6 +15,7 @@ from sentry_sdk.integrations.logging import LoggingIntegration
 
 from notifyhook import __version__
 from notifyhook.settings import Settings
+from notifyhook.store import conninfo_password
 
 FLUSH_TIMEOUT_S = 2.0
 """How long shutdown waits for reports still being sent."""
@@ -127,7 +127,7 @@ def _known_secrets(settings: Settings) -> list[str]:
     known = [settings.database_url.get_secret_value()]
     # Parsed again here (settings has checked it) because the password alone
     # can appear in a message where the whole DSN does not.
-    password = conninfo_to_dict(known[0]).get("password")
+    password = conninfo_password(known[0])
     if password:
         known.append(str(password))
     for secret in (settings.sentry_dsn, settings.secret_key):

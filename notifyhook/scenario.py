@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import secrets
 import socket
 import subprocess
@@ -13,20 +12,24 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
-
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
-from psycopg.rows import dict_row
 
 from notifyhook import usage
 from notifyhook.cluster import Cluster
 from notifyhook.errors import NotifyhookError
 from notifyhook.migrate import migrate
-from notifyhook.store import connect, json_param
+from notifyhook.store import (
+    connect,
+    create_database,
+    drop_database,
+    json_param,
+    run_dicts,
+    with_dbname,
+)
+from notifyhook.store import (
+    statements as load_statements,
+)
 
 Connection = Any
 """An open psycopg.AsyncConnection (from notifyhook.store.connect)."""
@@ -36,21 +39,16 @@ class ScenarioError(NotifyhookError):
     """The demo or the bench could not go on: a worker died, or a wait ran out of time."""
 
 
-@cache
 def statements() -> dict[str, str]:
     """The named statements of notifyhook/scenario.sql."""
-    text = resources.files("notifyhook").joinpath("scenario.sql").read_text(encoding="utf-8")
-    chunks = re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]
-    return {name.strip(): body.strip() for name, _, body in (c.partition("\n") for c in chunks)}
+    return load_statements("scenario.sql")
 
 
 async def fetch(
     conn: Connection, name: str, params: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """Run a statement of scenario.sql; its rows as dicts (none for a statement without)."""
-    async with conn.cursor(row_factory=dict_row) as cursor:
-        await cursor.execute(statements()[name], params)
-        return await cursor.fetchall() if cursor.description else []
+    return await run_dicts(conn, statements()[name], params)
 
 
 # -- where the scenario runs ---------------------------------------------------------------
@@ -109,19 +107,15 @@ class Server:
     async def create_database(self) -> tuple[str, str]:
         """A fresh database, migrated: (name, url)."""
         name = f"{self._prefix}_{secrets.token_hex(4)}"
-        async with connect(self.admin_url) as conn:
-            await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        await create_database(self.admin_url, name)
         self.databases.append(name)
-        url = make_conninfo(self.admin_url, dbname=name)
+        url = with_dbname(self.admin_url, name)
         async with connect(url) as conn:
             await migrate(conn, max_payload_bytes=262_144)
         return name, url
 
     async def drop_database(self, name: str) -> None:
-        async with connect(self.admin_url) as conn:
-            await conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        await drop_database(self.admin_url, name)
         self.databases.remove(name)
 
     async def close(self) -> None:

@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -37,14 +38,19 @@ DatabaseError = psycopg.Error
 
 
 @cache
-def queries() -> dict[str, str]:
-    """The named statements of notifyhook/queries.sql."""
-    text = resources.files("notifyhook").joinpath("queries.sql").read_text(encoding="utf-8")
+def statements(filename: str) -> dict[str, str]:
+    """The statements of a .sql file in the package, each under a `-- name:` line."""
+    text = resources.files("notifyhook").joinpath(filename).read_text(encoding="utf-8")
     named: dict[str, str] = {}
     for chunk in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
         name, _, body = chunk.partition("\n")
         named[name.strip()] = body.strip()
     return named
+
+
+def queries() -> dict[str, str]:
+    """The named statements of notifyhook/queries.sql."""
+    return statements("queries.sql")
 
 
 def check_conninfo(url: str) -> None:
@@ -68,6 +74,29 @@ def redact_conninfo(url: str) -> str:
     if "password" in params:
         params["password"] = "***"
     return make_conninfo("", **params)
+
+
+def conninfo_password(url: str) -> str | None:
+    """The password in a DSN, if any (so that it can be kept out of reports)."""
+    password = conninfo_to_dict(url).get("password")
+    return str(password) if password else None
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    """The same server and credentials, another database."""
+    return make_conninfo(url, dbname=dbname)
+
+
+async def create_database(admin_url: str, name: str) -> None:
+    async with connect(admin_url) as conn:
+        await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    async with connect(admin_url) as conn:
+        await conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 def connection_string(url: str) -> str:
@@ -246,9 +275,16 @@ async def read_schema_version(conn: psycopg.AsyncConnection[Any]) -> int | None:
 async def fetch_dicts(
     conn: psycopg.AsyncConnection[Any], name: str, params: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Run a named statement and return its rows as dicts (for commands and stats)."""
+    """Run a named statement of queries.sql and return its rows as dicts (for commands and stats)."""
+    return await run_dicts(conn, queries()[name], params)
+
+
+async def run_dicts(
+    conn: psycopg.AsyncConnection[Any], statement: str, params: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Run one statement and return its rows as dicts (none for a statement without)."""
     async with conn.cursor(row_factory=dict_row) as cursor:
-        await cursor.execute(queries()[name], params)
+        await cursor.execute(statement, params)
         return await cursor.fetchall() if cursor.description else []
 
 
