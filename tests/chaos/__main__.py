@@ -1,0 +1,39 @@
+"""`python -m tests.chaos [--long]`: a chaos run outside pytest, printing its summary."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+from .checks import judge, report
+from .plan import CI, LONG
+from .run import run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
+    parser.add_argument("--long", action="store_true", help="the long run (default: the CI run)")
+    parser.add_argument("--seconds", type=float, help="how long the producer enqueues")
+    parser.add_argument("--rate", type=float, help="events per second")
+    parser.add_argument("--workers", type=int, help="worker processes")
+    parser.add_argument("--seed", type=int, help="seed of the kills and the event types")
+    args = parser.parse_args()
+    config = LONG if args.long else CI
+    changes = {
+        name: value
+        for name in ("seconds", "rate", "workers", "seed")
+        if (value := getattr(args, name)) is not None
+    }
+    config = dataclasses.replace(config, **changes)
+    workdir = Path(tempfile.mkdtemp(prefix="notifyhook-chaos-"))
+    verdict = judge(run(config, workdir))
+    print(report(verdict))
+    print(f"worker logs: {workdir}")
+    return 1 if verdict.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
