@@ -111,4 +111,22 @@ async def check_schema(conn: Any) -> int:
             f"the database schema is version {found}, {newer_or_older} than the version "
             f"this notifyhook knows ({known}): {advice}"
         )
+    await _check_definitions(conn)
     return found
+
+
+async def _check_definitions(conn: Any) -> None:
+    """Refuse functions, triggers or views other than this code's: the worker calls them.
+
+    A package upgraded without `notifyhook migrate` keeps the schema version but
+    not the functions it was written against.
+    """
+    rows = await (await conn.execute(queries()["applied_migrations"])).fetchall()
+    found = {name: checksum for name, version, checksum in rows if version is None}
+    shipped = {f.name: f.checksum for f in migration_files() if f.version is None}
+    differing = sorted(name for name in shipped if found.get(name) != shipped[name])
+    if differing:
+        raise SchemaVersionError(
+            f"the database's {', '.join(differing)} differ from this notifyhook's: "
+            "run `notifyhook migrate` with this version"
+        )

@@ -171,6 +171,9 @@ def test_sigterm_gives_back_what_cannot_finish_without_charging(db, receiver, st
     assert worker.wait(20) == 0, worker.log()
     rows = db.execute("SELECT status, attempts, locked_by FROM notifyhook.deliveries").fetchall()
     assert rows == [("pending", 0, None), ("pending", 0, None)]
+    logged = db.execute("SELECT attempt, error FROM notifyhook.attempts").fetchall()
+    assert len(logged) == 2
+    assert all(attempt == 1 and error.startswith("interrupted") for attempt, error in logged)
 
 
 def test_a_second_signal_exits_at_once(db, receiver, start_worker):
@@ -194,3 +197,13 @@ def test_the_worker_refuses_an_unknown_schema_version(db, start_worker):
     log = worker.log()
     assert "version 9999" in log
     assert "newer" in log
+
+
+def test_the_worker_refuses_functions_it_was_not_written_against(db, start_worker):
+    db.execute(
+        "UPDATE notifyhook.migrations SET checksum = 'old' WHERE name = 'functions/claim.sql'"
+    )
+    worker = start_worker()
+    assert worker.wait(30) == 2
+    assert "functions/claim.sql differ" in worker.log()
+    assert "notifyhook migrate" in worker.log()

@@ -151,8 +151,10 @@ END
 $$;
 
 -- Give back claims a worker could not finish (graceful shutdown): pending again,
--- due now, and the attempt that was never made is not charged. Only rows the
--- worker still holds under the claim it made are touched.
+-- due now, and the attempt is not charged. Only rows the worker still holds
+-- under the claim it made are touched. The request may have reached the
+-- receiver, so the audit log says it was interrupted; the next attempt carries
+-- the same number, since this one was not counted.
 CREATE OR REPLACE FUNCTION notifyhook.release_claims(
     worker text,
     delivery_ids bigint[],
@@ -162,12 +164,26 @@ LANGUAGE plpgsql AS $$
 DECLARE
     released integer;
 BEGIN
-    UPDATE notifyhook.deliveries AS d
-    SET status = 'pending', attempts = d.attempts - 1, locked_by = NULL, locked_until = NULL,
-        next_attempt_at = least(d.next_attempt_at, now()), updated_at = now()
-    FROM unnest(delivery_ids, attempt_numbers) AS held(delivery_id, attempt)
-    WHERE d.id = held.delivery_id AND d.status = 'processing'
-      AND d.locked_by = worker AND d.attempts = held.attempt;
+    WITH held AS (
+        SELECT d.id, d.endpoint_id, d.attempts, d.updated_at AS claimed_at
+        FROM notifyhook.deliveries AS d
+        JOIN unnest(delivery_ids, attempt_numbers) AS h(delivery_id, attempt)
+          ON d.id = h.delivery_id AND d.attempts = h.attempt
+        WHERE d.status = 'processing' AND d.locked_by = worker
+        FOR UPDATE OF d
+    ), given_back AS (
+        UPDATE notifyhook.deliveries AS d
+        SET status = 'pending', attempts = d.attempts - 1, locked_by = NULL, locked_until = NULL,
+            next_attempt_at = least(d.next_attempt_at, now()), updated_at = now()
+        FROM held WHERE d.id = held.id
+        RETURNING d.id
+    )
+    INSERT INTO notifyhook.attempts
+        (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error, worker)
+    SELECT held.id, held.endpoint_id, held.attempts, held.claimed_at, NULL, NULL,
+           'interrupted: the worker shut down before an answer; given back without charging the attempt',
+           worker
+    FROM held JOIN given_back ON given_back.id = held.id;
     GET DIAGNOSTICS released = ROW_COUNT;
     IF released > 0 THEN
         PERFORM pg_notify('notifyhook', '');
