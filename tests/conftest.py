@@ -87,6 +87,21 @@ def _create_template(admin_url: str) -> None:
 
 
 @pytest.fixture
+def own_cluster() -> Iterator[Cluster]:
+    """A migrated PostgreSQL of the test's own, which it may stop, restart or crash."""
+    with Cluster(fsync=False) as cluster:
+
+        async def setup() -> None:
+            async with await psycopg.AsyncConnection.connect(
+                cluster.url(), autocommit=True
+            ) as conn:
+                await migrate(conn, max_payload_bytes=262144)
+
+        asyncio.run(setup())
+        yield cluster
+
+
+@pytest.fixture
 def database_url(server: Server) -> Iterator[str]:
     """A fresh, migrated database of its own for each test."""
     name = f"notifyhook_test_{os.getpid()}_{next(_numbers)}"

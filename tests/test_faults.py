@@ -10,8 +10,6 @@ import pytest
 from conftest import add_endpoint, scalar, wait_until
 from test_worker import insert_events, statuses
 
-from notifyhook.cluster import Cluster
-from notifyhook.migrate import migrate
 from notifyhook.receiver import Answer
 
 pytestmark = pytest.mark.slow
@@ -71,21 +69,6 @@ def test_listener_killed_by_pg_terminate_backend_reconnects(db, receiver, start_
         lambda: statuses(db) == {"delivered": 6}, timeout=10, what="deliveries after reconnecting"
     )
     assert worker.process.poll() is None
-
-
-@pytest.fixture
-def own_cluster():
-    with Cluster(fsync=False) as cluster:
-        import asyncio
-
-        async def setup() -> None:
-            async with await psycopg.AsyncConnection.connect(
-                cluster.url(), autocommit=True
-            ) as conn:
-                await migrate(conn, max_payload_bytes=262144)
-
-        asyncio.run(setup())
-        yield cluster
 
 
 def test_postgres_restart_mid_stream(own_cluster, receiver, start_worker):

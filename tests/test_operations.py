@@ -16,7 +16,6 @@ import psycopg
 import pytest
 from conftest import add_endpoint, scalar, wait_until
 from prometheus_client.parser import text_string_to_metric_families
-from test_reporting import own_cluster  # noqa: F401  (a fixture)
 from test_worker import insert_events, statuses
 
 from notifyhook import signing
@@ -112,7 +111,7 @@ def test_metrics_sample_the_queue_and_count_reconnects(db, receiver, start_worke
     )
 
 
-def test_healthz_follows_the_database(own_cluster: Cluster, start_worker):  # noqa: F811
+def test_healthz_follows_the_database(own_cluster: Cluster, start_worker):
     port = free_port()
     start_worker(own_cluster.url(), metrics_port=str(port))
     wait_until(lambda: health(port) == 200, what="a healthy worker")

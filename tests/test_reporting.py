@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import socket
@@ -18,8 +17,6 @@ from psycopg.conninfo import make_conninfo
 from test_worker import statuses
 
 from notifyhook import __version__, signing
-from notifyhook.cluster import Cluster
-from notifyhook.migrate import migrate
 from notifyhook.reporting import REDACTED, scrub
 
 PASSWORD = "db-pa55word-never-shown"
@@ -73,21 +70,6 @@ def ingest() -> Iterator[Ingest]:
     yield server
     server._server.shutdown()
     server._server.server_close()
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[Cluster]:
-    """A PostgreSQL of the test's own, which it may stop and start."""
-    with Cluster(fsync=False) as cluster:
-
-        async def setup() -> None:
-            async with await psycopg.AsyncConnection.connect(
-                cluster.url(), autocommit=True
-            ) as conn:
-                await migrate(conn, max_payload_bytes=262144)
-
-        asyncio.run(setup())
-        yield cluster
 
 
 def database_lost(ingest: Ingest) -> list[dict[str, Any]]:
