@@ -386,11 +386,9 @@ def test_rotate_secret_signs_with_both_during_the_grace_then_the_new_one(
         standardwebhooks.Webhook(old).verify(after.body, after.headers)
 
 
-def test_secrets_at_rest_are_encrypted_and_signed_with_in_clear(
-    db, database_url, receiver, start_worker
-):
-    key = Fernet.generate_key().decode()
-    added = run_cli(
+def add_sealed_endpoint(database_url, receiver, key: str):
+    """`endpoint add` through the console script with NOTIFYHOOK_SECRET_KEY set."""
+    return run_cli(
         database_url,
         "endpoint",
         "add",
@@ -402,6 +400,13 @@ def test_secrets_at_rest_are_encrypted_and_signed_with_in_clear(
         receiver.url("sealed"),
         secret_key=key,
     )
+
+
+def test_secrets_at_rest_are_encrypted_and_signed_with_in_clear(
+    db, database_url, receiver, start_worker
+):
+    key = Fernet.generate_key().decode()
+    added = add_sealed_endpoint(database_url, receiver, key)
     secret = printed_secret(added.stdout)
     stored = scalar(db, "SELECT secret FROM notifyhook.endpoints WHERE name = 'sealed'")
     assert stored.startswith("enc:")
@@ -422,18 +427,7 @@ def test_secrets_at_rest_are_encrypted_and_signed_with_in_clear(
 
 def test_a_worker_without_the_key_records_why_and_retries(db, database_url, receiver, start_worker):
     key = Fernet.generate_key().decode()
-    added = run_cli(
-        database_url,
-        "endpoint",
-        "add",
-        "--tenant",
-        "t",
-        "--name",
-        "sealed",
-        "--url",
-        receiver.url("sealed"),
-        secret_key=key,
-    )
+    added = add_sealed_endpoint(database_url, receiver, key)
     receiver.trust("sealed", printed_secret(added.stdout))
     schedule = ",".join(["0.3"] * 30)
     keyless = start_worker(retry_schedule=schedule)
