@@ -22,7 +22,7 @@ from notifyhook.metrics import serve as serve_metrics
 from notifyhook.migrate import check_schema
 from notifyhook.sender import Sender
 from notifyhook.settings import Settings
-from notifyhook.store import DatabaseError, Row, Store, is_transient
+from notifyhook.store import DatabaseError, Row, Store, connect, is_transient
 from notifyhook.systemd import SystemdNotifier
 
 log = logging.getLogger("notifyhook.worker")
@@ -405,7 +405,7 @@ async def serve(settings: Settings) -> None:
     metrics = Metrics()
     url = settings.database_url.get_secret_value()
     async with Store.open(url) as store:
-        await _wait_for_schema(store)
+        await _wait_for_schema(url)
         async with Sender(
             allow_private_networks=settings.allow_private_networks,
             user_agent=f"notifyhook/{__version__}",
@@ -423,12 +423,16 @@ async def serve(settings: Settings) -> None:
                     await runner.cleanup()
 
 
-async def _wait_for_schema(store: Store) -> None:
-    """Refuse a schema this code does not know; wait out a database that is not up yet."""
+async def _wait_for_schema(url: str) -> None:
+    """Refuse a schema this code does not know; wait out a database that is not up yet.
+
+    A connection of its own rather than the pool's, so that a refused connection
+    is reported at once, with libpq's reason, not after the pool's timeout.
+    """
     delays = retry.reconnect_delays(longest=5.0)
     while True:
         try:
-            async with store.connection() as conn:
+            async with connect(url) as conn:
                 await check_schema(conn)
                 return
         except DatabaseError as error:
