@@ -376,7 +376,9 @@ class Worker:
     async def _database_trouble(self, what: str, error: BaseException, wait: float) -> None:
         if self.database_ok:
             log.warning(
-                "%s failed, database unavailable (%s); retrying", what, str(error).strip()[:200]
+                "%s failed, database unavailable (%s); retrying",
+                what,
+                " ".join(str(error).split())[:300],
             )
             self.metrics.database_errors.inc()
             reporting.report_database_lost(what, error)
@@ -404,23 +406,25 @@ async def serve(settings: Settings) -> None:
     reporting.start(settings)
     metrics = Metrics()
     url = settings.database_url.get_secret_value()
-    async with Store.open(url) as store:
-        await _wait_for_schema(url)
-        async with Sender(
+    await _wait_for_schema(url)
+    async with (
+        Store.open(url) as store,
+        Sender(
             allow_private_networks=settings.allow_private_networks,
             user_agent=f"notifyhook/{__version__}",
             max_connections=settings.concurrency,
-        ) as sender:
-            worker = Worker(settings, store, sender, metrics=metrics)
-            worker.install_signal_handlers()
-            runner = None
-            if settings.metrics_port is not None:
-                runner = await serve_metrics(metrics, settings.metrics_port, lambda: worker.healthy)
-            try:
-                await worker.run()
-            finally:
-                if runner is not None:
-                    await runner.cleanup()
+        ) as sender,
+    ):
+        worker = Worker(settings, store, sender, metrics=metrics)
+        worker.install_signal_handlers()
+        runner = None
+        if settings.metrics_port is not None:
+            runner = await serve_metrics(metrics, settings.metrics_port, lambda: worker.healthy)
+        try:
+            await worker.run()
+        finally:
+            if runner is not None:
+                await runner.cleanup()
 
 
 async def _wait_for_schema(url: str) -> None:
@@ -440,6 +444,8 @@ async def _wait_for_schema(url: str) -> None:
                 raise
             wait = next(delays)
             log.warning(
-                "database not available (%s); trying again in %.1fs", str(error).strip()[:200], wait
+                "database not available (%s); trying again in %.1fs",
+                " ".join(str(error).split())[:300],
+                wait,
             )
             await asyncio.sleep(wait)
