@@ -262,10 +262,53 @@ async def history(bench: Bench) -> list[Result]:
     return [result]
 
 
+RATE_LIMIT = 20
+RATE_LIMITED = 100
+
+
+async def rate_limited(bench: Bench) -> list[Result]:
+    """100 deliveries to one endpoint limited to 20/s, shared by two workers (same size always)."""
+    name, url, ids = await bench.database([("limited", FAST)])
+    started: list[scenario.WorkerProcess] = []
+    try:
+        async with connect(url) as conn:
+            await conn.execute(
+                scenario.statements()["set_rate_limit"],
+                {"rate_limit": RATE_LIMIT, "endpoint_id": ids[0]},
+            )
+        started = await bench.start_workers(url, 2)
+        await bench.drain()
+        meter = bench.meter(started)
+        await insert_backlog(url, RATE_LIMITED, ["limited"])
+        hits = await bench.collect(RATE_LIMITED, 60, FAST)
+        used = meter.read()
+        rss = peak_rss(started)
+    finally:
+        scenario.stop_workers(started)
+        await bench.server.drop_database(name)
+    times = sorted(h.received_at for h in hits if h.path == FAST)
+    span = times[-1] - times[0]
+    # The most requests the receiver saw in any one-second window.
+    busiest = max(sum(1 for t in times[i:] if t - start < 1.0) for i, start in enumerate(times))
+    return [
+        Result(
+            "ratelimit",
+            f"{RATE_LIMITED} at rate_limit {RATE_LIMIT}/s, 2 workers",
+            f"first to last {span:.2f}s; at most {busiest} in any second "
+            f"(bucket: {RATE_LIMIT} burst + {RATE_LIMIT}/s)",
+            f"≥ {(RATE_LIMITED - RATE_LIMIT) / RATE_LIMIT:.0f} s; ≤ {2 * RATE_LIMIT} in a second",
+            {"span_s": span, "busiest_second": busiest},
+            used,
+            rss,
+        )
+    ]
+
+
 SCENARIOS: dict[str, Scenario] = {
     "backlog": backlog,
     "latency": steady_rate,
     "idle": idle,
     "noisy": noisy,
+    "ratelimit": rate_limited,
     "history": history,
 }

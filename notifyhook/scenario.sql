@@ -117,3 +117,6 @@ ALTER SYSTEM RESET shared_preload_libraries;
 -- name: history_vacuum
 -- What autovacuum would have done to a table of this age.
 VACUUM ANALYZE notifyhook.events, notifyhook.deliveries, notifyhook.attempts;
+
+-- name: set_rate_limit
+UPDATE notifyhook.endpoints SET rate_limit = %(rate_limit)s WHERE id = %(endpoint_id)s;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -44,7 +45,7 @@ def test_small_bench_reports_every_scenario_and_leaves_nothing(server):
     results = {(r["scenario"], r["case"]): r for r in report["results"]}
     scenarios = [r["scenario"] for r in report["results"]]
     assert scenarios == ["receiver", "backlog", "backlog", "latency", "latency", "idle", "noisy",
-                         "history"]  # fmt: skip
+                         "ratelimit", "history"]  # fmt: skip
 
     ceiling = results["receiver", "ceiling"]
     assert ceiling["figures"]["verified"] == report["environment"]["sizes"]["ceiling"]
@@ -70,13 +71,18 @@ def test_small_bench_reports_every_scenario_and_leaves_nothing(server):
     assert noisy["figures"]["p99_ms"] > 0
     assert noisy["figures"]["slow_served_per_s"] > 0
 
+    limited = next(r for r in report["results"] if r["scenario"] == "ratelimit")["figures"]
+    # A count, not a time: the bucket lets 20 through at once, then 20 a second.
+    assert 0 < limited["busiest_second"] <= 40
+    assert limited["span_s"] > 0
+
     history = next(r for r in report["results"] if r["scenario"] == "history")
     assert history["figures"]["deliveries"] == 500
     assert history["figures"]["vs_empty"] > 0
     assert "10,000 delivered rows of history" in history["note"]
 
     table = format_report(report)
-    assert "backlog  | 2 workers" in table
+    assert re.search(r"^backlog +\| 2 workers", table, re.MULTILINE)
     assert "PostgreSQL CPU" in table
 
 
