@@ -294,6 +294,11 @@ def added(stdout: str) -> tuple[int, str]:
     return int(first.split()[1]), second.removeprefix("secret: ")
 
 
+def add_through_cli(database_url: str, name: str, url: str) -> tuple[int, str]:
+    """`endpoint add` for tenant t through the console script: (id, secret)."""
+    return added(ok(database_url, "endpoint", "add", "--tenant", "t", "--name", name, "--url", url))
+
+
 def test_endpoint_add_prints_the_secret_once_and_list_and_show_never(db, database_url):
     stdout = ok(
         database_url,
@@ -350,19 +355,7 @@ def test_endpoint_commands_on_a_missing_endpoint_exit_1(database_url):
 def test_disable_keeps_deliveries_pending_and_enable_sends_them(
     db, database_url, receiver, start_worker
 ):
-    endpoint_id, _ = added(
-        ok(
-            database_url,
-            "endpoint",
-            "add",
-            "--tenant",
-            "t",
-            "--name",
-            "paused",
-            "--url",
-            receiver.url("paused"),
-        )
-    )
+    endpoint_id, _ = add_through_cli(database_url, "paused", receiver.url("paused"))
     add_endpoint(db, "t", "live", receiver.url("live"))
     stdout = ok(database_url, "endpoint", "disable", str(endpoint_id), "--reason", "maintenance")
     assert stdout.strip() == f"endpoint {endpoint_id} disabled"
@@ -390,19 +383,7 @@ def test_disable_keeps_deliveries_pending_and_enable_sends_them(
 
 
 def test_rotate_secret_keeps_the_old_one_for_the_grace(db, database_url):
-    endpoint_id, old = added(
-        ok(
-            database_url,
-            "endpoint",
-            "add",
-            "--tenant",
-            "t",
-            "--name",
-            "n",
-            "--url",
-            "https://example.com/",
-        )
-    )
+    endpoint_id, old = add_through_cli(database_url, "n", "https://example.com/")
     stdout = ok(database_url, "endpoint", "rotate-secret", str(endpoint_id), "--grace", "2h")
     new = next(line for line in stdout.splitlines() if line.startswith("secret: ")).removeprefix(
         "secret: "
