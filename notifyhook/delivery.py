@@ -62,6 +62,7 @@ class Outcome:
     """The worker's decision after one attempt: the delivery's next state, and the attempt row."""
 
     delivery_id: int
+    endpoint_id: int
     attempt: int
     status: DeliveryStatus
     next_attempt_at: datetime | None

@@ -33,10 +33,11 @@ SELECT * FROM notifyhook.claim_due(%(worker)s, %(max_rows)s, %(lease)s, %(endpoi
 -- name: record_outcomes
 -- Casts spell the array types out: a list of all-None values carries no type.
 SELECT * FROM notifyhook.record_outcomes(
-    %(worker)s, %(delivery_ids)s::bigint[], %(attempt_numbers)s::integer[], %(statuses)s::text[],
-    %(next_attempt_ats)s::timestamptz[], %(started_ats)s::timestamptz[],
-    %(durations_ms)s::double precision[], %(status_codes)s::integer[], %(errors)s::text[],
-    %(excerpts)s::text[], %(gone)s::boolean[], %(disable_after)s);
+    %(worker)s, %(delivery_ids)s::bigint[], %(endpoint_ids)s::bigint[],
+    %(attempt_numbers)s::integer[], %(statuses)s::text[], %(next_attempt_ats)s::timestamptz[],
+    %(started_ats)s::timestamptz[], %(durations_ms)s::double precision[],
+    %(status_codes)s::integer[], %(errors)s::text[], %(excerpts)s::text[], %(gone)s::boolean[],
+    %(disable_after)s, %(retried)s);
 
 -- name: release_claims
 SELECT notifyhook.release_claims(%(worker)s, %(delivery_ids)s::bigint[], %(attempt_numbers)s::integer[]);

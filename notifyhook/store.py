@@ -204,15 +204,25 @@ class Store:
         )
 
     async def record_outcomes(
-        self, worker: str, outcomes: Sequence[Outcome], disable_after_s: float
+        self,
+        worker: str,
+        outcomes: Sequence[Outcome],
+        disable_after_s: float,
+        *,
+        retried: bool = False,
     ) -> list[tuple[int, str]]:
-        """Write a batch of outcomes; returns the endpoints it disabled, with why."""
+        """Write a batch of outcomes; returns the endpoints it disabled, with why.
+
+        `retried`: this batch is being sent again after an error, and may have been
+        recorded already (the commit went through, the answer was lost).
+        """
         results = [o.result for o in outcomes]
         rows = await self._fetch(
             "record_outcomes",
             {
                 "worker": worker,
                 "delivery_ids": [o.delivery_id for o in outcomes],
+                "endpoint_ids": [o.endpoint_id for o in outcomes],
                 "attempt_numbers": [o.attempt for o in outcomes],
                 "statuses": [o.status for o in outcomes],
                 "next_attempt_ats": [o.next_attempt_at for o in outcomes],
@@ -223,6 +233,7 @@ class Store:
                 "excerpts": [r.response_excerpt for r in results],
                 "gone": [r.verdict.value == "gone" for r in results],
                 "disable_after": timedelta(seconds=disable_after_s),
+                "retried": retried,
             },
         )
         return [(row[0], row[1]) for row in rows]

@@ -30,6 +30,9 @@ log = logging.getLogger("notifyhook.worker")
 PRUNE_EVERY_S = 600.0
 """How often a worker offers to run retention (one worker of the fleet does)."""
 
+RECORD_PATIENCE_S = 0.005
+"""How long finished attempts may wait for others to share their transaction."""
+
 
 def decide(delivery: Delivery, result: AttemptResult, settings: Settings) -> Outcome:
     """Map an attempt's result to the delivery's next state (retry schedule, jitter, Retry-After)."""
@@ -44,7 +47,9 @@ def decide(delivery: Delivery, result: AttemptResult, settings: Settings) -> Out
         if delay is not None:
             status = "pending"
             next_attempt_at = datetime.now(UTC) + timedelta(seconds=delay)
-    return Outcome(delivery.id, delivery.attempt, status, next_attempt_at, result)
+    return Outcome(
+        delivery.id, delivery.endpoint_id, delivery.attempt, status, next_attempt_at, result
+    )
 
 
 class Worker:
@@ -71,15 +76,21 @@ class Worker:
         # No endpoint may hold more than half of this worker's slots, so another
         # endpoint's fresh events always find a free slot (the claim enforces it).
         self._endpoint_share = max(1, math.ceil(settings.concurrency / 2))
-        # Finishing deliveries trigger a new claim only every few slots: one claim
-        # per finished request would cost the database a query per delivery.
-        self._refill_at = max(1, min(settings.batch_size, self._endpoint_share) // 4)
+        # Finishing deliveries trigger a new claim only every few slots, and outcomes
+        # are recorded a batch at a time: a claim or a record costs the database
+        # about a millisecond however few rows it carries, so one per delivery
+        # would cost more than the deliveries themselves.
+        self._refill_at = max(1, min(settings.batch_size, settings.concurrency) // 4)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._in_flight: dict[int, tuple[int, asyncio.Task[None]]] = {}
         self._outcomes: list[Outcome] = []
         self._outcomes_ready = asyncio.Event()
+        self._recording = asyncio.Lock()
         self._more_due = False
+        # Due rows wait for a cap (max_in_flight, a circuit probe, the endpoint's or
+        # tenant's share) that only a recorded outcome lifts: record without delay.
+        self._capped = False
         self._freed_since_claim = 0
         # When to look again without being woken (monotonic seconds): what the last
         # claim said, and the earliest retry this worker scheduled itself; the latter
@@ -180,6 +191,7 @@ class Worker:
             for row in claim.rows:
                 self._start(row)
             self._freed_since_claim = 0
+            self._capped = claim.more_due
             self._more_due = claim.more_due or len(claim.rows) == asked
             self._claim_deadline = (
                 time.monotonic() + max(0.005, claim.wake_in_s)
@@ -279,25 +291,38 @@ class Worker:
     async def _record_loop(self) -> None:
         while True:
             await self._outcomes_ready.wait()
+            if self._in_flight and not self._capped and len(self._outcomes) < self._refill_at:
+                # Others are about to finish: let a few share the transaction.
+                await asyncio.sleep(RECORD_PATIENCE_S)
             self._outcomes_ready.clear()
             await self._flush_outcomes()
 
     async def _flush_outcomes(self, *, give_up_after_s: float | None = None) -> None:
         """Write buffered outcomes in batches; wait out a database outage (rows stay leased)."""
+        # One flush at a time: the shutdown's flush and the recorder's must not both
+        # send the same outcomes.
+        async with self._recording:
+            await self._flush_held_outcomes(give_up_after_s)
+
+    async def _flush_held_outcomes(self, give_up_after_s: float | None) -> None:
         delays = retry.reconnect_delays()
         started = time.monotonic()
+        # After an error the batch goes again, and the first call may have committed.
+        retried = False
         while self._outcomes:
             batch = self._outcomes[: self.settings.batch_size]
             try:
                 disabled = await self._store.record_outcomes(
-                    self.settings.worker_id, batch, self.settings.disable_after
+                    self.settings.worker_id, batch, self.settings.disable_after, retried=retried
                 )
             except DatabaseError as error:
                 if give_up_after_s is not None and time.monotonic() - started > give_up_after_s:
                     log.error("giving up recording %d outcomes: %s", len(self._outcomes), error)
                     return
+                retried = True
                 await self._database_trouble("record", error, next(delays))
                 continue
+            retried = False
             self._database_recovered()
             del self._outcomes[: len(batch)]
             if self._more_due:

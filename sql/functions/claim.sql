@@ -82,6 +82,14 @@ DECLARE
     -- When the rate buckets are read: after the locks, not at transaction start.
     bucket_at timestamptz;
 BEGIN
+    -- This transaction's commit need not wait for the disk. Were a crash to lose the
+    -- claim, its rows would simply be pending again, due, and claimed anew: the
+    -- receiver may get a request twice, which at-least-once delivery allows, and
+    -- the attempt is still in notifyhook.attempts, which record_outcomes writes
+    -- (synchronously) whether or not the worker still holds the row. What is
+    -- saved is a WAL flush on the path from an event's COMMIT to its request.
+    PERFORM set_config('synchronous_commit', 'off', true);
+
     -- Every enabled endpoint with pending rows, by a skip scan of deliveries_pending:
     -- one index probe per such endpoint, however many rows each has queued.
     busy := ARRAY(

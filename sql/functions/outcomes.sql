@@ -13,9 +13,22 @@
 -- endpoint. Endpoint health (consecutive failures, failing since) is updated
 -- from the batch, and endpoints failing for longer than `disable_after` are
 -- disabled. Returns the endpoints this call disabled, with the reason.
+--
+-- `retried` says the worker is sending this batch again after an error: the
+-- first call may have committed and lost only its answer, so outcomes already
+-- recorded are skipped. Only then is the audit log searched, so a normal call
+-- pays nothing for it.
+--
+-- The arrays are read with unnest in each statement rather than copied into a
+-- temporary table: a temporary table costs a truncation at every commit, more
+-- than reading a hundred array elements again.
+DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
+    text, bigint[], integer[], text[], timestamptz[], timestamptz[], double precision[],
+    integer[], text[], text[], boolean[], interval);
 CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     worker text,
     delivery_ids bigint[],
+    endpoint_ids bigint[],
     attempt_numbers integer[],
     statuses text[],
     next_attempt_ats timestamptz[],
@@ -25,72 +38,70 @@ CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     errors text[],
     excerpts text[],
     gone boolean[],
-    disable_after interval
+    disable_after interval,
+    retried boolean
 ) RETURNS TABLE (endpoint_id bigint, disabled_reason text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Planned once per connection and reused (see claim_due).
+SET plan_cache_mode = force_generic_plan
+AS $$
 DECLARE
-    touched bigint[];
-    gone_endpoints bigint[];
+    -- Positions (1-based) in the arrays of outcomes recorded by an earlier call.
+    recorded integer[] := '{}';
 BEGIN
-    -- A session-local scratch table: the batch is read by four statements below.
-    -- Created once per connection (checked first: IF NOT EXISTS would send a
-    -- NOTICE on every call), emptied at every commit.
-    IF to_regclass('pg_temp.outcome_batch') IS NULL THEN
-    CREATE TEMP TABLE outcome_batch (
-        delivery_id bigint, endpoint_id bigint, attempt integer, status text,
-        next_attempt_at timestamptz, started_at timestamptz, duration_ms double precision,
-        status_code integer, error text, excerpt text, gone boolean
-    ) ON COMMIT DELETE ROWS;
+    IF retried THEN
+        -- An attempt is known by its worker, start and duration (reclaim_expired's
+        -- rows have no duration).
+        recorded := ARRAY(
+            SELECT o.n
+            FROM unnest(delivery_ids, attempt_numbers, started_ats, durations_ms)
+                 WITH ORDINALITY AS o(delivery_id, attempt, started_at, duration_ms, n)
+            WHERE EXISTS (
+                SELECT FROM notifyhook.attempts AS a
+                WHERE a.delivery_id = o.delivery_id AND a.attempt = o.attempt
+                  AND a.worker = record_outcomes.worker
+                  AND a.started_at = o.started_at AND a.duration_ms = o.duration_ms));
     END IF;
-    INSERT INTO pg_temp.outcome_batch
-    SELECT o.delivery_id, d.endpoint_id, o.attempt, o.status, o.next_attempt_at, o.started_at,
-           o.duration_ms, o.status_code, o.error, o.excerpt, o.gone
-    FROM unnest(delivery_ids, attempt_numbers, statuses, next_attempt_ats, started_ats,
-                durations_ms, status_codes, errors, excerpts, gone)
-         AS o(delivery_id, attempt, status, next_attempt_at, started_at, duration_ms,
-              status_code, error, excerpt, gone)
-    -- A delivery deleted meanwhile (its endpoint removed) has nothing left to record.
-    JOIN notifyhook.deliveries AS d ON d.id = o.delivery_id;
 
-    -- A worker retries a call that failed with the connection, but a call can commit
-    -- and then lose its answer (an immediate shutdown, a connection cut right after
-    -- the commit): outcomes recorded by that first try are dropped here, or their
-    -- attempts rows would be written twice and their failures counted twice. An
-    -- attempt is known by its worker, start and duration (reclaim_expired's rows
-    -- have no duration).
-    DELETE FROM pg_temp.outcome_batch AS o
-    WHERE EXISTS (
-        SELECT FROM notifyhook.attempts AS a
-        WHERE a.delivery_id = o.delivery_id AND a.attempt = o.attempt
-          AND a.worker = record_outcomes.worker
-          AND a.started_at = o.started_at AND a.duration_ms = o.duration_ms);
-
-    UPDATE notifyhook.deliveries AS d
-    SET status = o.status,
-        next_attempt_at = coalesce(o.next_attempt_at, d.next_attempt_at),
-        locked_by = NULL,
-        locked_until = NULL,
-        last_status_code = o.status_code,
-        last_error = o.error,
-        delivered_at = CASE WHEN o.status = 'delivered' THEN now() END,
-        updated_at = now()
-    FROM pg_temp.outcome_batch AS o
-    WHERE d.id = o.delivery_id
-      AND d.status = 'processing' AND d.locked_by = worker AND d.attempts = o.attempt;
-
+    WITH batch AS (
+        SELECT o.*
+        FROM unnest(delivery_ids, endpoint_ids, attempt_numbers, statuses, next_attempt_ats,
+                    started_ats, durations_ms, status_codes, errors, excerpts)
+             WITH ORDINALITY AS o(delivery_id, endpoint_id, attempt, status, next_attempt_at,
+                                  started_at, duration_ms, status_code, error, excerpt, n)
+        WHERE o.n <> ALL (recorded)
+    ), settled AS (
+        UPDATE notifyhook.deliveries AS d
+        SET status = o.status,
+            next_attempt_at = coalesce(o.next_attempt_at, d.next_attempt_at),
+            locked_by = NULL,
+            locked_until = NULL,
+            last_status_code = o.status_code,
+            last_error = o.error,
+            delivered_at = CASE WHEN o.status = 'delivered' THEN now() END,
+            updated_at = now()
+        FROM batch AS o
+        -- Still held: locked_by is set only while processing (deliveries_lease_held).
+        -- "status = 'processing'" is left out on purpose: with it the planner may
+        -- scan the deliveries_processing index once per outcome, trusting statistics
+        -- from when few rows were in flight, instead of one primary-key probe each.
+        WHERE d.id = o.delivery_id AND d.locked_by = worker AND d.attempts = o.attempt
+    )
     INSERT INTO notifyhook.attempts
         (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error,
          response_excerpt, worker)
     SELECT o.delivery_id, o.endpoint_id, o.attempt, o.started_at, o.duration_ms, o.status_code,
            o.error, o.excerpt, worker
-    FROM pg_temp.outcome_batch AS o;
+    FROM batch AS o
+    -- A delivery deleted meanwhile (its endpoint removed) has nothing left to record.
+    WHERE EXISTS (SELECT FROM notifyhook.deliveries AS d WHERE d.id = o.delivery_id);
 
     -- Lock the endpoints' state rows in id order: two workers recording for the
     -- same endpoints at once then wait for each other instead of deadlocking.
-    SELECT array_agg(s.endpoint_id ORDER BY s.endpoint_id) INTO touched
-    FROM (SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
-          WHERE s.endpoint_id IN (SELECT o.endpoint_id FROM pg_temp.outcome_batch AS o)
-          ORDER BY s.endpoint_id FOR UPDATE) AS s;
+    PERFORM FROM notifyhook.endpoint_state AS s
+    WHERE s.endpoint_id = ANY (endpoint_ids)
+    ORDER BY s.endpoint_id
+    FOR UPDATE;
 
     -- Health: only failures that began after the endpoint's latest success count,
     -- whichever batch (or worker) recorded that success: a slow timeout recorded
@@ -98,23 +109,29 @@ BEGIN
     -- time before the success. A success newer than any known resets the count and
     -- the clock, unless failures already counted began after it.
     WITH batch AS (
+        SELECT o.*
+        FROM unnest(endpoint_ids, statuses, started_ats) WITH ORDINALITY
+             AS o(endpoint_id, status, started_at, n)
+        WHERE o.n <> ALL (recorded)
+    ), per_endpoint AS (
         SELECT o.endpoint_id,
                max(o.started_at) FILTER (WHERE o.status = 'delivered') AS success_at,
                max(o.started_at) FILTER (WHERE o.status <> 'delivered') AS failure_at
-        FROM pg_temp.outcome_batch AS o GROUP BY o.endpoint_id
+        FROM batch AS o GROUP BY o.endpoint_id
     ), latest AS (
         SELECT b.endpoint_id, b.failure_at, b.success_at,
                greatest(st.last_success_at, b.success_at) AS success_since,
                b.success_at > coalesce(st.last_success_at, '-infinity')
                    AND coalesce(st.failing_since <= b.success_at, true) AS recovered
-        FROM batch AS b JOIN notifyhook.endpoint_state AS st ON st.endpoint_id = b.endpoint_id
+        FROM per_endpoint AS b
+        JOIN notifyhook.endpoint_state AS st ON st.endpoint_id = b.endpoint_id
     ), health AS (
         SELECT l.endpoint_id, l.success_at, l.failure_at, l.recovered,
                count(*) FILTER (WHERE o.status <> 'delivered'
                                 AND o.started_at > coalesce(l.success_since, '-infinity')) AS failures,
                min(o.started_at) FILTER (WHERE o.status <> 'delivered'
                                 AND o.started_at > coalesce(l.success_since, '-infinity')) AS first_failure_at
-        FROM latest AS l JOIN pg_temp.outcome_batch AS o ON o.endpoint_id = l.endpoint_id
+        FROM latest AS l JOIN batch AS o ON o.endpoint_id = l.endpoint_id
         GROUP BY l.endpoint_id, l.success_at, l.failure_at, l.recovered
     )
     UPDATE notifyhook.endpoint_state AS st
@@ -128,14 +145,20 @@ BEGIN
     FROM health AS h
     WHERE st.endpoint_id = h.endpoint_id;
 
-    SELECT array_agg(DISTINCT o.endpoint_id) INTO gone_endpoints
-    FROM pg_temp.outcome_batch AS o WHERE o.gone;
-
+    -- Only a failure can start or prolong a failing streak, or be a 410.
+    IF 'delivered' = ALL (statuses) THEN
+        RETURN;
+    END IF;
     RETURN QUERY
+    WITH gone_endpoint AS (
+        SELECT DISTINCT o.endpoint_id
+        FROM unnest(endpoint_ids, gone) WITH ORDINALITY AS o(endpoint_id, gone, n)
+        WHERE o.gone AND o.n <> ALL (recorded)
+    )
     UPDATE notifyhook.endpoints AS e
     SET enabled = false,
         disabled_reason = CASE
-            WHEN e.id = ANY (gone_endpoints)
+            WHEN e.id IN (SELECT g.endpoint_id FROM gone_endpoint AS g)
             THEN format('410 Gone received at %s', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'))
             ELSE format('every attempt failed since %s, longer than %s',
                         to_char(s.failing_since AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'),
@@ -143,9 +166,10 @@ BEGIN
         END
     FROM notifyhook.endpoint_state AS s
     WHERE s.endpoint_id = e.id
-      AND e.id = ANY (touched)
+      AND e.id = ANY (endpoint_ids)
       AND e.enabled
-      AND (e.id = ANY (gone_endpoints) OR s.failing_since < now() - disable_after)
+      AND (e.id IN (SELECT g.endpoint_id FROM gone_endpoint AS g)
+           OR s.failing_since < now() - disable_after)
     RETURNING e.id, e.disabled_reason;
 END
 $$;

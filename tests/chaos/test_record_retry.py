@@ -31,12 +31,13 @@ def test_recording_the_same_outcomes_twice_writes_them_once(db, database_url):
         Verdict.RETRY, datetime.now(UTC), 12.5, status_code=503, error="HTTP 503"
     )
     retry_at = datetime.now(UTC) + timedelta(seconds=30)
-    outcome = Outcome(delivery, 1, "pending", retry_at, failed)
+    outcome = Outcome(delivery, endpoint, 1, "pending", retry_at, failed)
 
     async def record_twice() -> None:
         async with Store.open(database_url) as store:
             await store.record_outcomes("w", [outcome], 86400)
-            await store.record_outcomes("w", [outcome], 86400)
+            # As the worker sends it again when the first call's answer is lost.
+            await store.record_outcomes("w", [outcome], 86400, retried=True)
 
     asyncio.run(record_twice())
     rows = db.execute(
