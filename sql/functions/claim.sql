@@ -77,6 +77,8 @@ DECLARE
     circuit_threshold CONSTANT integer := 5;
     -- Enabled endpoints with pending rows.
     busy bigint[];
+    -- Whether any of them has a limit (or an open circuit), so needs its lock.
+    any_limited boolean;
     -- Those whose endpoint_state row this transaction has locked.
     guarded bigint[];
     -- When the rate buckets are read: after the locks, not at transaction start.
@@ -92,21 +94,29 @@ BEGIN
 
     -- Every enabled endpoint with pending rows, by a skip scan of deliveries_pending:
     -- one index probe per such endpoint, however many rows each has queued.
-    busy := ARRAY(
-        WITH RECURSIVE queued(endpoint_id) AS (
-            (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
-             WHERE d.status = 'pending' ORDER BY d.endpoint_id LIMIT 1)
-            UNION ALL
-            SELECT (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
-                    WHERE d.status = 'pending' AND d.endpoint_id > queued.endpoint_id
-                    ORDER BY d.endpoint_id LIMIT 1)
-            FROM queued WHERE queued.endpoint_id IS NOT NULL
-        )
-        SELECT e.id FROM queued JOIN notifyhook.endpoints AS e ON e.id = queued.endpoint_id
-        WHERE e.enabled);
+    WITH RECURSIVE queued(endpoint_id) AS (
+        (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
+         WHERE d.status = 'pending' ORDER BY d.endpoint_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
+                WHERE d.status = 'pending' AND d.endpoint_id > queued.endpoint_id
+                ORDER BY d.endpoint_id LIMIT 1)
+        FROM queued WHERE queued.endpoint_id IS NOT NULL
+    )
+    SELECT coalesce(array_agg(e.id), '{}'),
+           coalesce(bool_or(e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL
+                            OR s.consecutive_failures >= circuit_threshold), false)
+    INTO busy, any_limited
+    FROM queued
+    JOIN notifyhook.endpoints AS e ON e.id = queued.endpoint_id
+    JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
+    WHERE e.enabled;
 
     -- Lock the state rows of the limited endpoints that have rows due, in id order
     -- (record_outcomes locks in the same order, so two transactions never deadlock).
+    -- Most claims find no limited endpoint and skip this statement.
+    guarded := '{}';
+    IF any_limited THEN
     guarded := ARRAY(
         SELECT s.endpoint_id
         FROM notifyhook.endpoint_state AS s
@@ -119,6 +129,7 @@ BEGIN
                ORDER BY d.next_attempt_at LIMIT 1) <= now()
         ORDER BY s.endpoint_id
         FOR UPDATE OF s);
+    END IF;
     bucket_at := clock_timestamp();
 
     RETURN QUERY
