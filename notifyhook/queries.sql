@@ -31,12 +31,15 @@ WHERE max_payload_bytes IS DISTINCT FROM %(max_payload_bytes)s;
 SELECT * FROM notifyhook.claim_due(%(worker)s, %(max_rows)s, %(lease)s, %(endpoint_share)s);
 
 -- name: record_outcomes
--- Casts spell the array types out: a list of all-None values carries no type.
+-- Casts spell the array types out: a list of all-None values carries no type. The
+-- arrays go in binary format: psycopg writes a list of timestamps as text at ~9 µs
+-- an element, which made this statement's parameters cost a worker more than the
+-- statement costs the database; binary is about twenty times cheaper.
 SELECT * FROM notifyhook.record_outcomes(
-    %(worker)s, %(delivery_ids)s::bigint[], %(endpoint_ids)s::bigint[],
-    %(attempt_numbers)s::integer[], %(statuses)s::text[], %(next_attempt_ats)s::timestamptz[],
-    %(started_ats)s::timestamptz[], %(durations_ms)s::double precision[],
-    %(status_codes)s::integer[], %(errors)s::text[], %(excerpts)s::text[], %(gone)s::boolean[],
+    %(worker)s, %(delivery_ids)b::bigint[], %(endpoint_ids)b::bigint[],
+    %(attempt_numbers)b::integer[], %(statuses)b::text[], %(next_attempt_ats)b::timestamptz[],
+    %(started_ats)b::timestamptz[], %(durations_ms)b::double precision[],
+    %(status_codes)b::integer[], %(errors)b::text[], %(excerpts)b::text[], %(gone)b::boolean[],
     %(disable_after)s, %(retried)s);
 
 -- name: release_claims
