@@ -112,6 +112,15 @@ BEGIN
     JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
     WHERE e.enabled;
 
+    IF cardinality(busy) = 0 THEN
+        -- Nothing pending at all: no retry to wait for, nothing held back. The hint
+        -- row alone, without starting the statement below (most of a claim's cost).
+        RETURN QUERY SELECT NULL::bigint, NULL::uuid, NULL::bigint, NULL::integer, NULL::text,
+            NULL::text, NULL::text, NULL::jsonb, NULL::integer, NULL::text,
+            NULL::double precision, false, false;
+        RETURN;
+    END IF;
+
     -- Lock the state rows of the limited endpoints that have rows due, in id order
     -- (record_outcomes locks in the same order, so two transactions never deadlock).
     -- Most claims find no limited endpoint and skip this statement.
