@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from cryptography.fernet import Fernet, InvalidToken
 
 from notifyhook.errors import SecretError
@@ -35,8 +37,16 @@ def unseal(stored: str, key: str | None) -> str:
             "an endpoint secret is encrypted (enc:) but NOTIFYHOOK_SECRET_KEY is not set"
         )
     try:
-        return Fernet(key.encode()).decrypt(stored[len(ENCRYPTED_PREFIX) :].encode()).decode()
+        return _decrypt(stored, key)
     except InvalidToken:
         raise SecretError(
             "an endpoint secret cannot be decrypted with NOTIFYHOOK_SECRET_KEY"
         ) from None
+
+
+# The worker unseals its endpoint's secrets for every attempt, and Fernet costs tens of
+# microseconds (a key derivation, an HMAC, AES): endpoints are few, so remember them.
+# A failure is not cached: an operator may be fixing the key.
+@lru_cache(maxsize=1024)
+def _decrypt(stored: str, key: str) -> str:
+    return Fernet(key.encode()).decrypt(stored[len(ENCRYPTED_PREFIX) :].encode()).decode()
