@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import gzip
 import ipaddress
 import socket
 import struct
@@ -13,6 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
+import httpx
 import pytest
 import standardwebhooks
 from aiohttp import web
@@ -20,6 +23,7 @@ from aiohttp import web
 from notifyhook.delivery import AttemptResult, Delivery, Verdict
 from notifyhook.sender import EXCERPT_BYTES, Sender, refusal_reason
 from notifyhook.signing import generate_secret
+from notifyhook.transport import AiohttpTransport
 
 SECRET = generate_secret()
 EVENT_ID = "0b5e3c5a-6a53-4b8e-9d0c-6f3f1f0e2a11"
@@ -127,11 +131,33 @@ async def raw_server(handler: Handler) -> AsyncIterator[tuple[int, list[int]]]:
         await server.wait_closed()
 
 
-async def read_request(reader: asyncio.StreamReader) -> None:
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request's head (the body is read and dropped)."""
     head = await reader.readuntil(b"\r\n\r\n")
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
             await reader.readexactly(int(line.split(b":")[1]))
+    return head
+
+
+def answering(response: bytes, heads: list[bytes] | None = None) -> Handler:
+    """A raw_server handler giving `response` to every request on a connection."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request(reader)
+            if heads is not None:
+                heads.append(head)
+            writer.write(response)
+            await writer.drain()
+
+    return handle
+
+
+def closed_port() -> int:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        return int(unused.getsockname()[1])  # bound, never listening: the kernel refuses
 
 
 def test_delivered_with_exact_body_and_verifiable_headers() -> None:
@@ -186,6 +212,70 @@ def test_invalid_endpoint_header_is_permanent_and_nothing_is_sent() -> None:
             assert result.verdict is Verdict.PERMANENT
             assert "X-Evil" in (result.error or "")
             assert receiver.requests == []
+
+    run(scenario())
+
+
+def test_each_header_once_on_the_wire() -> None:
+    # The request's headers are built once, by us; nothing on the way may add a second
+    # Host or Content-Length, nor frame the body differently.
+    heads: list[bytes] = []
+
+    async def scenario() -> tuple[int, AttemptResult]:
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        async with raw_server(answering(answer, heads)) as (port, _):
+            url = f"http://127.0.0.1:{port}/hook?a=1"
+            return port, await send(url, headers={"X-Tenant": "acme"})
+
+    port, result = run(scenario())
+    assert result.verdict is Verdict.DELIVERED
+    [head] = heads
+    request_line, *lines = head.decode().strip().split("\r\n")
+    assert request_line == "POST /hook?a=1 HTTP/1.1"
+    fields = [tuple(part.strip() for part in line.split(":", 1)) for line in lines]
+    names = [name.lower() for name, _ in fields]
+    assert len(names) == len(set(names)), names
+    values = dict(zip(names, (value for _, value in fields), strict=True))
+    assert values["host"] == f"127.0.0.1:{port}"
+    assert values["content-length"] == str(len(BODY))
+    assert values["accept-encoding"] == "identity"
+    assert values["x-tenant"] == "acme"
+    assert "transfer-encoding" not in values
+    assert "cookie" not in values
+
+
+def test_endpoint_headers_follow_a_changed_header_set() -> None:
+    # Validated endpoint headers are cached by content: whatever the set is now is what is sent.
+    sets: list[dict[str, Any]] = [
+        {"X-Tenant": "a"},
+        {"X-Tenant": "b", "X-Region": "eu"},
+        {},
+        {"X-Tenant": "a"},
+    ]
+    refused: list[dict[str, Any]] = [
+        {"X-Evil": "a\r\nX-Injected: 1"},
+        {"X-Evil": "a\r\nX-Injected: 1"},  # a refusal is not remembered as valid
+        {"X-Evil": ["a"]},  # JSON, so a value may be unhashable
+        {"X-Evil": 1},
+    ]
+
+    async def scenario() -> None:
+        async with (
+            Receiver().running() as receiver,
+            Sender(allow_private_networks=True, user_agent="notifyhook/test") as sender,
+        ):
+            for headers in sets:
+                result = await sender.send(delivery(receiver.url(), headers=headers))
+                assert result.verdict is Verdict.DELIVERED
+            for headers in refused:
+                result = await sender.send(delivery(receiver.url(), headers=headers))
+                assert (result.verdict, result.status_code) == (Verdict.PERMANENT, None)
+                assert result.error == "endpoint header 'X-Evil' is not a valid HTTP header"
+            sent = [
+                {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-")}
+                for request in receiver.requests
+            ]
+            assert sent == [{k.lower(): v for k, v in headers.items()} for headers in sets]
 
     run(scenario())
 
@@ -262,6 +352,90 @@ def test_connections_are_kept_alive_and_cookies_are_not() -> None:
             assert all("Cookie" not in request.headers for request in receiver.requests)
 
     run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [("200 OK", b""), ("200 OK", b"ok"), ("503 Busy", b"b" * EXCERPT_BYTES)],
+    ids=["empty", "small", "exactly the excerpt"],
+)
+def test_a_connection_is_reused_after_a_fully_read_answer(status: str, body: bytes) -> None:
+    answer = b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status.encode(), len(body), body)
+
+    async def scenario() -> None:
+        async with (
+            raw_server(answering(answer)) as (port, accepted),
+            Sender(allow_private_networks=True, user_agent="notifyhook/test") as sender,
+        ):
+            for _ in range(3):
+                result = await sender.send(delivery(f"http://127.0.0.1:{port}/"))
+                assert (result.status_code, result.response_excerpt) == (
+                    int(status[:3]),
+                    body.decode(),
+                )
+            assert len(accepted) == 1
+
+    run(scenario())
+
+
+def test_a_malformed_answer_is_a_network_error() -> None:
+    async def scenario() -> AttemptResult:
+        async with raw_server(answering(b"NOT HTTP AT ALL\r\n\r\n")) as (port, _):
+            return await send(f"http://127.0.0.1:{port}/")
+
+    result = run(scenario())
+    assert (result.verdict, result.status_code) == (Verdict.RETRY, None)
+    assert (result.error or "").startswith("network error: "), result.error
+
+
+def test_the_transport_serves_an_httpx_client() -> None:
+    # The sender's transport is httpx's interface: a stock AsyncClient works over it, with a
+    # streaming body, and decodes a compressed answer once (the transport passes it raw).
+    compressed = gzip.compress(b"hello")
+    answer = b"HTTP/1.1 201 Created\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(compressed),
+        compressed,
+    )
+    heads: list[bytes] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"ab"
+        yield b"cd"
+
+    async def scenario() -> None:
+        async with (
+            raw_server(answering(answer, heads)) as (port, _),
+            httpx.AsyncClient(transport=AiohttpTransport(aiohttp.ClientSession())) as client,
+        ):
+            response = await client.post(f"http://127.0.0.1:{port}/", content=chunks())
+            assert (response.status_code, response.reason_phrase) == (201, "Created")
+            assert response.http_version == "HTTP/1.1"
+            assert response.text == "hello"
+            with pytest.raises(httpx.ConnectError) as refused:
+                await client.get(f"http://127.0.0.1:{closed_port()}/")
+            assert isinstance(refused.value.__cause__, aiohttp.ClientConnectorError)
+        [head] = heads
+        assert b"\r\ncontent-length: 4\r\n" in head.lower()
+        assert b"transfer-encoding" not in head.lower()
+
+    run(scenario())
+
+
+def test_a_compressed_answer_is_kept_as_received() -> None:
+    # We ask for identity; a receiver that compresses anyway is logged as it answered.
+    compressed = gzip.compress(b"hello")
+    answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(compressed),
+        compressed,
+    )
+
+    async def scenario() -> AttemptResult:
+        async with raw_server(answering(answer)) as (port, _):
+            return await send(f"http://127.0.0.1:{port}/")
+
+    result = run(scenario())
+    assert result.verdict is Verdict.DELIVERED
+    assert result.response_excerpt == compressed.decode("utf-8", errors="replace")
 
 
 def test_connection_refused_is_retried() -> None:
