@@ -87,6 +87,7 @@ class Worker:
         self._outcomes: list[Outcome] = []
         self._outcomes_ready = asyncio.Event()
         self._recording = asyncio.Lock()
+        self._record_unconfirmed = False
         self._more_due = False
         # Due rows wait for a cap (max_in_flight, a circuit probe, the endpoint's or
         # tenant's share) that only a recorded outcome lifts: record without delay.
@@ -307,10 +308,13 @@ class Worker:
     async def _flush_held_outcomes(self, give_up_after_s: float | None) -> None:
         delays = retry.reconnect_delays()
         started = time.monotonic()
-        # After an error the batch goes again, and the first call may have committed.
-        retried = False
         while self._outcomes:
             batch = self._outcomes[: self.settings.batch_size]
+            # Until a call's answer arrives, its outcomes may or may not be recorded (a
+            # commit whose answer was lost, a call cut by an error or a cancellation):
+            # the next call, which sends them again, asks the database to skip those.
+            retried = self._record_unconfirmed
+            self._record_unconfirmed = True
             try:
                 disabled = await self._store.record_outcomes(
                     self.settings.worker_id, batch, self.settings.disable_after, retried=retried
@@ -319,10 +323,9 @@ class Worker:
                 if give_up_after_s is not None and time.monotonic() - started > give_up_after_s:
                     log.error("giving up recording %d outcomes: %s", len(self._outcomes), error)
                     return
-                retried = True
                 await self._database_trouble("record", error, next(delays))
                 continue
-            retried = False
+            self._record_unconfirmed = False
             self._database_recovered()
             del self._outcomes[: len(batch)]
             if self._more_due:
