@@ -338,3 +338,18 @@ def test_replay_puts_dead_deliveries_back_with_a_fresh_budget(db):
     assert db.execute("SELECT DISTINCT status, attempts FROM notifyhook.deliveries").fetchall() == [
         ("pending", 0)
     ]
+
+
+def test_queue_indexes_keep_no_posting_lists(db):
+    """Migration 0002: the queue's partial indexes are built without deduplication, so that
+    a claimed row's entry can be marked dead on its own (docs/architecture.md)."""
+    rows = db.execute(
+        "SELECT c.relname, c.reloptions FROM pg_class AS c "
+        "JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'notifyhook' "
+        "AND c.relname IN ('deliveries_pending', 'deliveries_processing') ORDER BY c.relname"
+    ).fetchall()
+    assert rows == [
+        ("deliveries_pending", ["deduplicate_items=off"]),
+        ("deliveries_processing", ["deduplicate_items=off"]),
+    ]
