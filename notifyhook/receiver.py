@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from notifyhook import signing
-from notifyhook.errors import VerificationError
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,15 +102,7 @@ class Receiver:
 
     def _verify(self, name: str, headers: dict[str, str], body: bytes) -> bool | None:
         candidates = self._secrets.get(name)
-        if not candidates:
-            return None
-        for secret in candidates:
-            try:
-                signing.verify(secret, headers, body)
-                return True
-            except (VerificationError, ValueError):
-                continue
-        return False
+        return signing.verified_by_any(candidates, headers, body) if candidates else None
 
     async def _answer(self, request: web.Request, answer: Answer) -> web.StreamResponse:
         if answer.kind == "hang":

@@ -22,7 +22,6 @@ from typing import IO, Any, cast
 from urllib.parse import unquote
 
 from notifyhook import signing
-from notifyhook.errors import VerificationError
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,15 +260,7 @@ body."""
 
 
 def _verify(secrets: tuple[str, ...], headers: dict[str, str], body: bytes) -> bool | None:
-    if not secrets:
-        return None
-    for secret in secrets:
-        try:
-            signing.verify(secret, headers, body)
-            return True
-        except (VerificationError, ValueError):
-            continue
-    return False
+    return signing.verified_by_any(secrets, headers, body) if secrets else None
 
 
 def _signature_headers(head: bytes) -> dict[str, str]:

@@ -132,6 +132,17 @@ def _versioned(digest: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 
+def verified_by_any(secrets: Sequence[str], headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether any of `secrets` verifies the webhook (a receiver mid-rotation holds two)."""
+    for secret in secrets:
+        try:
+            verify(secret, headers, body)
+        except (VerificationError, ValueError):
+            continue
+        return True
+    return False
+
+
 def _header(headers: Mapping[str, str], name: str) -> str:
     # httpx and aiohttp headers are case-insensitive already; a plain dict may use any casing.
     value = headers.get(name)
