@@ -213,8 +213,9 @@ class Store:
     ) -> list[tuple[int, str]]:
         """Write a batch of outcomes; returns the endpoints it disabled, with why.
 
-        `retried`: this batch is being sent again after an error, and may have been
-        recorded already (the commit went through, the answer was lost).
+        `retried`: an earlier call with some of these outcomes ended without an answer
+        (an error, a cancellation), so they may be recorded already; the function then
+        skips those. False on the normal path, which then searches nothing.
         """
         results = [o.result for o in outcomes]
         rows = await self._fetch(
