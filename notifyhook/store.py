@@ -53,16 +53,32 @@ def queries() -> dict[str, str]:
     return statements("queries.sql")
 
 
+# libpq's options with a fixed set of values. libpq checks these only when it connects,
+# too late for "a wrong setting stops the process before it does anything".
+_CONNINFO_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": (
+        "any", "read-write", "read-only", "primary", "standby", "prefer-standby"
+    ),
+}  # fmt: skip
+
+
 def check_conninfo(url: str) -> None:
     """Raise ValueError unless `url` parses as a libpq URL or DSN (never quoting it)."""
     if not url.strip():
         raise ValueError("must not be empty")
     try:
-        conninfo_to_dict(url)
+        params = conninfo_to_dict(url)
     except psycopg.ProgrammingError as error:
         # libpq's message may quote the string, password included: keep its gist only.
         reason = str(error).strip().split(":")[0]
         raise ValueError(f"is not a valid libpq URL or key=value DSN ({reason})") from None
+    for name, choices in _CONNINFO_CHOICES.items():
+        value = params.get(name)
+        if value is not None and value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
 def redact_conninfo(url: str) -> str:

@@ -74,6 +74,16 @@ WRONG = [
         "NOTIFYHOOK_HTTP_TIMEOUT (60s) must be shorter than NOTIFYHOOK_LEASE (60s)",
     ),
     ("NOTIFYHOOK_DATABASE_URL", "not a dsn", "NOTIFYHOOK_DATABASE_URL: is not a valid libpq URL"),
+    (
+        "NOTIFYHOOK_DATABASE_URL",
+        "postgresql://app:s3cr3t-pw@db/app?sslmode=requre",
+        "NOTIFYHOOK_DATABASE_URL: sslmode must be one of disable, allow, prefer",
+    ),
+    (
+        "NOTIFYHOOK_DATABASE_URL",
+        "host=db password=s3cr3t-pw target_session_attrs=writable",
+        "NOTIFYHOOK_DATABASE_URL: target_session_attrs must be one of any, read-write",
+    ),
 ]
 
 
