@@ -1,13 +1,15 @@
 """What the bench's scenarios share: sizes, results, and a context with the server, the
-receiver and helpers to make databases, start workers and collect what arrived."""
+receiver and a trial to run workers in: a database of its own, stopped and dropped after."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,19 @@ class Size:
         )
 
 
+SMALL = Size(
+    backlog=500,
+    latency_s=2.0,
+    idle_s=3.0,
+    idle_poll_s=1.0,
+    noisy_slow=200,
+    noisy_fast=200,
+    history=10_000,
+    ceiling=2_000,
+)
+"""`--small`: a quick smoke run (bench.py's help for the option quotes two of these)."""
+
+
 @dataclass(slots=True)
 class Result:
     """One line of the report."""
@@ -95,11 +110,23 @@ class Bench:
         self.workers = workers
         self.progress = progress
         self.empty_backlog_rate: float | None = None
-        self._started = 0
+        # Numbers worker ids (and so their log files) across every trial of the run.
+        self.worker_numbers = itertools.count(1)
 
-    async def database(self, paths: Sequence[tuple[str, str]]) -> tuple[str, str, list[int]]:
-        """A fresh migrated database with one endpoint per (tenant, receiver path)."""
+    @asynccontextmanager
+    async def trial(self, paths: Sequence[tuple[str, str]]) -> AsyncIterator[Trial]:
+        """A fresh migrated database with one endpoint per (tenant, receiver path), for the
+        workers a scenario starts in it: they are stopped, and it dropped, when the block ends."""
         name, url = await self.server.create_database()
+        trial = Trial(self, url)
+        try:
+            trial.endpoint_ids = await self._add_endpoints(url, paths)
+            yield trial
+        finally:
+            scenario.stop_workers(trial.workers)
+            await self.server.drop_database(name)
+
+    async def _add_endpoints(self, url: str, paths: Sequence[tuple[str, str]]) -> list[int]:
         ids = []
         async with connect(url) as conn:
             for n, (tenant, path) in enumerate(paths):
@@ -116,27 +143,7 @@ class Bench:
                     "timeout_ms": None,
                 }
                 ids.append(int((await fetch_dicts(conn, "add_endpoint", params))[0]["id"]))
-        return name, url, ids
-
-    async def start_workers(
-        self, url: str, count: int, settings: dict[str, str] | None = None
-    ) -> list[WorkerProcess]:
-        workers = []
-        try:
-            for _ in range(count):
-                self._started += 1
-                workers.append(
-                    WorkerProcess(url, f"bench-{self._started}", self.directory, settings or {})
-                )
-            for worker in workers:
-                await worker.wait_ready()
-        except BaseException:
-            scenario.stop_workers(workers)
-            raise
-        return workers
-
-    def meter(self, workers: Sequence[WorkerProcess]) -> Meter:
-        return Meter([w.pid for w in workers], self.server.postmaster, self.receiver.pid)
+        return ids
 
     async def drain(self) -> list[Hit]:
         return await asyncio.to_thread(self.receiver.drain)
@@ -156,12 +163,39 @@ class Bench:
         return hits
 
 
+@dataclass(slots=True)
+class Trial:
+    """One scenario's database (from `Bench.trial`) and the workers started in it."""
+
+    bench: Bench
+    url: str
+    endpoint_ids: list[int] = field(default_factory=list)
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    async def start_workers(self, count: int, settings: Mapping[str, str] | None = None) -> None:
+        """`count` more workers, each ready when this returns."""
+        started = []
+        for _ in range(count):
+            worker_id = f"bench-{next(self.bench.worker_numbers)}"
+            worker = WorkerProcess(self.url, worker_id, self.bench.directory, settings or {})
+            # Listed at once, so that the trial stops it even if a later one fails to start.
+            self.workers.append(worker)
+            started.append(worker)
+        for worker in started:
+            await worker.wait_ready()
+
+    def meter(self) -> Meter:
+        """CPU from now on of the workers, PostgreSQL and the receiver."""
+        bench = self.bench
+        return Meter([w.pid for w in self.workers], bench.server.postmaster, bench.receiver.pid)
+
+    def peak_rss(self) -> int | None:
+        """The workers' peak memory; read it before the trial ends, while they still run."""
+        peaks = [p for p in (w.peak_rss_bytes() for w in self.workers) if p is not None]
+        return max(peaks) if peaks else None
+
+
 Scenario = Callable[[Bench], Awaitable[list[Result]]]
-
-
-def peak_rss(workers: Sequence[WorkerProcess]) -> int | None:
-    peaks = [p for p in (w.peak_rss_bytes() for w in workers) if p is not None]
-    return max(peaks) if peaks else None
 
 
 def latency_summary(figures: dict[str, float]) -> str:
@@ -196,16 +230,6 @@ async def paced_producer(
     return committed, sum(rates)
 
 
-def statement_breakdown(rows: Sequence[dict[str, Any]]) -> str:
-    names = []
-    for row in rows[:4]:
-        query = str(row["query"])
-        called = re.search(r"notifyhook\.(\w+)\(", query)
-        label = called.group(1) if called else query[:50]
-        names.append(f"{label}: {row['calls']}")
-    return ", ".join(names)
-
-
 async def insert_backlog(url: str, count: int, tenants: Sequence[str]) -> None:
     async with connect(url) as conn:
         await conn.execute(
@@ -223,20 +247,27 @@ async def wait_delivered(url: str, count: int, within_s: float) -> None:
         await scenario.wait_for(done, within_s, f"{count} deliveries recorded", 0.05)
 
 
-async def preload_statement_counts(bench: Bench) -> bool:
-    """Load pg_stat_statements into our own cluster (a restart); True if we did."""
-    if bench.server.cluster is None:
-        return False
-    async with connect(bench.server.admin_url) as conn:
-        await conn.execute(statements()["preload_statement_counts"])
-    await bench.server.restart()
-    return True
+# -- counting an idle worker's statements ----------------------------------------------------
 
 
-async def unload_statement_counts(bench: Bench) -> None:
-    async with connect(bench.server.admin_url) as conn:
-        await conn.execute(statements()["reset_preload"])
-    await bench.server.restart()
+@asynccontextmanager
+async def preloaded_statement_counts(server: Server) -> AsyncIterator[None]:
+    """pg_stat_statements loaded into our own cluster for the block, a restart each way; a
+    server at NOTIFYHOOK_DATABASE_URL is not ours to restart, and is left as it is."""
+    if server.cluster is None:
+        yield
+        return
+    await _restart_with(server, "preload_statement_counts")
+    try:
+        yield
+    finally:
+        await _restart_with(server, "reset_preload")
+
+
+async def _restart_with(server: Server, statement: str) -> None:
+    async with connect(server.admin_url) as conn:
+        await conn.execute(statements()[statement])
+    await server.restart()
 
 
 async def install_statement_counts(conn: scenario.Connection) -> bool:
@@ -245,6 +276,40 @@ async def install_statement_counts(conn: scenario.Connection) -> bool:
     except DatabaseError:
         return False
     return bool((await fetch(conn, "statement_counts_available"))[0]["available"])
+
+
+async def start_statement_count(conn: scenario.Connection, counting: bool) -> int:
+    """Zero pg_stat_statements when `counting`, else the transactions committed so far."""
+    if counting:
+        await fetch(conn, "reset_statement_counts")
+        return 0
+    return await _commit_count(conn)
+
+
+async def statements_since(
+    conn: scenario.Connection, counting: bool, before: int
+) -> tuple[int, str]:
+    """The statements run since `start_statement_count`, and how they were counted."""
+    if counting:
+        rows = await fetch(conn, "statement_counts")
+        run = sum(int(r["calls"]) for r in rows)
+        return run, f"pg_stat_statements: {_statement_breakdown(rows)}"
+    run = await _commit_count(conn) - before
+    return run, "committed transactions (pg_stat_database), pg_stat_statements not loaded"
+
+
+async def _commit_count(conn: scenario.Connection) -> int:
+    return int((await fetch(conn, "commit_count"))[0]["xact_commit"])
+
+
+def _statement_breakdown(rows: Sequence[dict[str, Any]]) -> str:
+    names = []
+    for row in rows[:4]:
+        query = str(row["query"])
+        called = re.search(r"notifyhook\.(\w+)\(", query)
+        label = called.group(1) if called else query[:50]
+        names.append(f"{label}: {row['calls']}")
+    return ", ".join(names)
 
 
 async def load_history(url: str, count: int) -> float:

@@ -21,20 +21,21 @@ from notifyhook.bench_context import (
     Bench,
     Result,
     Scenario,
+    Trial,
     insert_backlog,
     install_statement_counts,
     latency_summary,
     load_history,
     paced_producer,
-    peak_rss,
-    preload_statement_counts,
-    statement_breakdown,
-    unload_statement_counts,
+    preloaded_statement_counts,
+    start_statement_count,
+    statements_since,
     wait_delivered,
 )
-from notifyhook.scenario import ScenarioError, fetch
+from notifyhook.receiver_process import Hit
+from notifyhook.scenario import ScenarioError
 from notifyhook.store import connect
-from notifyhook.usage import Meter
+from notifyhook.usage import Meter, Usage
 
 LATENCY_RATES = (50, 500)
 NOISY_RATE = 100
@@ -82,28 +83,29 @@ async def ceiling(bench: Bench) -> Result:
 async def _drain_backlog(bench: Bench, workers: int, case: str, history: int = 0) -> Result:
     """`size.backlog` deliveries queued by one INSERT, timed from its COMMIT until all are
     recorded as delivered."""
-    name, url, _ = await bench.database([(tenant, FAST) for tenant in TENANTS])
-    started: list[scenario.WorkerProcess] = []
-    note = ""
-    try:
+    count, note = bench.size.backlog, ""
+    async with bench.trial([(tenant, FAST) for tenant in TENANTS]) as trial:
         if history:
-            loaded = await load_history(url, history)
+            loaded = await load_history(trial.url, history)
             note = f"{history:,} delivered rows of history loaded in {loaded:.0f}s, vacuumed"
-        started = await bench.start_workers(url, workers)
-        count = bench.size.backlog
-        await insert_backlog(url, count, TENANTS)
-        meter = bench.meter(started)
+        await trial.start_workers(workers)
+        await insert_backlog(trial.url, count, TENANTS)
+        meter = trial.meter()
         hits = await bench.collect(count, 120 + count / 50, FAST)
-        await wait_delivered(url, count, 60)
-        used = meter.read()
-        rss = peak_rss(started)
-    finally:
-        scenario.stop_workers(started)
-        await bench.server.drop_database(name)
-    rate = count / used.wall_s
+        await wait_delivered(trial.url, count, 60)
+        used, rss = meter.read(), trial.peak_rss()
+    return _backlog_result(case, count, used, rss, _with_unverified(note, hits))
+
+
+def _with_unverified(note: str, hits: list[Hit]) -> str:
     unverified = sum(1 for h in hits if not h.verified)
     if unverified:
         note += f"; {unverified} requests failed verification"
+    return note.strip("; ")
+
+
+def _backlog_result(case: str, count: int, used: Usage, rss: int | None, note: str) -> Result:
+    rate = count / used.wall_s
     figures = {
         "deliveries": count,
         "seconds": used.wall_s,
@@ -116,7 +118,7 @@ async def _drain_backlog(bench: Bench, workers: int, case: str, history: int = 0
         f"{figures['worker_cpu_us_per_delivery']:.0f} µs, PostgreSQL "
         f"{figures['postgres_cpu_us_per_delivery']:.0f} µs)"
     )
-    return Result("backlog", case, summary, "", figures, used, rss, note.strip("; "))
+    return Result("backlog", case, summary, "", figures, used, rss, note)
 
 
 async def backlog(bench: Bench) -> list[Result]:
@@ -130,70 +132,48 @@ async def backlog(bench: Bench) -> list[Result]:
 
 async def steady_rate(bench: Bench) -> list[Result]:
     """Events one per transaction at a steady rate; COMMIT to the first request for each."""
-    name, url, _ = await bench.database([(TENANTS[0], FAST)])
-    results = []
-    started: list[scenario.WorkerProcess] = []
-    try:
-        started = await bench.start_workers(url, 1)
-        for rate in LATENCY_RATES:
-            count = max(10, round(rate * bench.size.latency_s))
-            meter = bench.meter(started)
-            committed, achieved = await paced_producer(url, TENANTS[0], rate, count)
-            hits = await bench.collect(count, 60, FAST)
-            used = meter.read()
-            figures = latency.summarize(latency.latencies(committed, latency.first_arrivals(hits)))
-            figures["achieved_per_s"] = achieved
-            results.append(
-                Result(
-                    "latency",
-                    f"{rate}/s",
-                    f"{latency_summary(figures)} ({count:,} events at {achieved:,.0f}/s)",
-                    "p50 ≤ 2 ms, p99 ≤ 6 ms" if rate == 50 else "",
-                    dict(figures),
-                    used,
-                    peak_rss(started),
-                )
-            )
-    finally:
-        scenario.stop_workers(started)
-        await bench.server.drop_database(name)
-    return results
+    async with bench.trial([(TENANTS[0], FAST)]) as trial:
+        await trial.start_workers(1)
+        return [await _latency_at(bench, trial, rate) for rate in LATENCY_RATES]
+
+
+async def _latency_at(bench: Bench, trial: Trial, rate: int) -> Result:
+    count = max(10, round(rate * bench.size.latency_s))
+    meter = trial.meter()
+    committed, achieved = await paced_producer(trial.url, TENANTS[0], rate, count)
+    hits = await bench.collect(count, 60, FAST)
+    used = meter.read()
+    figures = latency.summarize(latency.latencies(committed, latency.first_arrivals(hits)))
+    figures["achieved_per_s"] = achieved
+    return Result(
+        "latency",
+        f"{rate}/s",
+        f"{latency_summary(figures)} ({count:,} events at {achieved:,.0f}/s)",
+        "p50 ≤ 2 ms, p99 ≤ 6 ms" if rate == 50 else "",
+        dict(figures),
+        used,
+        trial.peak_rss(),
+    )
 
 
 async def idle(bench: Bench) -> list[Result]:
     """What a worker with nothing to do costs the database, counted by pg_stat_statements
     where it can be loaded, else by committed transactions."""
-    restarted = await preload_statement_counts(bench)
-    name, url, _ = await bench.database([(TENANTS[0], FAST)])
     poll = bench.size.idle_poll_s
-    started: list[scenario.WorkerProcess] = []
-    before = 0
-    try:
-        async with connect(url) as conn:
-            counting = await install_statement_counts(conn)
-            started = await bench.start_workers(url, 1, {"POLL_INTERVAL": f"{poll:g}"})
-            await asyncio.sleep(1.0)  # start-up's own queries are not idling
-            if counting:
-                await fetch(conn, "reset_statement_counts")
-            else:
-                before = int((await fetch(conn, "commit_count"))[0]["xact_commit"])
-            meter = bench.meter(started)
-            await asyncio.sleep(bench.size.idle_s)
-            used = meter.read()
-            if counting:
-                rows = await fetch(conn, "statement_counts")
-                statements_run = sum(int(r["calls"]) for r in rows)
-                how = f"pg_stat_statements: {statement_breakdown(rows)}"
-            else:
-                after = int((await fetch(conn, "commit_count"))[0]["xact_commit"])
-                statements_run = after - before
-                how = "committed transactions (pg_stat_database), pg_stat_statements not loaded"
-        rss = peak_rss(started)
-    finally:
-        scenario.stop_workers(started)
-        await bench.server.drop_database(name)
-        if restarted:
-            await unload_statement_counts(bench)
+    async with (
+        preloaded_statement_counts(bench.server),
+        bench.trial([(TENANTS[0], FAST)]) as trial,
+        connect(trial.url) as conn,
+    ):
+        counting = await install_statement_counts(conn)
+        await trial.start_workers(1, {"POLL_INTERVAL": f"{poll:g}"})
+        await asyncio.sleep(1.0)  # start-up's own queries are not idling
+        before = await start_statement_count(conn, counting)
+        meter = trial.meter()
+        await asyncio.sleep(bench.size.idle_s)
+        used = meter.read()
+        statements_run, how = await statements_since(conn, counting, before)
+        rss = trial.peak_rss()
     per_minute = statements_run * 60 / used.wall_s
     per_poll = statements_run * poll / used.wall_s
     return [
@@ -213,22 +193,16 @@ async def idle(bench: Bench) -> list[Result]:
 
 async def noisy(bench: Bench) -> list[Result]:
     """Endpoint A answers in 2 s and has a backlog; B's fresh events must not wait behind it."""
-    name, url, _ = await bench.database([("noisy-a", SLOW), ("noisy-b", FAST)])
-    started: list[scenario.WorkerProcess] = []
-    try:
-        await insert_backlog(url, bench.size.noisy_slow, ["noisy-a"])
-        started = await bench.start_workers(url, 1, {"SHUTDOWN_GRACE": "3"})
+    count = bench.size.noisy_fast
+    async with bench.trial([("noisy-a", SLOW), ("noisy-b", FAST)]) as trial:
+        await insert_backlog(trial.url, bench.size.noisy_slow, ["noisy-a"])
+        await trial.start_workers(1, {"SHUTDOWN_GRACE": "3"})
         await asyncio.sleep(SLOW_S * 1.5)  # A's requests fill the slots it may take
         await bench.drain()
-        meter = bench.meter(started)
-        count = bench.size.noisy_fast
-        committed, _ = await paced_producer(url, "noisy-b", NOISY_RATE, count)
+        meter = trial.meter()
+        committed, _ = await paced_producer(trial.url, "noisy-b", NOISY_RATE, count)
         hits = await bench.collect(count, 60, FAST)
-        used = meter.read()
-        rss = peak_rss(started)
-    finally:
-        scenario.stop_workers(started)
-        await bench.server.drop_database(name)
+        used, rss = meter.read(), trial.peak_rss()
     figures = latency.summarize(latency.latencies(committed, latency.first_arrivals(hits), [FAST]))
     served = sum(1 for h in hits if h.path == SLOW) / used.wall_s
     figures["slow_served_per_s"] = served
@@ -268,28 +242,17 @@ RATE_LIMITED = 100
 
 async def rate_limited(bench: Bench) -> list[Result]:
     """100 deliveries to one endpoint limited to 20/s, shared by two workers (same size always)."""
-    name, url, ids = await bench.database([("limited", FAST)])
-    started: list[scenario.WorkerProcess] = []
-    try:
-        async with connect(url) as conn:
-            await conn.execute(
-                scenario.statements()["set_rate_limit"],
-                {"rate_limit": RATE_LIMIT, "endpoint_id": ids[0]},
-            )
-        started = await bench.start_workers(url, 2)
+    async with bench.trial([("limited", FAST)]) as trial:
+        await _limit_rate(trial.url, trial.endpoint_ids[0], RATE_LIMIT)
+        await trial.start_workers(2)
         await bench.drain()
-        meter = bench.meter(started)
-        await insert_backlog(url, RATE_LIMITED, ["limited"])
+        meter = trial.meter()
+        await insert_backlog(trial.url, RATE_LIMITED, ["limited"])
         hits = await bench.collect(RATE_LIMITED, 60, FAST)
-        used = meter.read()
-        rss = peak_rss(started)
-    finally:
-        scenario.stop_workers(started)
-        await bench.server.drop_database(name)
+        used, rss = meter.read(), trial.peak_rss()
     times = sorted(h.received_at for h in hits if h.path == FAST)
     span = times[-1] - times[0]
-    # The most requests the receiver saw in any one-second window.
-    busiest = max(sum(1 for t in times[i:] if t - start < 1.0) for i, start in enumerate(times))
+    busiest = _busiest_second(times)
     return [
         Result(
             "ratelimit",
@@ -304,6 +267,19 @@ async def rate_limited(bench: Bench) -> list[Result]:
     ]
 
 
+async def _limit_rate(url: str, endpoint_id: int, per_s: int) -> None:
+    async with connect(url) as conn:
+        await conn.execute(
+            scenario.statements()["set_rate_limit"],
+            {"rate_limit": per_s, "endpoint_id": endpoint_id},
+        )
+
+
+def _busiest_second(times: list[float]) -> int:
+    """The most requests the receiver saw in any one-second window (`times` sorted)."""
+    return max(sum(1 for t in times[i:] if t - start < 1.0) for i, start in enumerate(times))
+
+
 SCENARIOS: dict[str, Scenario] = {
     "backlog": backlog,
     "latency": steady_rate,
@@ -312,3 +288,4 @@ SCENARIOS: dict[str, Scenario] = {
     "ratelimit": rate_limited,
     "history": history,
 }
+"""Every scenario by its name, in the order they run; bench.SCENARIO_NAMES lists the same."""

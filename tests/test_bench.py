@@ -12,7 +12,8 @@ import sys
 import psycopg
 import pytest
 
-from notifyhook.bench import format_report
+from notifyhook.bench import SCENARIO_NAMES, format_report
+from notifyhook.bench_scenarios import SCENARIOS
 
 
 def run_bench(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -100,3 +101,22 @@ def test_unknown_scenario_is_a_usage_error():
     result = run_bench("--scenarios", "backlog,warp")
     assert result.returncode == 2
     assert "unknown scenario warp" in result.stderr
+
+
+def test_the_parser_names_every_scenario_in_order():
+    assert tuple(SCENARIOS) == SCENARIO_NAMES
+
+
+def test_building_the_parser_imports_no_scenario():
+    # Every command, a worker's start included, builds the whole parser.
+    heavy = ("notifyhook.bench_context", "notifyhook.bench_scenarios", "aiohttp")
+    code = (
+        "import sys\n"
+        "from notifyhook.cli import build_parser\n"
+        "build_parser()\n"
+        f"print([name for name in {heavy!r} if name in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
