@@ -22,9 +22,11 @@ from notifyhook.bench_context import (
     Result,
     Scenario,
     Trial,
+    latency_summary,
+)
+from notifyhook.bench_workload import (
     insert_backlog,
     install_statement_counts,
-    latency_summary,
     load_history,
     paced_producer,
     preloaded_statement_counts,
@@ -86,7 +88,7 @@ async def _drain_backlog(bench: Bench, workers: int, case: str, history: int = 0
     count, note = bench.size.backlog, ""
     async with bench.trial([(tenant, FAST) for tenant in TENANTS]) as trial:
         if history:
-            loaded = await load_history(trial.url, history)
+            loaded = await load_history(trial.url, history, TENANTS)
             note = f"{history:,} delivered rows of history loaded in {loaded:.0f}s, vacuumed"
         await trial.start_workers(workers)
         await insert_backlog(trial.url, count, TENANTS)
