@@ -24,6 +24,8 @@ class Answer:
     """hang: how long to hang; slow: how long before answering."""
     size: int = 0
     """big: bytes of body to send."""
+    body: bytes | None = None
+    """status: the body to answer with (default "ok" or "no")."""
 
 
 OK = Answer()
@@ -120,6 +122,8 @@ class Receiver:
             for _ in range(answer.size // len(chunk)):
                 await response.write(chunk)
             return response
+        if answer.body is not None:
+            return web.Response(status=answer.status, headers=answer.headers, body=answer.body)
         return web.Response(
             status=answer.status, headers=answer.headers, text="ok" if answer.status < 300 else "no"
         )

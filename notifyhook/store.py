@@ -161,6 +161,17 @@ class Claim:
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
 
 
+def _storable(text: str | None) -> str | None:
+    """`text` as a PostgreSQL text value can hold it: without NUL characters.
+
+    A receiver's answer is anything it likes (a gzip body, binary junk), and one NUL
+    in an excerpt would fail the whole batch's INSERT, again at every retry.
+    """
+    if text is None or "\x00" not in text:
+        return text
+    return text.replace("\x00", "\ufffd")
+
+
 @asynccontextmanager
 async def _open_pool(url: str, name: str, size: int) -> AsyncIterator[Pool]:
     pool: Pool = AsyncConnectionPool(
@@ -271,8 +282,8 @@ class Store:
                 "started_ats": [r.started_at for r in results],
                 "durations_ms": [r.duration_ms for r in results],
                 "status_codes": [r.status_code for r in results],
-                "errors": [r.error for r in results],
-                "excerpts": [r.response_excerpt for r in results],
+                "errors": [_storable(r.error) for r in results],
+                "excerpts": [_storable(r.response_excerpt) for r in results],
                 "gone": [r.verdict.value == "gone" for r in results],
                 "disable_after": timedelta(seconds=disable_after_s),
                 "retried": retried,

@@ -98,6 +98,27 @@ def test_a_400_is_dead_after_one_attempt(db, receiver, start_worker):
     assert len(receiver.received("strict")) == 1
 
 
+def test_binary_answers_with_nul_bytes_are_recorded(db, receiver, start_worker):
+    # PostgreSQL text cannot hold NUL: a gzip or binary answer must not fail the record.
+    gzip_like = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"
+    receiver.sequence(
+        "binary", Answer(status=500, body=gzip_like), Answer(status=200, body=b"ok\x00done")
+    )
+    add_endpoint(db, "t", "binary", receiver.url("binary"))
+    add_endpoint(db, "t", "plain", receiver.url("plain"))
+    start_worker()
+    insert_events(db, "t", 1)
+    wait_until(lambda: statuses(db) == {"delivered": 2}, what="both delivered")
+    excerpts = db.execute(
+        "SELECT a.attempt, a.status_code, a.response_excerpt FROM notifyhook.attempts AS a "
+        "JOIN notifyhook.endpoints AS e ON e.id = a.endpoint_id WHERE e.name = 'binary' "
+        "ORDER BY a.attempt"
+    ).fetchall()
+    assert [(attempt, code) for attempt, code, _ in excerpts] == [(1, 500), (2, 200)]
+    assert excerpts[1][2] == "ok\ufffddone"
+    assert "\x00" not in excerpts[0][2]
+
+
 def test_retry_after_is_honoured(db, receiver, start_worker):
     receiver.sequence("busy", Answer(status=429, headers={"Retry-After": "2"}), Answer(status=200))
     add_endpoint(db, "t", "busy", receiver.url("busy"))
