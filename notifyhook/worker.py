@@ -33,6 +33,10 @@ PRUNE_EVERY_S = 600.0
 RECORD_PATIENCE_S = 0.005
 """How long finished attempts may wait for others to share their transaction."""
 
+SHUTDOWN_DATABASE_S = 10.0
+"""After the grace, how long a stopping worker tries to record outcomes and give back
+claims: SHUTDOWN_GRACE plus this stays within the unit's TimeoutStopSec (30 + 10 < 45)."""
+
 
 def decide(delivery: Delivery, result: AttemptResult, settings: Settings) -> Outcome:
     """Map an attempt's result to the delivery's next state (retry schedule, jitter, Retry-After)."""
@@ -108,10 +112,11 @@ class Worker:
     async def run(self) -> None:
         """Run until asked to stop, then finish or give back what is in flight."""
         async with asyncio.TaskGroup() as tasks:
+            recorder = tasks.create_task(self._record_loop(), name="recorder")
             background = [
                 tasks.create_task(self.listener.run(), name="listener"),
                 tasks.create_task(self._tick(), name="tick"),
-                tasks.create_task(self._record_loop(), name="recorder"),
+                recorder,
                 tasks.create_task(self._heartbeat(), name="heartbeat"),
             ]
             log.info(
@@ -123,10 +128,13 @@ class Worker:
             )
             await self._claim_loop()
             self._notifier.stopping()
+            # The recorder waits out a database outage for as long as it lasts, holding
+            # the recording lock; the shutdown's own flush, which has a deadline, would
+            # wait behind it forever.
+            recorder.cancel()
             await self._finish_in_flight()
             for task in background:
                 task.cancel()
-        await self._flush_outcomes()
         log.info("worker %s stopped", self.settings.worker_id)
 
     def install_signal_handlers(self) -> None:
@@ -298,16 +306,15 @@ class Worker:
             self._outcomes_ready.clear()
             await self._flush_outcomes()
 
-    async def _flush_outcomes(self, *, give_up_after_s: float | None = None) -> None:
+    async def _flush_outcomes(self) -> None:
         """Write buffered outcomes in batches; wait out a database outage (rows stay leased)."""
         # One flush at a time: the shutdown's flush and the recorder's must not both
         # send the same outcomes.
         async with self._recording:
-            await self._flush_held_outcomes(give_up_after_s)
+            await self._flush_held_outcomes()
 
-    async def _flush_held_outcomes(self, give_up_after_s: float | None) -> None:
+    async def _flush_held_outcomes(self) -> None:
         delays = retry.reconnect_delays()
-        started = time.monotonic()
         while self._outcomes:
             batch = self._outcomes[: self.settings.batch_size]
             # Until a call's answer arrives, its outcomes may or may not be recorded (a
@@ -320,9 +327,6 @@ class Worker:
                     self.settings.worker_id, batch, self.settings.disable_after, retried=retried
                 )
             except DatabaseError as error:
-                if give_up_after_s is not None and time.monotonic() - started > give_up_after_s:
-                    log.error("giving up recording %d outcomes: %s", len(self._outcomes), error)
-                    return
                 await self._database_trouble("record", error, next(delays))
                 continue
             self._record_unconfirmed = False
@@ -351,9 +355,19 @@ class Worker:
         await asyncio.gather(
             *(task for _, task in list(self._in_flight.values())), return_exceptions=True
         )
-        await self._flush_outcomes(give_up_after_s=5.0)
-        if unfinished:
-            await self._release(unfinished)
+        try:
+            # Bounded: systemd's TimeoutStopSec must not run out while the database is away.
+            async with asyncio.timeout(SHUTDOWN_DATABASE_S):
+                await self._flush_outcomes()
+                if unfinished:
+                    await self._release(unfinished)
+        except TimeoutError:
+            log.error(
+                "database unavailable: exiting with %d outcomes unrecorded and %d claims held; "
+                "their leases will expire and they will be sent again",
+                len(self._outcomes),
+                len(unfinished),
+            )
 
     async def _release(self, held: Sequence[tuple[int, int]]) -> None:
         try:

@@ -99,6 +99,30 @@ def test_postgres_restart_mid_stream(own_cluster, receiver, start_worker):
     assert len({a.webhook_id for a in receiver.received("a")}) == 150
 
 
+def test_sigterm_while_the_database_is_down_exits_in_time_and_loses_nothing(
+    own_cluster, receiver, start_worker
+):
+    url = own_cluster.url()
+    receiver.sequence("slow", Answer(kind="slow", seconds=2))
+    with psycopg.connect(url, autocommit=True) as conn:
+        add_endpoint(conn, "t", "slow", receiver.url("slow"))
+        insert_events(conn, "t", 5)
+    first = start_worker(url, shutdown_grace="5", http_timeout="3", lease="5")
+    wait_until(lambda: len(receiver.received("slow")) == 5, what="requests in flight")
+    own_cluster.pg_ctl("stop", "-m", "fast", "-w")
+    first.signal(signal.SIGTERM)
+    # The answers come within the grace, but nothing can be recorded: the worker must
+    # still exit 0 within the unit's TimeoutStopSec (45 s), saying what it left.
+    assert first.wait(timeout=40) == 0, first.log()
+    assert "5 outcomes unrecorded" in first.log()
+    own_cluster.pg_ctl("start", "-w", "-t", "30", "-l", str(own_cluster.log))
+    start_worker(url, poll_interval="1", lease="5", http_timeout="3")
+    with psycopg.connect(url, autocommit=True) as conn:
+        wait_until(lambda: statuses(conn) == {"delivered": 5}, timeout=40, what="redelivery")
+    event_ids = {a.webhook_id for a in receiver.received("slow")}
+    assert len(event_ids) == 5
+
+
 @pytest.mark.parametrize(
     ("answer", "error"),
     [
