@@ -122,13 +122,38 @@ def connection_string(url: str) -> str:
     )
 
 
+# What libpq reports when the server turns down our credentials or names. A failed
+# connection carries no SQLSTATE (libpq keeps it to itself), so the text is all there
+# is; the server's part is in its lc_messages language, English by default.
+_REFUSALS = (
+    "password authentication failed",
+    "no password supplied",
+    "authentication failed for user",
+    "no pg_hba.conf entry",
+    "does not exist",  # database "x" / role "x"
+)
+
+
+def refusal(error: BaseException) -> str | None:
+    """libpq's reason when the server refused the connection for its credentials or
+    database name: a wrong setting, not an outage. None for anything else."""
+    if not isinstance(error, psycopg.OperationalError) or error.sqlstate is not None:
+        return None
+    text = " ".join(str(error).split())
+    if not any(phrase in text for phrase in _REFUSALS):
+        return None
+    # "connection failed: connection to server at "h", port 5432 failed: FATAL: why"
+    return text.rsplit(" failed: ", 1)[-1]
+
+
 def is_transient(error: BaseException) -> bool:
     """A lost or refused connection, or a server shutting down or starting: worth waiting out.
 
     Errors with a SQLSTATE outside classes 08 (connection) and 57 (operator
-    intervention) are not: a wrong password or a missing database stays wrong.
+    intervention) are not, nor is a connection refused for a wrong password, user or
+    database (`refusal`): those stay wrong.
     """
-    if not isinstance(error, psycopg.OperationalError):
+    if not isinstance(error, psycopg.OperationalError) or refusal(error) is not None:
         return False
     state = error.sqlstate
     return state is None or state.startswith(("08", "57"))

@@ -15,14 +15,14 @@ from typing import Any
 
 from notifyhook import __version__, reporting, retry, secrets
 from notifyhook.delivery import AttemptResult, Delivery, Outcome, Verdict
-from notifyhook.errors import SecretError
+from notifyhook.errors import ConfigurationError, SecretError
 from notifyhook.listener import Listener
 from notifyhook.metrics import Metrics
 from notifyhook.metrics import serve as serve_metrics
 from notifyhook.migrate import check_schema
 from notifyhook.sender import Sender
 from notifyhook.settings import Settings
-from notifyhook.store import DatabaseError, Row, Store, connect, is_transient
+from notifyhook.store import DatabaseError, Row, Store, connect, is_transient, refusal
 from notifyhook.systemd import SystemdNotifier
 
 log = logging.getLogger("notifyhook.worker")
@@ -482,6 +482,10 @@ async def _wait_for_schema(url: str) -> None:
                 await check_schema(conn)
                 return
         except DatabaseError as error:
+            if (reason := refusal(error)) is not None:
+                raise ConfigurationError(
+                    f"NOTIFYHOOK_DATABASE_URL: the server refused the connection: {reason}"
+                ) from None
             if not is_transient(error):
                 raise
             wait = next(delays)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
 import standardwebhooks
-from conftest import add_endpoint, psql, scalar, wait_until
+from conftest import add_endpoint, psql, scalar, wait_until, with_dbname
+from psycopg.conninfo import make_conninfo
 
 from notifyhook.receiver import Answer
 
@@ -218,6 +220,23 @@ def test_the_worker_refuses_an_unknown_schema_version(db, start_worker):
     log = worker.log()
     assert "version 9999" in log
     assert "newer" in log
+
+
+@pytest.mark.parametrize("wrong", ["database", "user"])
+def test_the_worker_stops_when_the_server_refuses_its_credentials(
+    database_url, start_worker, wrong
+):
+    # A missing database or role stays missing: a wrong setting (exit 2), not an outage
+    # to wait out while systemd thinks all is well.
+    if wrong == "database":
+        url = with_dbname(database_url, "no_such_database")
+    else:
+        url = make_conninfo(database_url, user="no_such_role")
+    worker = start_worker(url)
+    assert worker.wait(30) == 2
+    last_line = worker.log().strip().splitlines()[-1]
+    assert last_line.startswith("notifyhook: NOTIFYHOOK_DATABASE_URL: the server refused")
+    assert "does not exist" in last_line
 
 
 def test_the_worker_refuses_functions_it_was_not_written_against(db, start_worker):
