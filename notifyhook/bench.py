@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from notifyhook.cli import UsageError
+from notifyhook.settings import optional_database_url
 
 if TYPE_CHECKING:
     from notifyhook.bench_context import Result, Size
@@ -71,7 +72,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.workers < 1 or args.size <= 0:
         raise UsageError("--workers must be at least 1 and --size positive")
     size = SMALL if args.small else Size().scaled(args.size)
-    url = os.environ.get("NOTIFYHOOK_DATABASE_URL") or None
+    url = optional_database_url()
     if url is None:
         find_bindir()  # fail at once, naming what to install
     directory = Path(tempfile.mkdtemp(prefix="notifyhook-bench-"))

@@ -13,7 +13,7 @@ from typing import Any
 
 from notifyhook import __version__, logs
 from notifyhook.errors import ConfigurationError, NotifyhookError, SchemaVersionError
-from notifyhook.settings import Settings, load_settings
+from notifyhook.settings import Settings, load_settings, warn_unknown_variables
 from notifyhook.store import DatabaseError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             settings = load_settings()
             logs.configure(settings.log_format, settings.log_level)
+            warn_unknown_variables()  # once logs go where the operator looks
             result = args.handler(args, settings)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)

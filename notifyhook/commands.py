@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from notifyhook import retry, secrets, signing
 from notifyhook.cli import CommandError, UsageError, print_json
+from notifyhook.errors import SecretError
 from notifyhook.settings import Settings
 from notifyhook.store import connect, fetch_dicts, json_param
 
@@ -237,7 +238,7 @@ def _secret_key(settings: Settings) -> str | None:
 
 
 async def endpoint_add(args: argparse.Namespace, settings: Settings) -> int:
-    secret = args.secret or signing.generate_secret()
+    secret = _given_secret(args.secret) if args.secret else signing.generate_secret()
     params = {
         "tenant_id": args.tenant,
         "name": args.name,
@@ -256,6 +257,16 @@ async def endpoint_add(args: argparse.Namespace, settings: Settings) -> int:
     print(f"secret: {secret}")
     print("(shown once: give it to the receiver, which verifies with it)")
     return 0
+
+
+def _given_secret(secret: str) -> str:
+    """A --secret checked before it is sealed: encrypted, the database could not check it,
+    and every delivery would fail. Checked without a key too, for one message either way."""
+    try:
+        signing.decode_secret(secret)
+    except SecretError as error:
+        raise UsageError(f"--secret: {error}") from None
+    return secret
 
 
 async def endpoint_list(args: argparse.Namespace, settings: Settings) -> int:

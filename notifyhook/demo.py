@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from notifyhook.cluster import find_bindir
 from notifyhook.demo_view import Progress, print_summary
 from notifyhook.receiver_process import Behaviour, Hit, PathSpec, ReceiverProcess
 from notifyhook.scenario import Server, WorkerProcess, statements
+from notifyhook.settings import optional_database_url
 from notifyhook.store import connect, fetch_dicts, json_param
 
 TENANT = "demo"
@@ -90,7 +90,7 @@ def register(commands: Any) -> None:
 def demo_command(args: argparse.Namespace) -> int:
     from notifyhook.commands import run_async
 
-    url = os.environ.get("NOTIFYHOOK_DATABASE_URL") or None
+    url = optional_database_url()
     if url is None:
         find_bindir()  # fail at once, naming what to install
     if args.events < 10 or args.duration <= 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import socket
 from typing import Annotated, Any, Literal
@@ -21,6 +23,11 @@ from notifyhook.errors import ConfigurationError
 
 ENV_PREFIX = "NOTIFYHOOK_"
 
+USED_ELSEWHERE = frozenset({"NOTIFYHOOK_TEST_DATABASE_URL", "NOTIFYHOOK_CLUSTER_USER"})
+"""NOTIFYHOOK_* variables that are not settings but are read on purpose (tests, cluster.py)."""
+
+log = logging.getLogger("notifyhook.settings")
+
 Seconds = Annotated[float, BeforeValidator(retry.parse_duration)]
 """A duration in seconds: plain seconds (`30`, `1.5`) or a number with s, m, h or d (`5m`)."""
 
@@ -34,7 +41,10 @@ def _default_worker_id() -> str:
 class Settings(BaseSettings):
     """Everything a notifyhook process can be told, from NOTIFYHOOK_* variables."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    # An empty value (`NOTIFYHOOK_METRICS_PORT=` in an environment file) means unset.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore", frozen=True
+    )
 
     database_url: SecretStr = Field(
         description="libpq URL or key=value DSN of the database; multi-host DSNs work."
@@ -117,12 +127,33 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: SecretStr) -> SecretStr:
         from notifyhook.store import check_conninfo
 
         check_conninfo(value.get_secret_value())
+        return value
+
+    @field_validator("sentry_dsn")
+    @classmethod
+    def _check_sentry_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        # sentry_sdk itself would raise only when the worker starts reporting.
+        if value is not None:
+            from sentry_sdk.utils import Dsn  # here: most commands never report to Sentry
+
+            try:
+                Dsn(value.get_secret_value())
+            # BadDsn, or urllib's error for a bad port: neither quotes the key.
+            except ValueError as error:
+                raise ValueError(
+                    f"is not a Sentry DSN ({error}); expected https://KEY@HOST/PROJECT_ID"
+                ) from None
         return value
 
     @field_validator("secret_key")
@@ -164,6 +195,41 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as error:
         raise ConfigurationError(describe_errors(error)) from None
+
+
+def optional_database_url() -> str | None:
+    """NOTIFYHOOK_DATABASE_URL checked as load_settings checks it, or None when unset.
+
+    For demo and bench, which start a PostgreSQL of their own without one.
+    """
+    from notifyhook.store import check_conninfo
+
+    variable = ENV_PREFIX + "DATABASE_URL"
+    url = os.environ.get(variable) or None
+    if url is not None:
+        try:
+            check_conninfo(url)
+        except ValueError as error:
+            raise ConfigurationError(f"{variable}: {error}") from None
+    return url
+
+
+def warn_unknown_variables() -> None:
+    """Log a warning for each NOTIFYHOOK_* variable that is no setting: a typo, or one
+    from another version (an environment file shared between versions must not stop workers)."""
+    names = Settings.model_fields
+    for variable in sorted(os.environ):
+        upper = variable.upper()
+        # pydantic-settings matches names regardless of case; so does this.
+        if not upper.startswith(ENV_PREFIX) or upper in USED_ELSEWHERE:
+            continue
+        field = upper.removeprefix(ENV_PREFIX).lower()
+        if field in names:
+            continue
+        # Matched without the prefix, which every name shares and would make all look close.
+        close = difflib.get_close_matches(field, names, n=1)
+        hint = f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else ""
+        log.warning("%s is not a notifyhook setting; ignored%s", variable, hint)
 
 
 def describe_errors(error: ValidationError) -> str:

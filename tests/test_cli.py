@@ -174,6 +174,33 @@ def test_a_missing_database_url_exits_2():
     assert "NOTIFYHOOK_DATABASE_URL is required" in line
 
 
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_demo_and_bench_check_the_database_url_as_every_command_does(command):
+    # They start their own PostgreSQL without a URL, so they read it themselves.
+    result = run(f"postgresql://app:{PASSWORD}@[bad/app", command)
+    assert "NOTIFYHOOK_DATABASE_URL: is not a valid libpq URL" in one_line_error(result, 2)
+    assert PASSWORD not in result.stderr + result.stdout
+
+
+def test_the_worker_refuses_a_malformed_sentry_dsn_before_it_starts():
+    url = f"postgresql://app:{PASSWORD}@127.0.0.1:{free_port()}/app"
+    result = run(url, "worker", sentry_dsn="not-a-dsn")
+    assert "NOTIFYHOOK_SENTRY_DSN: is not a Sentry DSN" in one_line_error(result, 2)
+
+
+def test_an_unknown_variable_is_warned_about_and_ignored():
+    url = f"postgresql://app:{PASSWORD}@127.0.0.1:{free_port()}/app"
+    result = run(url, "stats", concurency="5", test_database_url=url, cluster_user="postgres")
+    assert result.returncode == 1, result.stderr
+    warning, error = result.stderr.splitlines()
+    assert warning.endswith(
+        " WARNING notifyhook.settings: NOTIFYHOOK_CONCURENCY is not a notifyhook setting; "
+        "ignored (did you mean NOTIFYHOOK_CONCURRENCY?)"
+    )
+    assert error.startswith("notifyhook: ")
+    assert PASSWORD not in result.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -344,6 +371,30 @@ def test_endpoint_add_with_a_secret_key_stores_it_encrypted(db, database_url):
     stored = endpoint_row(db, endpoint_id)["secret"]
     assert stored.startswith("enc:")
     assert Fernet(key.encode()).decrypt(stored.removeprefix("enc:").encode()).decode() == secret
+
+
+@pytest.mark.parametrize("with_key", [False, True], ids=["plain", "secret key"])
+def test_endpoint_add_refuses_a_malformed_secret_with_or_without_a_secret_key(
+    db, database_url, with_key
+):
+    # With a key the database sees only the encrypted form: the CLI must check first.
+    settings = {"secret_key": Fernet.generate_key().decode()} if with_key else {}
+    for secret, problem in [
+        ("BOGUS", "must start with 'whsec_'"),
+        ("whsec_not*base64", "followed by standard base64"),
+        ("whsec_c2hvcnQ=", "must encode 24 to 64 bytes"),
+    ]:
+        result = run(
+            database_url,
+            "endpoint", "add", "--tenant", "t", "--name", "n", "--url", "https://example.com/",
+            "--secret", secret,
+            **settings,
+        )  # fmt: skip
+        line = one_line_error(result, 2)
+        assert line.startswith("notifyhook: --secret: a webhook secret ")
+        assert problem in line
+        assert secret not in line
+    assert scalar(db, "SELECT count(*) FROM notifyhook.endpoints") == 0
 
 
 def test_endpoint_commands_on_a_missing_endpoint_exit_1(database_url):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from notifyhook.errors import ConfigurationError
-from notifyhook.settings import ENV_PREFIX, Settings, load_settings
+from notifyhook.settings import ENV_PREFIX, Settings, load_settings, warn_unknown_variables
 
 URL = "postgresql://app:s3cr3t-pw@127.0.0.1:5432/app"
 
@@ -121,3 +121,77 @@ def test_every_setting_is_in_the_example_environment_file():
     example = (Path(__file__).parent.parent / "systemd" / "notifyhook.env.example").read_text()
     for name in Settings.model_fields:
         assert f"{ENV_PREFIX}{name.upper()}=" in example, name
+
+
+def test_log_format_ignores_case_as_log_level_does(monkeypatch):
+    monkeypatch.setenv("NOTIFYHOOK_LOG_FORMAT", "JSON")
+    monkeypatch.setenv("NOTIFYHOOK_LOG_LEVEL", "warning")
+    settings = load_settings()
+    assert (settings.log_format, settings.log_level) == ("json", "WARNING")
+
+
+@pytest.mark.parametrize(
+    "dsn", ["not-a-dsn", "https://sentry.example.com/1", "https://key@sentry.example.com/x"]
+)
+def test_a_malformed_sentry_dsn_is_refused_at_load(monkeypatch, dsn):
+    monkeypatch.setenv("NOTIFYHOOK_SENTRY_DSN", dsn)
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    text = str(raised.value)
+    assert text.startswith("NOTIFYHOOK_SENTRY_DSN: is not a Sentry DSN")
+    assert "\n" not in text
+
+
+def test_a_sentry_dsn_is_accepted_and_never_echoed(monkeypatch):
+    monkeypatch.setenv("NOTIFYHOOK_SENTRY_DSN", "https://publickey@o1.ingest.sentry.example/42")
+    settings = load_settings()
+    assert settings.sentry_dsn is not None
+    assert "publickey" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["NOTIFYHOOK_SENTRY_DSN", "NOTIFYHOOK_METRICS_PORT", "NOTIFYHOOK_SECRET_KEY",
+     "NOTIFYHOOK_CONCURRENCY", "NOTIFYHOOK_LOG_FORMAT", "NOTIFYHOOK_WORKER_ID"],
+)  # fmt: skip
+def test_an_empty_variable_means_unset(monkeypatch, variable):
+    # `VAR=` in an environment file is how operators leave a setting at its default.
+    monkeypatch.setenv(variable, "")
+    field = variable.removeprefix(ENV_PREFIX).lower()
+    value = getattr(load_settings(), field)
+    default = Settings.model_fields[field].get_default(call_default_factory=True)
+    assert value == default
+
+
+def test_an_empty_database_url_is_missing(monkeypatch):
+    monkeypatch.setenv("NOTIFYHOOK_DATABASE_URL", "")
+    with pytest.raises(ConfigurationError, match="NOTIFYHOOK_DATABASE_URL is required"):
+        load_settings()
+
+
+def test_unknown_variables_are_warned_about_with_the_closest_setting(monkeypatch, caplog):
+    monkeypatch.setenv("NOTIFYHOOK_CONCURENCY", "5")
+    monkeypatch.setenv("NOTIFYHOOK_COLOUR", "blue")
+    monkeypatch.setenv("NOTIFYHOOK_TEST_DATABASE_URL", URL)
+    monkeypatch.setenv("NOTIFYHOOK_CLUSTER_USER", "postgres")
+    monkeypatch.setenv("notifyhook_log_level", "info")  # a setting: matched regardless of case
+    warn_unknown_variables()
+    assert [(r.levelname, r.name, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            "notifyhook.settings",
+            "NOTIFYHOOK_COLOUR is not a notifyhook setting; ignored",
+        ),
+        (
+            "WARNING",
+            "notifyhook.settings",
+            "NOTIFYHOOK_CONCURENCY is not a notifyhook setting; ignored "
+            "(did you mean NOTIFYHOOK_CONCURRENCY?)",
+        ),
+    ]
+
+
+def test_known_variables_bring_no_warning(monkeypatch, caplog):
+    monkeypatch.setenv("NOTIFYHOOK_CONCURRENCY", "5")
+    warn_unknown_variables()
+    assert caplog.records == []
