@@ -59,13 +59,22 @@ class Metrics:
             registry=r,
         )
         self.queue_pending_due = Gauge(
-            "notifyhook_queue_pending_due", "Deliveries due and waiting.", registry=r
+            "notifyhook_queue_pending_due",
+            "Deliveries due and waiting, for enabled endpoints.",
+            registry=r,
+        )
+        self.queue_pending_paused = Gauge(
+            "notifyhook_queue_pending_paused",
+            "Deliveries kept pending for disabled endpoints.",
+            registry=r,
         )
         self.queue_processing = Gauge(
             "notifyhook_queue_processing", "Deliveries claimed fleet-wide.", registry=r
         )
         self.queue_oldest_due_age = Gauge(
-            "notifyhook_queue_oldest_due_age_seconds", "Age of the oldest due delivery.", registry=r
+            "notifyhook_queue_oldest_due_age_seconds",
+            "Age of the oldest due delivery of an enabled endpoint.",
+            registry=r,
         )
         self._outcome_children = {
             name: self.deliveries.labels(outcome=name) for name in ("delivered", "pending", "dead")
@@ -79,10 +88,13 @@ class Metrics:
         if outcome == "delivered":
             self._delivered += 1
 
-    def set_queue(self, pending_due: int, processing: int, oldest_due_age_s: float) -> None:
+    def set_queue(
+        self, pending_due: int, processing: int, oldest_due_age_s: float, pending_paused: int
+    ) -> None:
         self.queue_pending_due.set(pending_due)
         self.queue_processing.set(processing)
         self.queue_oldest_due_age.set(oldest_due_age_s)
+        self.queue_pending_paused.set(pending_paused)
 
     def status_line(self, in_flight: int) -> str:
         """What systemctl status shows: deliveries/s since the last call, in flight, due."""

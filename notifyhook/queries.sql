@@ -56,14 +56,20 @@ SELECT notifyhook.prune(%(older_than)s, %(batch_size)s);
 SELECT pg_try_advisory_xact_lock(7305872156748263002);
 
 -- name: queue_depth
--- Cheap enough to sample every few seconds: reads only the partial indexes.
+-- Cheap enough to sample every few seconds: reads only the partial indexes (and the
+-- few endpoints). Disabled endpoints' rows are counted apart, as in queue_stats.
+WITH paused AS (SELECT id FROM notifyhook.endpoints WHERE NOT enabled)
 SELECT
     (SELECT count(*) FROM notifyhook.deliveries
-     WHERE status = 'pending' AND next_attempt_at <= now()) AS pending_due,
+     WHERE status = 'pending' AND next_attempt_at <= now()
+       AND endpoint_id NOT IN (SELECT id FROM paused)) AS pending_due,
     (SELECT count(*) FROM notifyhook.deliveries WHERE status = 'processing') AS processing,
     (SELECT coalesce(extract(epoch FROM now() - min(next_attempt_at)), 0)::float8
      FROM notifyhook.deliveries
-     WHERE status = 'pending' AND next_attempt_at <= now()) AS oldest_due_age_s;
+     WHERE status = 'pending' AND next_attempt_at <= now()
+       AND endpoint_id NOT IN (SELECT id FROM paused)) AS oldest_due_age_s,
+    (SELECT count(*) FROM notifyhook.deliveries
+     WHERE status = 'pending' AND endpoint_id IN (SELECT id FROM paused)) AS pending_paused;
 
 -- name: queue_stats
 SELECT * FROM notifyhook.queue_stats;

@@ -345,10 +345,10 @@ class Store:
             row = await cursor.fetchone()
             return int(row[0]) if row else 0
 
-    async def queue_depth(self) -> tuple[int, int, float]:
-        """(pending due, processing, oldest due age in seconds)."""
+    async def queue_depth(self) -> tuple[int, int, float, int]:
+        """(pending due, processing, oldest due age in seconds, pending of disabled endpoints)."""
         rows = await self._fetch("queue_depth")
-        return int(rows[0][0]), int(rows[0][1]), float(rows[0][2])
+        return int(rows[0][0]), int(rows[0][1]), float(rows[0][2]), int(rows[0][3])
 
 
 async def read_schema_version(conn: psycopg.AsyncConnection[Any]) -> int | None:

@@ -85,6 +85,23 @@ def test_metrics_count_what_the_worker_did(db, receiver, start_worker):
     assert sample(samples, "notifyhook_listener_reconnects_total") == 0
 
 
+def test_queue_stats_count_a_disabled_endpoints_backlog_apart(db, receiver):
+    add_endpoint(db, "t", "on", receiver.url("on"), event_types="{on.*}")
+    add_endpoint(db, "t", "off", receiver.url("off"), event_types="{off.*}", enabled=False)
+    insert_events(db, "t", 3, "on.created")
+    insert_events(db, "t", 2, "off.created")
+    row = db.execute(
+        "SELECT pending_due, pending_paused, oldest_due_age_s FROM notifyhook.queue_stats"
+    ).fetchone()
+    assert row[:2] == (3, 2)
+    assert row[2] is not None
+    db.execute("UPDATE notifyhook.endpoints SET enabled = false")
+    row = db.execute(
+        "SELECT pending_due, pending_paused, oldest_due_age_s FROM notifyhook.queue_stats"
+    ).fetchone()
+    assert row == (0, 5, None)
+
+
 def test_metrics_sample_the_queue_and_count_reconnects(db, receiver, start_worker):
     add_endpoint(db, "t", "paused", receiver.url("paused"), enabled=False)
     port = free_port()
@@ -93,10 +110,13 @@ def test_metrics_sample_the_queue_and_count_reconnects(db, receiver, start_worke
     insert_events(db, "t", 4)
     # The queue is sampled on the worker's timer (every POLL_INTERVAL), not per scrape.
     samples = wait_until(
-        lambda: (s := scrape(port)) and sample(s, "notifyhook_queue_pending_due") == 4 and s,
+        lambda: (s := scrape(port)) and sample(s, "notifyhook_queue_pending_paused") == 4 and s,
         what="the queue depth gauge",
     )
-    assert (sample(samples, "notifyhook_queue_oldest_due_age_seconds") or 0) > 0
+    # A disabled endpoint's backlog is kept, not due: an alert on the oldest due
+    # delivery must not fire for it.
+    assert sample(samples, "notifyhook_queue_pending_due") == 0
+    assert sample(samples, "notifyhook_queue_oldest_due_age_seconds") == 0
     assert sample(samples, "notifyhook_queue_processing") == 0
 
     killed = scalar(

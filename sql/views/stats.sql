@@ -1,20 +1,27 @@
 -- Views for operators in psql. Re-created (not replaced) so that a change of
 -- columns applies cleanly.
 
--- One row: the queue at a glance.
+-- One row: the queue at a glance. Rows of disabled endpoints are counted apart
+-- (pending_paused): a backlog kept for a 410 Gone or an auto-disabled endpoint is
+-- not work waiting for the workers, and an alert on oldest_due_age_s must not fire
+-- for it forever.
 DROP VIEW IF EXISTS notifyhook.queue_stats;
 CREATE VIEW notifyhook.queue_stats AS
 SELECT
-    count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= now()) AS pending_due,
-    count(*) FILTER (WHERE status = 'pending' AND attempts > 0 AND next_attempt_at > now()) AS pending_retry,
-    count(*) FILTER (WHERE status = 'processing') AS processing,
-    count(*) FILTER (WHERE status = 'delivered' AND delivered_at > now() - interval '1 hour') AS delivered_1h,
-    count(*) FILTER (WHERE status = 'dead' AND updated_at > now() - interval '1 hour') AS dead_1h,
-    count(*) FILTER (WHERE status = 'delivered') AS delivered_total,
-    count(*) FILTER (WHERE status = 'dead') AS dead_total,
-    round(extract(epoch FROM now() - min(next_attempt_at)
-          FILTER (WHERE status = 'pending' AND next_attempt_at <= now()))::numeric, 3) AS oldest_due_age_s
-FROM notifyhook.deliveries;
+    count(*) FILTER (WHERE d.status = 'pending' AND e.enabled AND d.next_attempt_at <= now()) AS pending_due,
+    count(*) FILTER (WHERE d.status = 'pending' AND e.enabled AND d.attempts > 0
+                     AND d.next_attempt_at > now()) AS pending_retry,
+    count(*) FILTER (WHERE d.status = 'processing') AS processing,
+    count(*) FILTER (WHERE d.status = 'delivered' AND d.delivered_at > now() - interval '1 hour') AS delivered_1h,
+    count(*) FILTER (WHERE d.status = 'dead' AND d.updated_at > now() - interval '1 hour') AS dead_1h,
+    count(*) FILTER (WHERE d.status = 'delivered') AS delivered_total,
+    count(*) FILTER (WHERE d.status = 'dead') AS dead_total,
+    round(extract(epoch FROM now() - min(d.next_attempt_at)
+          FILTER (WHERE d.status = 'pending' AND e.enabled AND d.next_attempt_at <= now()))::numeric, 3)
+        AS oldest_due_age_s,
+    count(*) FILTER (WHERE d.status = 'pending' AND NOT e.enabled) AS pending_paused
+FROM notifyhook.deliveries AS d
+JOIN notifyhook.endpoints AS e ON e.id = d.endpoint_id;
 
 -- One row per endpoint: how it is doing. Attempt figures cover the last 24 h
 -- (1 h where named); `delivered_*` counts successful attempts.
