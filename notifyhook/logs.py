@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# journald stamps every line itself.
+_JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,7 +35,7 @@ def configure(log_format: str, level: str) -> None:
     if log_format == "json":
         formatter: logging.Formatter = JsonFormatter()
     else:
-        formatter = logging.Formatter(_TEXT_FORMAT)
+        formatter = logging.Formatter(_JOURNAL_FORMAT if _stderr_is_journal() else _TEXT_FORMAT)
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     root = logging.getLogger()
@@ -41,3 +44,14 @@ def configure(log_format: str, level: str) -> None:
     # Libraries stay quiet unless something is wrong.
     for noisy in ("psycopg", "psycopg.pool", "aiohttp", "httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def _stderr_is_journal() -> bool:
+    """Whether stderr is systemd's journal stream (JOURNAL_STREAM names its device:inode)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        status = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (status.st_dev, status.st_ino) == (device, inode)

@@ -201,6 +201,27 @@ def test_an_unknown_variable_is_warned_about_and_ignored():
     assert PASSWORD not in result.stderr
 
 
+def test_under_journald_log_lines_carry_no_date_of_their_own(tmp_path):
+    # journald stamps every line; systemd names the stream in JOURNAL_STREAM.
+    url = f"postgresql://app:{PASSWORD}@127.0.0.1:{free_port()}/app"
+    log = tmp_path / "stderr"
+    lines = {}
+    for journal in (False, True):
+        with log.open("w") as stderr:
+            env = environment(url, concurency="5")
+            if journal:
+                status = os.fstat(stderr.fileno())
+                env["JOURNAL_STREAM"] = f"{status.st_dev}:{status.st_ino}"
+            subprocess.run([*COMMAND, "stats"], env=env, stderr=stderr, timeout=60, check=False)
+        lines[journal] = log.read_text().splitlines()[0]
+    assert lines[True] == (
+        "WARNING notifyhook.settings: NOTIFYHOOK_CONCURENCY is not a notifyhook setting; "
+        "ignored (did you mean NOTIFYHOOK_CONCURRENCY?)"
+    )
+    assert lines[False].endswith(" " + lines[True])
+    assert lines[False][:4].isdigit()  # the date first
+
+
 @pytest.mark.parametrize(
     "args",
     [
