@@ -63,7 +63,12 @@ async def migrate_command(args: argparse.Namespace, settings: Settings) -> int:
     from notifyhook.migrate import code_schema_version, migrate
 
     async with connect(_url(settings)) as conn:
-        applied = await migrate(conn, max_payload_bytes=settings.max_payload_bytes)
+        # Only a limit the operator set: an unset variable must not undo an UPDATE of
+        # notifyhook.config made in psql.
+        given = "max_payload_bytes" in settings.model_fields_set
+        applied = await migrate(
+            conn, max_payload_bytes=settings.max_payload_bytes if given else None
+        )
     version = code_schema_version()
     if applied:
         print(f"applied {len(applied)} file(s): {', '.join(applied)}; schema version {version}")

@@ -60,8 +60,12 @@ def code_schema_version() -> int:
     return max(f.version for f in migration_files() if f.version is not None)
 
 
-async def migrate(conn: Any, *, max_payload_bytes: int) -> list[str]:
-    """Bring the schema up to date on an autocommit connection; returns the files applied."""
+async def migrate(conn: Any, *, max_payload_bytes: int | None) -> list[str]:
+    """Bring the schema up to date on an autocommit connection; returns the files applied.
+
+    `max_payload_bytes`, when given, is written to notifyhook.config; None keeps what is
+    there (the schema's default at first, or what an operator set with UPDATE).
+    """
     sql = queries()
     await conn.execute(sql["lock_migrations"])
     try:
@@ -89,7 +93,10 @@ async def migrate(conn: Any, *, max_payload_bytes: int) -> list[str]:
                     {"name": file.name, "version": file.version, "checksum": file.checksum},
                 )
             done.append(file.name)
-        await conn.execute(sql["set_max_payload_bytes"], {"max_payload_bytes": max_payload_bytes})
+        if max_payload_bytes is not None:
+            await conn.execute(
+                sql["set_max_payload_bytes"], {"max_payload_bytes": max_payload_bytes}
+            )
         return done
     finally:
         await conn.execute(sql["unlock_migrations"])

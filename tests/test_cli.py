@@ -201,6 +201,14 @@ def test_an_unknown_variable_is_warned_about_and_ignored():
     assert PASSWORD not in result.stderr
 
 
+def test_migrate_keeps_a_payload_limit_set_in_sql_unless_told_otherwise(database_url, db):
+    db.execute("UPDATE notifyhook.config SET max_payload_bytes = 500")
+    ok(database_url, "migrate")
+    assert scalar(db, "SELECT max_payload_bytes FROM notifyhook.config") == 500
+    ok(database_url, "migrate", max_payload_bytes="300")
+    assert scalar(db, "SELECT max_payload_bytes FROM notifyhook.config") == 300
+
+
 def test_under_journald_log_lines_carry_no_date_of_their_own(tmp_path):
     # journald stamps every line; systemd names the stream in JOURNAL_STREAM.
     url = f"postgresql://app:{PASSWORD}@127.0.0.1:{free_port()}/app"
