@@ -417,9 +417,18 @@ class Worker:
 
     async def _database_trouble(self, what: str, error: BaseException, wait: float) -> None:
         if self.database_ok:
+            # Not every failure is an outage: a statement the database refuses (after a
+            # migrate by a newer release, say) fails the same way until this worker is
+            # replaced, and the log must say so rather than blame the connection.
+            trouble = (
+                "database unavailable"
+                if is_transient(error)
+                else "the database refused it (is this worker older than the schema?)"
+            )
             log.warning(
-                "%s failed, database unavailable (%s); retrying",
+                "%s failed, %s (%s); retrying",
                 what,
+                trouble,
                 " ".join(str(error).split())[:300],
             )
             self.metrics.database_errors.inc()
