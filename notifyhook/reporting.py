@@ -85,7 +85,7 @@ def report_database_lost(what: str, error: BaseException) -> None:
 
 
 def report_exception(error: BaseException) -> None:
-    """Report an exception that stops the worker."""
+    """Report an unexpected exception: one that stops the worker, or a bug met in a delivery."""
     sentry_sdk.capture_exception(error)
 
 

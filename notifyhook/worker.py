@@ -258,7 +258,7 @@ class Worker:
                 delivery = Delivery(row[0], str(row[1]), row[2], row[3], row[4], (), {}, 0, b"")
                 result = AttemptResult(Verdict.RETRY, datetime.now(UTC), 0.0, error=str(error))
             else:
-                result = await self._sender.send(delivery)
+                result = await self._attempt(delivery)
             outcome = decide(delivery, result, self.settings)
             self._note(delivery, outcome)
             self._outcomes.append(outcome)
@@ -271,6 +271,18 @@ class Worker:
                 self._freed_since_claim >= self._refill_at or not self._in_flight
             ):
                 self._wake.set()
+
+    async def _attempt(self, delivery: Delivery) -> AttemptResult:
+        try:
+            return await self._sender.send(delivery)
+        except Exception as error:
+            # A bug, since the sender turns every failure it knows into a value. Recorded
+            # as a failed attempt that will be retried, rather than left to escape the
+            # task, which would leave the row leased and its attempt unrecorded.
+            log.exception("delivery %d: unexpected error while sending", delivery.id)
+            reporting.report_exception(error)
+            text = f"internal error: {type(error).__name__}: {error}"
+            return AttemptResult(Verdict.RETRY, datetime.now(UTC), 0.0, error=text[:500])
 
     def _note(self, delivery: Delivery, outcome: Outcome) -> None:
         result = outcome.result

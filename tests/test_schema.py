@@ -174,7 +174,7 @@ BAD_ENDPOINTS = [
     ({"headers": psycopg.types.json.Jsonb({"X-Count": 1})}, "headers values must be strings"),
     (
         {"headers": psycopg.types.json.Jsonb({"webhook-signature": "v1,x"})},
-        "must not set webhook-id",
+        'must not set "webhook-signature" (notifyhook signs every request itself)',
     ),
     ({"name": ""}, "name must not be empty"),
 ]

@@ -21,7 +21,7 @@ import standardwebhooks
 from aiohttp import web
 
 from notifyhook.delivery import AttemptResult, Delivery, Verdict
-from notifyhook.sender import EXCERPT_BYTES, Sender, refusal_reason
+from notifyhook.sender import _RESERVED_HEADERS, EXCERPT_BYTES, Sender, refusal_reason
 from notifyhook.signing import generate_secret
 from notifyhook.transport import AiohttpTransport
 
@@ -216,6 +216,15 @@ def test_invalid_endpoint_header_is_permanent_and_nothing_is_sent() -> None:
     run(scenario())
 
 
+@pytest.mark.parametrize("url", ["http://xn--/hook", "http://xn--a.example/hook"])
+def test_a_malformed_punycode_host_is_a_permanent_failure(url: str) -> None:
+    # The host is decoded from its xn-- form lazily; a bad one must be an outcome,
+    # not an exception that leaves the delivery leased and unrecorded.
+    result = run(send(url))
+    assert result.verdict is Verdict.PERMANENT
+    assert (result.error or "").startswith("invalid URL")
+
+
 def test_each_header_once_on_the_wire() -> None:
     # The request's headers are built once, by us; nothing on the way may add a second
     # Host or Content-Length, nor frame the body differently.
@@ -242,6 +251,29 @@ def test_each_header_once_on_the_wire() -> None:
     assert values["x-tenant"] == "acme"
     assert "transfer-encoding" not in values
     assert "cookie" not in values
+
+
+def test_every_reserved_header_is_dropped() -> None:
+    # The trigger refuses these names at INSERT; a row written before a name was added
+    # still sends only our value of each, or none (tests/test_endpoint_validation.py
+    # keeps this list equal to the trigger's).
+    heads: list[bytes] = []
+    forged = {name.title(): "forged" for name in _RESERVED_HEADERS} | {"X-Tenant": "acme"}
+
+    async def scenario() -> AttemptResult:
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        async with raw_server(answering(answer, heads)) as (port, _):
+            return await send(f"http://127.0.0.1:{port}/hook", headers=forged)
+
+    result = run(scenario())
+    assert result.verdict is Verdict.DELIVERED, result.error
+    [head] = heads
+    fields = [line.split(":", 1) for line in head.decode().strip().split("\r\n")[1:]]
+    names = [name.strip().lower() for name, _ in fields]
+    assert len(names) == len(set(names)), names
+    assert "forged" not in [value.strip() for _, value in fields]
+    # And every header we set is reserved (aiohttp's default Accept an endpoint may replace).
+    assert set(names) - {"x-tenant", "accept"} <= _RESERVED_HEADERS
 
 
 def test_endpoint_headers_follow_a_changed_header_set() -> None:

@@ -63,27 +63,136 @@ BEGIN
 END
 $$;
 
+-- The secret before a rotation signs beside the new one until it expires, and only
+-- then (claim.sql): without an expiry it would never sign, and receivers still
+-- holding it would fail every request at once.
+CREATE OR REPLACE FUNCTION notifyhook.check_previous_secret(previous_secret text, expires_at timestamptz)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF previous_secret IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM notifyhook.check_secret(previous_secret, 'previous_secret');
+    IF expires_at IS NULL THEN
+        RAISE check_violation USING
+            MESSAGE = 'endpoints.previous_secret needs endpoints.previous_secret_expires_at: '
+                      'without an expiry the previous secret never signs',
+            HINT = 'Set previous_secret_expires_at = now() + interval ''24 hours'' in the same '
+                   'statement, or use notifyhook endpoint rotate-secret.';
+    END IF;
+END
+$$;
+
+-- An IPv6 address as Python's ipaddress module reads it (which is what the sender's
+-- URL parser, httpx, checks a bracketed host with): hexadecimal groups, `::`, and an
+-- optional dotted IPv4 tail. The pattern first, because PostgreSQL's inet also reads
+-- forms Python refuses (`::1.2.3`, `::1/128`); zone ids (`%eth0`) are refused.
+CREATE OR REPLACE FUNCTION notifyhook.is_ipv6_address(candidate text) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    IF candidate !~ '^[0-9A-Fa-f:]*(:[0-9]{1,3}(\.[0-9]{1,3}){3})?$' THEN
+        RETURN false;
+    END IF;
+    RETURN family(candidate::inet) = 6;
+EXCEPTION WHEN invalid_text_representation THEN
+    RETURN false;
+END
+$$;
+
+-- The host of an endpoint URL when it is not in brackets: a dotted-quad IPv4 address,
+-- or a DNS name in ASCII. Digits and dots only are taken for an IPv4 address by the
+-- sender (it refuses `127.1`); an internationalised name is stored in the xn-- form
+-- that is dialled, rather than left to the sender's IDNA encoding.
+CREATE OR REPLACE FUNCTION notifyhook.check_url_host(host text, url text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF host ~ '^[0-9.]+$'
+       AND host !~ '^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$' THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.url: %s is not an IPv4 address (four numbers from 0 to 255, no leading zeros)',
+                             left(host, 100));
+    END IF;
+    IF host ~ '[^\x01-\x7f]' THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.url: write the host %s in its ASCII (xn--) form', left(host, 100)),
+            HINT = 'Python: "bücher.example".encode("idna") gives xn--bcher-kva.example';
+    END IF;
+    IF host !~ '^[A-Za-z0-9._~-]+$' THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.url has a malformed host: %L', left(url, 200)),
+            HINT = CASE WHEN host ~ '[][]' THEN 'An IPv6 address goes in brackets: http://[2001:db8::1]/'
+                        ELSE 'A host name has letters, digits, ''-'', ''.'', ''_'' and ''~'' only.' END;
+    END IF;
+END
+$$;
+
 -- An endpoint URL: http:// or https://, a host, no user:password@ (credentials
--- would be sent to, and logged by, every proxy on the way; use `headers`).
+-- would be sent to, and logged by, every proxy on the way; use `headers`). What is
+-- accepted here must parse at send time, in httpx and in aiohttp (tests/
+-- test_endpoint_validation.py feeds odd URLs to both): so no white space or control
+-- characters, a host that is a DNS name in ASCII, a dotted-quad IPv4 address or an
+-- IPv6 address in balanced brackets, and a port from 1 to 65535.
 CREATE OR REPLACE FUNCTION notifyhook.check_url(url text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     authority text := substring(url FROM '^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)');
+    host text;
+    port text;
 BEGIN
     IF url !~* '^https?://' THEN
         RAISE check_violation USING
             MESSAGE = format('endpoints.url must be an http:// or https:// URL, got %L', left(url, 200));
     END IF;
+    IF length(url) > 8192 THEN
+        -- About what servers take in a request line; httpx refuses URLs over 64 KiB.
+        RAISE check_violation USING MESSAGE = 'endpoints.url must be at most 8192 characters long';
+    END IF;
     IF url ~ '\s' THEN
         RAISE check_violation USING MESSAGE = 'endpoints.url must not contain white space';
+    END IF;
+    IF url ~ '[\x01-\x1f\x7f-\x9f]' THEN
+        RAISE check_violation USING MESSAGE = 'endpoints.url must not contain control characters';
     END IF;
     IF position('@' IN authority) > 0 THEN
         RAISE check_violation USING
             MESSAGE = 'endpoints.url must not carry credentials (user:password@)',
             HINT = 'Put an Authorization header in endpoints.headers instead.';
     END IF;
-    IF authority IS NULL OR authority ~ '^(:\d*)?$' THEN
-        RAISE check_violation USING MESSAGE = format('endpoints.url has no host: %L', left(url, 200));
+    IF authority IS NULL OR authority = '' OR starts_with(authority, ':') THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.url has no host: %L', left(url, 200)),
+            HINT = CASE WHEN authority ~ ':.*:'
+                        THEN 'An IPv6 address goes in brackets: http://[2001:db8::1]:8080/'
+                        ELSE 'For example https://example.com/webhook' END;
+    END IF;
+    IF starts_with(authority, '[') THEN
+        host := substring(authority FROM '^\[([^]]*)\]');
+        IF host IS NULL THEN
+            RAISE check_violation USING
+                MESSAGE = format('endpoints.url has a [ without its ] in the host: %L', left(url, 200));
+        END IF;
+        IF NOT notifyhook.is_ipv6_address(host) THEN
+            RAISE check_violation USING
+                MESSAGE = format('endpoints.url: [%s] is not an IPv6 address', left(host, 100));
+        END IF;
+        port := substr(authority, length(host) + 3);
+    ELSE
+        host := substring(authority FROM '^[^:]*');
+        port := substr(authority, length(host) + 1);
+        PERFORM notifyhook.check_url_host(host, url);
+    END IF;
+    -- An empty port (`host:`) means the scheme's default, to httpx and aiohttp alike.
+    IF port !~ '^(:[0-9]*)?$' THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.url has a malformed port: %L', left(url, 200)),
+            HINT = CASE WHEN authority ~ '^[^[]*:.*:'
+                        THEN 'An IPv6 address goes in brackets: http://[2001:db8::1]:8080/'
+                        ELSE 'A port is a number from 1 to 65535, after the host and a colon.' END;
+    END IF;
+    IF port ~ '[0-9]' AND substr(port, 2)::numeric NOT BETWEEN 1 AND 65535 THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.url has a port out of range (1 to 65535): %L', left(url, 200));
     END IF;
 END
 $$;
@@ -96,6 +205,82 @@ BEGIN
         RAISE check_violation USING
             MESSAGE = format('%s must be a JSON object, got %s', column_name,
                              coalesce(jsonb_typeof(value), 'null'));
+    END IF;
+END
+$$;
+
+-- The request headers an endpoint may not set, and why: the reason is the error's.
+-- The sender drops the same names (notifyhook/sender.py, _RESERVED_HEADERS; a test
+-- keeps the two lists equal) from rows written before a name was added here.
+CREATE OR REPLACE FUNCTION notifyhook.reserved_headers() RETURNS TABLE (name text, reason text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    VALUES
+        -- The Standard Webhooks headers: the signature covers the id and the timestamp,
+        -- so a second value of either would fail every verifier.
+        ('webhook-id', 'notifyhook sets it to the event id, which the signature covers'),
+        ('webhook-timestamp', 'notifyhook sets it to the attempt''s time, which the signature covers'),
+        ('webhook-signature', 'notifyhook signs every request itself'),
+        -- The body's description: it is always JSON, sent as it was signed.
+        ('content-type', 'notifyhook sends application/json, which the body always is'),
+        ('content-length', 'notifyhook sets it to the length of the body'),
+        ('content-encoding', 'the body is sent uncompressed, as it was signed'),
+        ('transfer-encoding', 'the body is sent whole, with a content-length'),
+        -- Ours by the contract (DESIGN.md §2), or for the answer we keep: its first KiB
+        -- is stored as it arrives, so it must not come compressed.
+        ('user-agent', 'notifyhook sends notifyhook/<version>'),
+        ('accept-encoding', 'notifyhook asks for an uncompressed answer, whose excerpt it keeps'),
+        -- Framing and the connection, which are the HTTP client's: the host is the URL's,
+        -- and the rest are connection-specific fields (RFC 9110 section 7.6.1) or would
+        -- change how the exchange goes.
+        ('host', 'it is taken from endpoints.url'),
+        ('connection', 'the HTTP client manages the connection'),
+        ('keep-alive', 'the HTTP client manages the connection'),
+        ('proxy-connection', 'the HTTP client manages the connection'),
+        ('te', 'the HTTP client manages the connection'),
+        ('upgrade', 'notifyhook speaks HTTP/1.1 only'),
+        ('expect', 'the body is sent at once, without waiting for 100 Continue')
+$$;
+
+-- An endpoint's headers: a JSON object of header names to string values, each a
+-- valid HTTP header that the sender will send as it is (the sender checks the same
+-- at send time, in _checked_endpoint_headers, as a second line). A value is tabs and
+-- printable ASCII: a CR or LF would inject headers, and the sender encodes values as
+-- ASCII. Values are never quoted in messages: they are often credentials.
+CREATE OR REPLACE FUNCTION notifyhook.check_headers(headers jsonb) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    offending text;
+BEGIN
+    PERFORM notifyhook.check_json_object(headers, 'endpoints.headers');
+    SELECT string_agg(to_json(left(h.key, 100))::text, ', ' ORDER BY h.key) INTO offending
+    FROM jsonb_each(headers) AS h
+    WHERE jsonb_typeof(h.value) <> 'string';
+    IF offending IS NOT NULL THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.headers values must be strings; not a string: %s', offending);
+    END IF;
+    SELECT string_agg(to_json(left(k, 100))::text, ', ' ORDER BY k) INTO offending
+    FROM jsonb_object_keys(headers) AS k
+    WHERE k !~ '^[A-Za-z0-9!#$%&''*+.^_`|~-]+$';
+    IF offending IS NOT NULL THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.headers has a name that is not a valid HTTP header name: %s', offending),
+            HINT = 'A header name has letters, digits and !#$%&''*+-.^_`|~ only.';
+    END IF;
+    SELECT string_agg(format('%s (%s)', to_json(k), r.reason), '; ' ORDER BY k) INTO offending
+    FROM jsonb_object_keys(headers) AS k
+    JOIN notifyhook.reserved_headers() AS r ON r.name = lower(k);
+    IF offending IS NOT NULL THEN
+        RAISE check_violation USING MESSAGE = format('endpoints.headers must not set %s', offending);
+    END IF;
+    SELECT string_agg(to_json(h.key)::text, ', ' ORDER BY h.key) INTO offending
+    FROM jsonb_each_text(headers) AS h
+    WHERE h.value !~ '^[\t\x20-\x7e]*$';
+    IF offending IS NOT NULL THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.headers %s: a value must be printable ASCII or tabs, '
+                             'without line breaks, control characters or non-ASCII text', offending),
+            HINT = 'Percent-encode or base64-encode anything else.';
     END IF;
 END
 $$;
