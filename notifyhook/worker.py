@@ -116,6 +116,7 @@ class Worker:
             background = [
                 tasks.create_task(self.listener.run(), name="listener"),
                 tasks.create_task(self._tick(), name="tick"),
+                tasks.create_task(self._retention(), name="retention"),
                 recorder,
                 tasks.create_task(self._heartbeat(), name="heartbeat"),
             ]
@@ -395,7 +396,6 @@ class Worker:
 
     async def _tick(self) -> None:
         """The backstop: every poll interval, take back expired leases and look at the queue."""
-        last_prune = time.monotonic()
         while True:
             await asyncio.sleep(self.settings.poll_interval)
             try:
@@ -403,12 +403,19 @@ class Worker:
                 if reclaimed:
                     log.warning("took back %d deliveries whose lease expired", reclaimed)
                 self.metrics.set_queue(*await self._store.queue_depth())
-                if time.monotonic() - last_prune > PRUNE_EVERY_S:
-                    last_prune = time.monotonic()
-                    await self._prune()
             except DatabaseError as error:
                 log.debug("tick skipped: %s", error)
             self._wake.set()
+
+    async def _retention(self) -> None:
+        """Every PRUNE_EVERY_S, delete what is older than RETENTION. A task of its own: the
+        first prune of a large history takes long, and must not hold up the tick's reclaim."""
+        while True:
+            await asyncio.sleep(PRUNE_EVERY_S)
+            try:
+                await self._prune()
+            except DatabaseError as error:
+                log.debug("retention skipped: %s", error)
 
     async def _prune(self) -> None:
         total = 0
