@@ -102,6 +102,29 @@ def test_queue_stats_count_a_disabled_endpoints_backlog_apart(db, receiver):
     assert row == (0, 5, None)
 
 
+def test_endpoint_stats_do_not_blame_the_endpoint_for_a_worker_stopping(db, receiver):
+    add_endpoint(db, "t", "e", receiver.url("e"))
+    insert_events(db, "t", 1)
+    delivery, endpoint = db.execute("SELECT id, endpoint_id FROM notifyhook.deliveries").fetchone()
+    attempts = [
+        (1, 120.0, 503, "HTTP 503"),
+        (2, None, None, "interrupted: the worker shut down before an answer"),
+        (2, None, None, "lease expired: the worker stopped before recording an outcome"),
+        (2, 80.0, 200, None),
+    ]
+    for attempt, duration, status, error in attempts:
+        db.execute(
+            "INSERT INTO notifyhook.attempts (delivery_id, endpoint_id, attempt, started_at, "
+            "duration_ms, status_code, error, worker) VALUES (%s, %s, %s, now(), %s, %s, %s, 'w')",
+            [delivery, endpoint, attempt, duration, status, error],
+        )
+    row = db.execute(
+        "SELECT delivered_24h, failed_attempts_24h, failed_attempts_1h, success_rate_24h "
+        "FROM notifyhook.endpoint_stats"
+    ).fetchone()
+    assert row == (1, 1, 1, 0.5)
+
+
 def test_metrics_sample_the_queue_and_count_reconnects(db, receiver, start_worker):
     add_endpoint(db, "t", "paused", receiver.url("paused"), enabled=False)
     port = free_port()

@@ -24,7 +24,9 @@ FROM notifyhook.deliveries AS d
 JOIN notifyhook.endpoints AS e ON e.id = d.endpoint_id;
 
 -- One row per endpoint: how it is doing. Attempt figures cover the last 24 h
--- (1 h where named); `delivered_*` counts successful attempts.
+-- (1 h where named); `delivered_*` counts successful attempts. A failed attempt
+-- is one the endpoint failed: rows without a duration (a worker shut down, or
+-- died, before it had an answer) say nothing about the endpoint and are left out.
 DROP VIEW IF EXISTS notifyhook.endpoint_stats;
 CREATE VIEW notifyhook.endpoint_stats AS
 SELECT
@@ -52,9 +54,10 @@ LEFT JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
 LEFT JOIN LATERAL (
     SELECT
         count(*) FILTER (WHERE t.error IS NULL AND t.started_at > now() - interval '1 hour') AS delivered_1h,
-        count(*) FILTER (WHERE t.error IS NOT NULL AND t.started_at > now() - interval '1 hour') AS failed_attempts_1h,
+        count(*) FILTER (WHERE t.error IS NOT NULL AND t.duration_ms IS NOT NULL
+                         AND t.started_at > now() - interval '1 hour') AS failed_attempts_1h,
         count(*) FILTER (WHERE t.error IS NULL) AS delivered_24h,
-        count(*) FILTER (WHERE t.error IS NOT NULL) AS failed_attempts_24h,
+        count(*) FILTER (WHERE t.error IS NOT NULL AND t.duration_ms IS NOT NULL) AS failed_attempts_24h,
         percentile_cont(0.5) WITHIN GROUP (ORDER BY t.duration_ms) AS p50_ms,
         percentile_cont(0.95) WITHIN GROUP (ORDER BY t.duration_ms) AS p95_ms
     FROM notifyhook.attempts AS t
