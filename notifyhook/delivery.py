@@ -65,5 +65,7 @@ class Outcome:
     endpoint_id: int
     attempt: int
     status: DeliveryStatus
-    next_attempt_at: datetime | None
+    retry_in_s: float | None
+    """pending: seconds until the retry is due, counted from when the outcome is recorded,
+    on the database's clock (a worker's may differ); None otherwise."""
     result: AttemptResult

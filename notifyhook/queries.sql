@@ -37,7 +37,7 @@ SELECT * FROM notifyhook.claim_due(%(worker)s, %(max_rows)s, %(lease)s, %(endpoi
 -- statement costs the database; binary is about twenty times cheaper.
 SELECT * FROM notifyhook.record_outcomes(
     %(worker)s, %(delivery_ids)b::bigint[], %(endpoint_ids)b::bigint[],
-    %(attempt_numbers)b::integer[], %(statuses)b::text[], %(next_attempt_ats)b::timestamptz[],
+    %(attempt_numbers)b::integer[], %(statuses)b::text[], %(retry_in_s)b::double precision[],
     %(started_ats)b::timestamptz[], %(durations_ms)b::double precision[],
     %(status_codes)b::integer[], %(errors)b::text[], %(excerpts)b::text[], %(gone)b::boolean[],
     %(disable_after)s, %(retried)s);

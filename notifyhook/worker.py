@@ -10,7 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from notifyhook import __version__, reporting, retry, secrets
@@ -41,7 +41,7 @@ claims: SHUTDOWN_GRACE plus this stays within the unit's TimeoutStopSec (30 + 10
 def decide(delivery: Delivery, result: AttemptResult, settings: Settings) -> Outcome:
     """Map an attempt's result to the delivery's next state (retry schedule, jitter, Retry-After)."""
     status: Any = "dead"
-    next_attempt_at = None
+    retry_in_s = None
     if result.verdict is Verdict.DELIVERED:
         status = "delivered"
     elif result.verdict is Verdict.RETRY:
@@ -49,11 +49,8 @@ def decide(delivery: Delivery, result: AttemptResult, settings: Settings) -> Out
             delivery.attempt, settings.retry_schedule, settings.jitter, result.retry_after_s
         )
         if delay is not None:
-            status = "pending"
-            next_attempt_at = datetime.now(UTC) + timedelta(seconds=delay)
-    return Outcome(
-        delivery.id, delivery.endpoint_id, delivery.attempt, status, next_attempt_at, result
-    )
+            status, retry_in_s = "pending", delay
+    return Outcome(delivery.id, delivery.endpoint_id, delivery.attempt, status, retry_in_s, result)
 
 
 class Worker:
@@ -296,9 +293,8 @@ class Worker:
                 delivery.endpoint_id,
                 result.error,
             )
-        elif outcome.next_attempt_at is not None:
-            due_in = (outcome.next_attempt_at - datetime.now(UTC)).total_seconds()
-            deadline = time.monotonic() + max(0.0, due_in)
+        elif outcome.retry_in_s is not None:
+            deadline = time.monotonic() + outcome.retry_in_s
             if self._retry_deadline is None or deadline < self._retry_deadline:
                 earliest = min(d for d in (deadline, self._claim_deadline) if d is not None)
                 self._retry_deadline = deadline

@@ -8,8 +8,9 @@
 -- and the attempt number it claimed): a worker cut off past its lease, whose row
 -- another worker has since claimed, must not overwrite that worker's state.
 --
--- `statuses` are the deliveries' new states: delivered, pending (a retry at
--- next_attempt_ats) or dead. `gone` marks a 410 Gone answer, which disables the
+-- `statuses` are the deliveries' new states: delivered, pending (a retry due
+-- `retry_in_s` seconds from now, on the database's clock, so that a worker's
+-- clock need not agree with it) or dead. `gone` marks a 410 Gone answer, which disables the
 -- endpoint. Endpoint health (consecutive failures, failing since) is updated
 -- from the batch, and endpoints failing for longer than `disable_after` are
 -- disabled. Returns the endpoints this call disabled, with the reason.
@@ -25,13 +26,16 @@
 DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
     text, bigint[], integer[], text[], timestamptz[], timestamptz[], double precision[],
     integer[], text[], text[], boolean[], interval);
+DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
+    text, bigint[], bigint[], integer[], text[], timestamptz[], timestamptz[], double precision[],
+    integer[], text[], text[], boolean[], interval, boolean);
 CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     worker text,
     delivery_ids bigint[],
     endpoint_ids bigint[],
     attempt_numbers integer[],
     statuses text[],
-    next_attempt_ats timestamptz[],
+    retry_in_s double precision[],
     started_ats timestamptz[],
     durations_ms double precision[],
     status_codes integer[],
@@ -65,15 +69,16 @@ BEGIN
 
     WITH batch AS (
         SELECT o.*
-        FROM unnest(delivery_ids, endpoint_ids, attempt_numbers, statuses, next_attempt_ats,
+        FROM unnest(delivery_ids, endpoint_ids, attempt_numbers, statuses, retry_in_s,
                     started_ats, durations_ms, status_codes, errors, excerpts)
-             WITH ORDINALITY AS o(delivery_id, endpoint_id, attempt, status, next_attempt_at,
+             WITH ORDINALITY AS o(delivery_id, endpoint_id, attempt, status, retry_in_s,
                                   started_at, duration_ms, status_code, error, excerpt, n)
         WHERE o.n <> ALL (recorded)
     ), settled AS (
         UPDATE notifyhook.deliveries AS d
         SET status = o.status,
-            next_attempt_at = coalesce(o.next_attempt_at, d.next_attempt_at),
+            next_attempt_at = coalesce(now() + make_interval(secs => o.retry_in_s),
+                                       d.next_attempt_at),
             locked_by = NULL,
             locked_until = NULL,
             last_status_code = o.status_code,

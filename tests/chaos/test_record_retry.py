@@ -8,7 +8,7 @@ batch again. The chaos runs hit this now and then; here it is made to happen eve
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from conftest import add_endpoint, scalar
 
@@ -30,8 +30,7 @@ def test_recording_the_same_outcomes_twice_writes_them_once(db, database_url):
     failed = AttemptResult(
         Verdict.RETRY, datetime.now(UTC), 12.5, status_code=503, error="HTTP 503"
     )
-    retry_at = datetime.now(UTC) + timedelta(seconds=30)
-    outcome = Outcome(delivery, endpoint, 1, "pending", retry_at, failed)
+    outcome = Outcome(delivery, endpoint, 1, "pending", 30.0, failed)
 
     async def record_twice() -> None:
         async with Store.open(database_url) as store:
@@ -56,3 +55,8 @@ def test_recording_the_same_outcomes_twice_writes_them_once(db, database_url):
     assert db.execute(
         "SELECT status, attempts, locked_by FROM notifyhook.deliveries"
     ).fetchone() == ("pending", 1, None)
+    # The retry is due 30 s after the record, on the database's clock.
+    due_in = scalar(
+        db, "SELECT extract(epoch FROM next_attempt_at - now()) FROM notifyhook.deliveries"
+    )
+    assert 25 < due_in <= 30
