@@ -353,3 +353,30 @@ def test_queue_indexes_keep_no_posting_lists(db):
         ("deliveries_pending", ["deduplicate_items=off"]),
         ("deliveries_processing", ["deduplicate_items=off"]),
     ]
+
+
+def test_the_claim_probes_indexes_even_when_planned_on_tables_analysed_empty(db):
+    # Plans are cached per connection: one made while the tables looked empty must not
+    # scan every queued row of the burst that follows.
+    for n in range(3):
+        add_endpoint(db, f"t{n}", "e", f"https://example.com/{n}")
+    db.execute("VACUUM ANALYZE notifyhook.events, notifyhook.deliveries, notifyhook.attempts")
+    claim = "SELECT * FROM notifyhook.claim_due('w', 100, interval '1 minute', 50)"
+    db.execute(claim)  # planned now, on empty tables
+    for n in range(3):
+        db.execute(
+            "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
+            "SELECT %s, 'x.y', jsonb_build_object('n', n) FROM generate_series(1, 500) AS n",
+            [f"t{n}"],
+        )
+    plans: list[str] = []
+    db.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+    db.execute("LOAD 'auto_explain'")
+    db.execute(
+        "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on; "
+        "SET auto_explain.log_level = notice; SET client_min_messages = notice"
+    )
+    assert len(db.execute(claim).fetchall()) == 101  # 100 rows and the hint row
+    statements = [p for p in plans if "notifyhook.deliveries" in p]
+    assert statements
+    assert not [p for p in statements if "Seq Scan on deliveries" in p]
