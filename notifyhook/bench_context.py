@@ -106,7 +106,6 @@ class Bench:
         self.size = size
         self.workers = workers
         self.progress = progress
-        self.empty_backlog_rate: float | None = None
         # Numbers worker ids (and so their log files) across every trial of the run.
         self.worker_numbers = itertools.count(1)
 

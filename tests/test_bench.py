@@ -80,6 +80,7 @@ def test_small_bench_reports_every_scenario_and_leaves_nothing(server):
     history = next(r for r in report["results"] if r["scenario"] == "history")
     assert history["figures"]["deliveries"] == 500
     assert history["figures"]["vs_empty"] > 0
+    assert history["figures"]["empty_deliveries_per_s"] > 0
     assert "10,000 delivered rows of history" in history["note"]
 
     table = format_report(report)
