@@ -298,6 +298,8 @@ async def backlog(
     from pgqueuer.db import AsyncpgDriver
     from pgqueuer.queries import Queries
 
+    from notifyhook.bench_context import collect_hits
+
     name, url = await ctx.database()
     workers: list[Worker] = []
     try:
@@ -318,16 +320,8 @@ async def backlog(
             machine0, self0 = cpu_totals(), self_cpu()
             enqueue_s = time.monotonic() - t_enqueue
             assert len(ids) == BACKLOG
-            hits = []
-            seen = 0
             deadline = time.monotonic() + 180
-            while seen < BACKLOG:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"only {seen} of {BACKLOG} arrived in 180 s")
-                await asyncio.sleep(0.05)
-                fresh = await ctx.drain()
-                hits += fresh
-                seen += sum(1 for h in fresh if h.path == PATH)
+            hits = await collect_hits(ctx.drain, BACKLOG, 180, PATH)
             last_arrival_wall = time.monotonic()
             while True:
                 left = await monitor.fetchval("SELECT count(*) FROM pgqueuer")
@@ -392,6 +386,7 @@ async def latency_run(ctx: Context, concurrency: int = 100) -> dict[str, Any]:
     from pgqueuer.queries import Queries
 
     from notifyhook import latency
+    from notifyhook.bench_context import collect_hits
     from notifyhook.scenario import paced
 
     count = round(LATENCY_RATE * LATENCY_S)
@@ -416,16 +411,7 @@ async def latency_run(ctx: Context, concurrency: int = 100) -> dict[str, Any]:
             meter = ctx.meter(workers)
             machine0, self0 = cpu_totals(), self_cpu()
             achieved = await paced(count, LATENCY_RATE, insert)
-            hits = []
-            seen = 0
-            deadline = time.monotonic() + 60
-            while seen < count:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"only {seen} of {count} arrived")
-                await asyncio.sleep(0.05)
-                fresh = await ctx.drain()
-                hits += fresh
-                seen += sum(1 for h in fresh if h.path == PATH)
+            hits = await collect_hits(ctx.drain, count, 60, PATH)
             used = meter.read()
             machine1, self1 = cpu_totals(), self_cpu()
         finally:

@@ -146,17 +146,24 @@ class Bench:
 
     async def collect(self, count: int, within_s: float, path: str | None = None) -> list[Hit]:
         """Receiver hits until `count` of them are on `path` (or on any path)."""
-        hits: list[Hit] = []
-        seen = 0
-        deadline = time.monotonic() + within_s
-        while seen < count:
-            if time.monotonic() > deadline:
-                raise ScenarioError(f"only {seen} of {count} requests arrived in {within_s:g}s")
-            await asyncio.sleep(0.05)
-            fresh = await self.drain()
-            hits += fresh
-            seen += sum(1 for h in fresh if path is None or h.path == path)
-        return hits
+        return await collect_hits(self.drain, count, within_s, path)
+
+
+async def collect_hits(
+    drain: Callable[[], Awaitable[list[Hit]]], count: int, within_s: float, path: str | None
+) -> list[Hit]:
+    """What `drain` returns, polled, until `count` hits are on `path` (or on any path)."""
+    hits: list[Hit] = []
+    seen = 0
+    deadline = time.monotonic() + within_s
+    while seen < count:
+        if time.monotonic() > deadline:
+            raise ScenarioError(f"only {seen} of {count} requests arrived in {within_s:g}s")
+        await asyncio.sleep(0.05)
+        fresh = await drain()
+        hits += fresh
+        seen += sum(1 for h in fresh if path is None or h.path == path)
+    return hits
 
 
 @dataclass(slots=True)
