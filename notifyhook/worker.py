@@ -53,6 +53,11 @@ def decide(delivery: Delivery, result: AttemptResult, settings: Settings) -> Out
     return Outcome(delivery.id, delivery.endpoint_id, delivery.attempt, status, retry_in_s, result)
 
 
+def _unsent(error: str) -> AttemptResult:
+    """An attempt that ended on our side, before an answer: retried on the schedule."""
+    return AttemptResult(Verdict.RETRY, datetime.now(UTC), 0.0, error=error)
+
+
 class Worker:
     """One worker process's loop. `run` holds the whole lifecycle in one place."""
 
@@ -254,7 +259,7 @@ class Worker:
                 # A worker without the key cannot sign: retry on the schedule, so an
                 # operator who fixes NOTIFYHOOK_SECRET_KEY in time loses nothing.
                 delivery = Delivery(row[0], str(row[1]), row[2], row[3], row[4], (), {}, 0, b"")
-                result = AttemptResult(Verdict.RETRY, datetime.now(UTC), 0.0, error=str(error))
+                result = _unsent(str(error))
             else:
                 result = await self._attempt(delivery)
             outcome = decide(delivery, result, self.settings)
@@ -279,8 +284,7 @@ class Worker:
             # task, which would leave the row leased and its attempt unrecorded.
             log.exception("delivery %d: unexpected error while sending", delivery.id)
             reporting.report_exception(error)
-            text = f"internal error: {type(error).__name__}: {error}"
-            return AttemptResult(Verdict.RETRY, datetime.now(UTC), 0.0, error=text[:500])
+            return _unsent(f"internal error: {type(error).__name__}: {error}"[:500])
 
     def _note(self, delivery: Delivery, outcome: Outcome) -> None:
         result = outcome.result
