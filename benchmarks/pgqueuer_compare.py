@@ -4,8 +4,8 @@
 # docs/performance.md compares its figures with `notifyhook bench`'s, taken in the same window.
 """pgqueuer on notifyhook's bench workload, measured with notifyhook's own pieces.
 
-One throwaway PostgreSQL 15 cluster (notifyhook.scenario.Server -> notifyhook.cluster.Cluster,
-fsync on), one receiver process (notifyhook.receiver_process, a path with no secrets,
+One throwaway PostgreSQL 15 cluster (notifyhook.tools.scenario.Server -> notifyhook.tools.cluster.Cluster,
+fsync on), one receiver process (notifyhook.tools.receiver_process, a path with no secrets,
 behaviour ok), pgqueuer workers as separate processes of this script (`--worker`), each a
 QueueManager over one asyncpg connection (AsyncpgDriver) on uvloop (as `pgq run` does when
 uvloop is installed), with an entrypoint that POSTs the job's payload with one shared aiohttp
@@ -17,7 +17,7 @@ Measurements (each run `--runs` times):
            each. Timed from the enqueue's COMMIT (the call returning) until the receiver has
            all 20,000 requests and pgqueuer's queue table is empty (every job logged done).
            CPU of the workers, of PostgreSQL (postmaster + all children, reaped ones too:
-           notifyhook.usage.Meter) and of the receiver over that stretch.
+           notifyhook.tools.usage.Meter) and of the receiver over that stretch.
   latency: 500 jobs, one per transaction at 50/s, one worker at concurrency 100; COMMIT
            (producer's time.time() right after the enqueue returns) to the receiver reading
            the request (its time.time()).
@@ -267,7 +267,7 @@ class Context:
         return workers
 
     def meter(self, workers: list[Worker]):
-        from notifyhook.usage import Meter
+        from notifyhook.tools.usage import Meter
 
         return Meter([w.pid for w in workers], self.server.postmaster, self.receiver.pid)
 
@@ -298,7 +298,7 @@ async def backlog(
     from pgqueuer.db import AsyncpgDriver
     from pgqueuer.queries import Queries
 
-    from notifyhook.bench_context import collect_hits
+    from notifyhook.tools.bench_context import collect_hits
 
     name, url = await ctx.database()
     workers: list[Worker] = []
@@ -375,7 +375,7 @@ async def backlog(
 
 
 def peak_rss(pid: int) -> int | None:
-    from notifyhook.usage import peak_rss_bytes
+    from notifyhook.tools.usage import peak_rss_bytes
 
     return peak_rss_bytes(pid)
 
@@ -385,9 +385,9 @@ async def latency_run(ctx: Context, concurrency: int = 100) -> dict[str, Any]:
     from pgqueuer.db import AsyncpgDriver
     from pgqueuer.queries import Queries
 
-    from notifyhook import latency
-    from notifyhook.bench_context import collect_hits
-    from notifyhook.scenario import paced
+    from notifyhook.tools import latency
+    from notifyhook.tools.bench_context import collect_hits
+    from notifyhook.tools.scenario import paced
 
     count = round(LATENCY_RATE * LATENCY_S)
     name, url = await ctx.database()
@@ -484,8 +484,8 @@ async def bench_main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     import pgqueuer
 
-    from notifyhook.receiver_process import Behaviour, PathSpec, ReceiverProcess
-    from notifyhook.scenario import Server
+    from notifyhook.tools.receiver_process import Behaviour, PathSpec, ReceiverProcess
+    from notifyhook.tools.scenario import Server
 
     def progress(text: str) -> None:
         print(f"pgq-bench: {text}", file=sys.stderr, flush=True)

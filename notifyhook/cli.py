@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import date, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 from notifyhook import __version__, logs
-from notifyhook.errors import ConfigurationError, NotifyhookError, SchemaVersionError
+from notifyhook.errors import (
+    ConfigurationError,
+    NotifyhookError,
+    SchemaVersionError,
+    UsageError,
+)
 from notifyhook.settings import Settings, load_settings, warn_unknown_variables
 from notifyhook.store import DatabaseError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 Handler = Callable[[argparse.Namespace, Settings], Any]
-
-
-class UsageError(NotifyhookError):
-    """The command line asks for something that cannot be done as asked (exit 2)."""
-
-
-class CommandError(NotifyhookError):
-    """The command was well formed but could not do its work: no such row, a lock held (exit 1)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,18 +76,3 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     register_all(commands)
     return parser
-
-
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=_json_value))
-
-
-def _json_value(value: Any) -> Any:
-    """What json cannot encode by itself: numeric columns stay numbers, times are ISO 8601."""
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    return str(value)

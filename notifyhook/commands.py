@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import Coroutine
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from notifyhook import retry, secrets, signing
-from notifyhook.cli import CommandError, UsageError, print_json
-from notifyhook.errors import SecretError
+from notifyhook.console import print_json, run_async
+from notifyhook.errors import CommandError, SecretError, UsageError
 from notifyhook.settings import Settings
 from notifyhook.store import connect, fetch_dicts, json_param
 
@@ -27,19 +26,11 @@ def register_all(commands: Any) -> None:
     _register_send(commands)
     _register_replay(commands)
     _register_prune(commands)
-    from notifyhook import bench, demo  # here, not at the top: both import this module
+    # The tools' own modules import only what their register() needs at parser build.
+    from notifyhook.tools import bench, demo
 
     demo.register(commands)
     bench.register(commands)
-
-
-def run_async(coroutine: Coroutine[Any, Any, Any]) -> Any:
-    """Run on uvloop where it is installed: the worker's loop is its hottest code."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
 
 
 def _url(settings: Settings) -> str:

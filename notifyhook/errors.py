@@ -28,3 +28,11 @@ class VerificationError(NotifyhookError):
 
 class SecretError(NotifyhookError):
     """An endpoint secret is malformed or cannot be decrypted."""
+
+
+class UsageError(NotifyhookError):
+    """The command line asks for something that cannot be done as asked (exit 2)."""
+
+
+class CommandError(NotifyhookError):
+    """The command was well formed but could not do its work: no such row, a lock held (exit 1)."""

@@ -17,9 +17,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from notifyhook.cluster import Cluster, find_bindir
 from notifyhook.migrate import migrate
-from notifyhook.receiver import Receiver
+from notifyhook.tools.cluster import Cluster, find_bindir
+from notifyhook.tools.receiver import Receiver
 
 TEMPLATE = f"notifyhook_template_{os.getpid()}"
 _numbers = itertools.count()

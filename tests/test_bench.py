@@ -12,8 +12,8 @@ import sys
 import psycopg
 import pytest
 
-from notifyhook.bench import SCENARIO_NAMES, format_report
-from notifyhook.bench_scenarios import SCENARIOS
+from notifyhook.tools.bench import SCENARIO_NAMES, format_report
+from notifyhook.tools.bench_scenarios import SCENARIOS
 
 
 def run_bench(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -110,7 +110,7 @@ def test_the_parser_names_every_scenario_in_order():
 
 def test_building_the_parser_imports_no_scenario():
     # Every command, a worker's start included, builds the whole parser.
-    heavy = ("notifyhook.bench_context", "notifyhook.bench_scenarios", "aiohttp")
+    heavy = ("notifyhook.tools.bench_context", "notifyhook.tools.bench_scenarios", "aiohttp")
     code = (
         "import sys\n"
         "from notifyhook.cli import build_parser\n"

@@ -16,8 +16,8 @@ from conftest import add_endpoint, scalar, wait_until
 from cryptography.fernet import Fernet
 from test_worker import insert_events, statuses
 
-from notifyhook.cluster import free_port
-from notifyhook.receiver import Answer
+from notifyhook.tools.cluster import free_port
+from notifyhook.tools.receiver import Answer
 
 COMMAND = [sys.executable, "-m", "notifyhook"]
 

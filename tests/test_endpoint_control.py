@@ -18,7 +18,7 @@ from conftest import add_endpoint, scalar, wait_until
 from cryptography.fernet import Fernet
 from test_worker import insert_events, statuses
 
-from notifyhook.receiver import Answer, Arrival
+from notifyhook.tools.receiver import Answer, Arrival
 
 
 def run_cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from psycopg import errors
 
-from notifyhook.receiver import Arrival, Receiver
+from notifyhook.tools.receiver import Arrival, Receiver
 
 LIMIT = 262144
 PAD_KEY = "~pad"

@@ -10,7 +10,7 @@ import pytest
 from conftest import add_endpoint, scalar, wait_until
 from test_worker import insert_events, statuses
 
-from notifyhook.receiver import Answer
+from notifyhook.tools.receiver import Answer
 
 pytestmark = pytest.mark.slow
 

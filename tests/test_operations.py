@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_worker import insert_events, statuses
 
 from notifyhook import signing
-from notifyhook.cluster import Cluster, free_port
-from notifyhook.receiver import Answer
+from notifyhook.tools.cluster import Cluster, free_port
+from notifyhook.tools.receiver import Answer
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from notifyhook import signing
-from notifyhook.receiver_process import Behaviour, Hit, PathSpec, ReceiverProcess
+from notifyhook.tools.receiver_process import Behaviour, Hit, PathSpec, ReceiverProcess
 
 SECRET = signing.generate_secret()
 OTHER_SECRET = signing.generate_secret()

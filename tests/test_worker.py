@@ -10,7 +10,7 @@ import standardwebhooks
 from conftest import add_endpoint, psql, scalar, wait_until, with_dbname
 from psycopg.conninfo import make_conninfo
 
-from notifyhook.receiver import Answer
+from notifyhook.tools.receiver import Answer
 
 
 def statuses(db) -> dict[str, int]:

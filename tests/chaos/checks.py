@@ -7,7 +7,7 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from notifyhook.receiver import Arrival
+from notifyhook.tools.receiver import Arrival
 
 from .plan import MAX_ATTEMPTS, RETRY_AFTER_S
 from .run import Observed

@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from notifyhook.receiver import OK, Answer
+from notifyhook.tools.receiver import OK, Answer
 
 EVENT_TYPES = (
     "call.completed",

@@ -12,9 +12,9 @@ from typing import Any
 
 import psycopg
 
-from notifyhook.cluster import Cluster
 from notifyhook.migrate import migrate
-from notifyhook.receiver import Arrival, Receiver
+from notifyhook.tools.cluster import Cluster
+from notifyhook.tools.receiver import Arrival, Receiver
 
 from .fleet import Fleet
 from .plan import Config, EndpointPlan, Step, endpoints, matches, timeline

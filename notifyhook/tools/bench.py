@@ -14,12 +14,12 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from notifyhook.cli import UsageError
+from notifyhook.errors import UsageError
 from notifyhook.settings import optional_database_url
 
 if TYPE_CHECKING:
-    from notifyhook.bench_context import Result, Size
-    from notifyhook.scenario import Server
+    from notifyhook.tools.bench_context import Result, Size
+    from notifyhook.tools.scenario import Server
 
 SCENARIO_NAMES = ("backlog", "latency", "idle", "noisy", "ratelimit", "history")
 """The scenarios, in the order they run: written out here because every `notifyhook` command,
@@ -58,9 +58,9 @@ def register(commands: Any) -> None:
 
 def bench_command(args: argparse.Namespace) -> int:
     # Imported here, not at the top, for the reason SCENARIO_NAMES is a literal.
-    from notifyhook.bench_context import SMALL, Size
-    from notifyhook.cluster import find_bindir
-    from notifyhook.commands import run_async
+    from notifyhook.console import run_async
+    from notifyhook.tools.bench_context import SMALL, Size
+    from notifyhook.tools.cluster import find_bindir
 
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SCENARIO_NAMES))
@@ -91,10 +91,10 @@ async def _bench(
     url: str | None, chosen: Sequence[str], size: Size, workers: int, directory: Path
 ) -> dict[str, Any]:
     # Imported here for the reason bench_command gives.
-    from notifyhook.bench_context import Bench, receiver_paths
-    from notifyhook.bench_scenarios import SCENARIOS, ceiling
-    from notifyhook.receiver_process import ReceiverProcess
-    from notifyhook.scenario import Server
+    from notifyhook.tools.bench_context import Bench, receiver_paths
+    from notifyhook.tools.bench_scenarios import SCENARIOS, ceiling
+    from notifyhook.tools.receiver_process import ReceiverProcess
+    from notifyhook.tools.scenario import Server
 
     _progress("starting PostgreSQL…" if url is None else "using NOTIFYHOOK_DATABASE_URL…")
     async with Server.open(url, "notifyhook_bench") as server:

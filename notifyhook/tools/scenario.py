@@ -15,8 +15,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from notifyhook import usage
-from notifyhook.cluster import Cluster
 from notifyhook.errors import NotifyhookError
 from notifyhook.migrate import migrate
 from notifyhook.store import (
@@ -30,6 +28,8 @@ from notifyhook.store import (
 from notifyhook.store import (
     statements as load_statements,
 )
+from notifyhook.tools import usage
+from notifyhook.tools.cluster import Cluster
 
 Connection = Any
 """An open psycopg.AsyncConnection (from notifyhook.store.connect)."""
@@ -40,8 +40,8 @@ class ScenarioError(NotifyhookError):
 
 
 def statements() -> dict[str, str]:
-    """The named statements of notifyhook/scenario.sql."""
-    return load_statements("scenario.sql")
+    """The named statements of notifyhook/tools/scenario.sql."""
+    return load_statements("tools/scenario.sql")
 
 
 async def fetch(

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from notifyhook import scenario
-from notifyhook.scenario import ScenarioError, Server, fetch, statements
 from notifyhook.store import DatabaseError, connect
+from notifyhook.tools import scenario
+from notifyhook.tools.scenario import ScenarioError, Server, fetch, statements
 
 
 async def paced_producer(

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from notifyhook import scenario, signing
-from notifyhook.cli import UsageError
-from notifyhook.cluster import find_bindir
-from notifyhook.demo_view import Progress, print_summary
-from notifyhook.receiver_process import Behaviour, Hit, PathSpec, ReceiverProcess
-from notifyhook.scenario import Server, WorkerProcess, statements
+from notifyhook import signing
+from notifyhook.errors import UsageError
 from notifyhook.settings import optional_database_url
 from notifyhook.store import connect, fetch_dicts, json_param
+from notifyhook.tools import scenario
+from notifyhook.tools.cluster import find_bindir
+from notifyhook.tools.demo_view import Progress, print_summary
+from notifyhook.tools.receiver_process import Behaviour, Hit, PathSpec, ReceiverProcess
+from notifyhook.tools.scenario import Server, WorkerProcess, statements
 
 TENANT = "demo"
 RETRY_SCHEDULE = (1, 2, 4)
@@ -88,7 +89,7 @@ def register(commands: Any) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from notifyhook.commands import run_async
+    from notifyhook.console import run_async
 
     url = optional_database_url()
     if url is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-from notifyhook.receiver_process import Hit
+from notifyhook.tools.receiver_process import Hit
 
 
 def first_arrivals(hits: Iterable[Hit]) -> dict[tuple[str, str], float]:

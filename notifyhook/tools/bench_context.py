@@ -11,11 +11,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from notifyhook import scenario, signing
-from notifyhook.receiver_process import Behaviour, Hit, PathSpec, ReceiverProcess
-from notifyhook.scenario import ScenarioError, Server, WorkerProcess
+from notifyhook import signing
 from notifyhook.store import connect, fetch_dicts, json_param
-from notifyhook.usage import Meter, Usage
+from notifyhook.tools import scenario
+from notifyhook.tools.receiver_process import Behaviour, Hit, PathSpec, ReceiverProcess
+from notifyhook.tools.scenario import ScenarioError, Server, WorkerProcess
+from notifyhook.tools.usage import Meter, Usage
 
 SECRET = signing.generate_secret()
 """One secret for every bench endpoint, so that the receiver checks one HMAC per request."""

@@ -10,8 +10,10 @@ import uuid
 
 import aiohttp
 
-from notifyhook import latency, scenario, signing
-from notifyhook.bench_context import (
+from notifyhook import signing
+from notifyhook.store import connect
+from notifyhook.tools import latency, scenario
+from notifyhook.tools.bench_context import (
     CEILING_PATH,
     FAST,
     SECRET,
@@ -24,7 +26,7 @@ from notifyhook.bench_context import (
     Trial,
     latency_summary,
 )
-from notifyhook.bench_workload import (
+from notifyhook.tools.bench_workload import (
     insert_backlog,
     install_statement_counts,
     load_history,
@@ -34,10 +36,9 @@ from notifyhook.bench_workload import (
     statements_since,
     wait_delivered,
 )
-from notifyhook.receiver_process import Hit
-from notifyhook.scenario import ScenarioError
-from notifyhook.store import connect
-from notifyhook.usage import Meter, Usage
+from notifyhook.tools.receiver_process import Hit
+from notifyhook.tools.scenario import ScenarioError
+from notifyhook.tools.usage import Meter, Usage
 
 LATENCY_RATES = (50, 500)
 NOISY_RATE = 100

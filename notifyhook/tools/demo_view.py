@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from notifyhook import latency
-from notifyhook.receiver_process import Hit
+from notifyhook.tools import latency
+from notifyhook.tools.receiver_process import Hit
 
 PLAIN_EVERY_S = 2.0
 

@@ -470,7 +470,7 @@ class ReceiverProcess:
 
     def start(self) -> ReceiverProcess:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "notifyhook.receiver_process"],
+            [sys.executable, "-m", "notifyhook.tools.receiver_process"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
