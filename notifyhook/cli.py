@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from notifyhook import __version__, logs
+from notifyhook import __version__
+from notifyhook.commands import register_all
 from notifyhook.errors import (
     ConfigurationError,
     NotifyhookError,
     SchemaVersionError,
     UsageError,
 )
-from notifyhook.settings import Settings, load_settings, warn_unknown_variables
-from notifyhook.store import DatabaseError
+
+if TYPE_CHECKING:
+    from notifyhook.store import DatabaseError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-Handler = Callable[[argparse.Namespace, Settings], Any]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Here, not at the top: `notifyhook --help` and a mistyped argument need neither
+    # pydantic nor psycopg, which are most of the command line's start-up time.
+    import asyncio
+
+    from notifyhook import logs
+    from notifyhook.settings import load_settings, warn_unknown_variables
+    from notifyhook.store import DatabaseError
+
     try:
         if getattr(args, "standalone", False):
             # demo and bench may start their own PostgreSQL, so they read the
@@ -65,8 +72,6 @@ def _database_message(error: DatabaseError) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from notifyhook.commands import register_all
-
     parser = argparse.ArgumentParser(
         prog="notifyhook",
         description="Webhook delivery straight out of PostgreSQL. "

@@ -1,4 +1,7 @@
-"""The subcommands: each parses its arguments and makes one or two store calls."""
+"""The subcommands: each parses its arguments and makes one or two store calls.
+
+The store (psycopg) and the tools load when a command runs, not when the parser is built:
+`notifyhook --help` stays fast (docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 from notifyhook import retry, secrets, signing
 from notifyhook.console import print_json, run_async
 from notifyhook.errors import CommandError, SecretError, UsageError
-from notifyhook.settings import Settings
-from notifyhook.store import connect, fetch_dicts, json_param
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
+
+    from notifyhook.settings import Settings
 
 
 def register_all(commands: Any) -> None:
@@ -26,10 +29,10 @@ def register_all(commands: Any) -> None:
     _register_send(commands)
     _register_replay(commands)
     _register_prune(commands)
-    # The tools' own modules import only what their register() needs at parser build.
-    from notifyhook.tools import bench, demo
+    # The tools' entry points import only argparse; each tool loads when its command runs.
+    from notifyhook.tools import bench, entry
 
-    demo.register(commands)
+    entry.register(commands)
     bench.register(commands)
 
 
@@ -52,6 +55,7 @@ def _register_migrate(commands: Any) -> None:
 
 async def migrate_command(args: argparse.Namespace, settings: Settings) -> int:
     from notifyhook.migrate import code_schema_version, migrate
+    from notifyhook.store import connect
 
     async with connect(_url(settings)) as conn:
         # Only a limit the operator set: an unset variable must not undo an UPDATE of
@@ -114,6 +118,8 @@ def _register_stats(commands: Any) -> None:
 
 
 async def stats_command(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook.store import connect, fetch_dicts
+
     async with connect(_url(settings)) as conn:
         while True:
             queue = await fetch_dicts(conn, "queue_stats")
@@ -234,6 +240,8 @@ def _secret_key(settings: Settings) -> str | None:
 
 
 async def endpoint_add(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook.store import connect, fetch_dicts, json_param
+
     secret = _given_secret(args.secret) if args.secret else signing.generate_secret()
     params = {
         "tenant_id": args.tenant,
@@ -266,6 +274,8 @@ def _given_secret(secret: str) -> str:
 
 
 async def endpoint_list(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook.store import connect, fetch_dicts
+
     async with connect(_url(settings)) as conn:
         rows = await fetch_dicts(conn, "list_endpoints", {"tenant_id": args.tenant})
     print_json(rows) if args.json else print(format_table(rows))
@@ -273,6 +283,8 @@ async def endpoint_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def endpoint_show(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook.store import connect, fetch_dicts
+
     async with connect(_url(settings)) as conn:
         rows = await fetch_dicts(conn, "show_endpoint", {"endpoint_id": args.endpoint_id})
     if not rows:
@@ -288,6 +300,8 @@ async def endpoint_show(args: argparse.Namespace, settings: Settings) -> int:
 async def _set_enabled(
     settings: Settings, endpoint_id: int, enabled: bool, reason: str | None
 ) -> int:
+    from notifyhook.store import connect, fetch_dicts
+
     async with connect(_url(settings)) as conn:
         rows = await fetch_dicts(
             conn,
@@ -309,6 +323,8 @@ async def endpoint_enable(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def endpoint_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook.store import connect, fetch_dicts
+
     secret = signing.generate_secret()
     params = {
         "endpoint_id": args.endpoint_id,
@@ -353,6 +369,8 @@ def _register_send(commands: Any) -> None:
 
 
 async def send_command(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook.store import connect, fetch_dicts, json_param
+
     params = {
         "tenant_id": args.tenant,
         "event_type": args.event_type,
@@ -389,6 +407,8 @@ def _register_replay(commands: Any) -> None:
 
 
 async def replay_command(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook.store import connect, fetch_dicts
+
     if args.delivery is not None and args.since is not None:
         raise UsageError("--since goes with --endpoint or --all, not --delivery")
     async with connect(_url(settings)) as conn:
@@ -420,6 +440,8 @@ def _register_prune(commands: Any) -> None:
 
 
 async def prune_command(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook.store import connect
+
     total = 0
     # One plain connection, not the worker's pool: a pool would hide an
     # unreachable database behind its own retries and a generic timeout.
@@ -432,6 +454,8 @@ async def prune_command(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _prune_batch(conn: AsyncConnection[Any], retention_s: float, batch_size: int) -> int:
     """One batch, under the lock the workers' retention pass takes: one prune at a time."""
+    from notifyhook.store import fetch_dicts
+
     async with conn.transaction():
         locked = await fetch_dicts(conn, "try_lock_prune")
         if not next(iter(locked[0].values())):

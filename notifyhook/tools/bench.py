@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from notifyhook.errors import UsageError
-from notifyhook.settings import optional_database_url
 
 if TYPE_CHECKING:
     from notifyhook.tools.bench_context import Result, Size
@@ -59,6 +58,7 @@ def register(commands: Any) -> None:
 def bench_command(args: argparse.Namespace) -> int:
     # Imported here, not at the top, for the reason SCENARIO_NAMES is a literal.
     from notifyhook.console import run_async
+    from notifyhook.settings import optional_database_url
     from notifyhook.tools.bench_context import SMALL, Size
     from notifyhook.tools.cluster import find_bindir
 
