@@ -23,6 +23,11 @@ SELECT (%(tenants)s::text[])[1 + i %% cardinality(%(tenants)s::text[])], 'bench.
        jsonb_build_object('i', i, 'call_id', md5(i::text), 'padding', repeat('x', 200))
 FROM generate_series(1, %(count)s) AS i;
 
+-- name: add_tenant_endpoints
+-- `count` tenants with one endpoint each: the multi-tenant shape (bench `endpoints`).
+INSERT INTO notifyhook.endpoints (tenant_id, name, url, secret)
+SELECT 'tenant-' || n, 'endpoint', %(url)s, %(secret)s FROM generate_series(1, %(count)s) AS n;
+
 -- name: delivery_totals
 -- Where the deliveries stand, for progress and for the summary.
 SELECT

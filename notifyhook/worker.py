@@ -193,6 +193,7 @@ class Worker:
             if self._stop.is_set() or free <= 0:
                 continue
             asked = min(free, self.settings.batch_size)
+            began = time.perf_counter()
             try:
                 claim = await self._store.claim_due(
                     self.settings.worker_id,
@@ -212,6 +213,7 @@ class Worker:
                 self._notifier.ready()
                 log.info("worker %s ready", self.settings.worker_id)
             taken = len(claim.deliveries)
+            self.metrics.claim_seconds.observe(time.perf_counter() - began)
             self.metrics.claim_batch.observe(taken)
             for claimed in claim.deliveries:
                 self._start(claimed)

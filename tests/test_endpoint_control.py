@@ -114,9 +114,7 @@ def test_a_lone_slow_endpoint_uses_all_but_the_reserve_and_others_pass_it(
     assert most_at_once(slow, 1.45) == 18
 
 
-def test_a_lone_tenant_uses_all_but_the_reserve_across_its_endpoints(
-    db, receiver, start_worker
-):
+def test_a_lone_tenant_uses_all_but_the_reserve_across_its_endpoints(db, receiver, start_worker):
     slow = slow_backlog_passed_by(db, receiver, start_worker, ["big"] * 4, "small")
     assert most_at_once(slow, 1.45) == 18
 
