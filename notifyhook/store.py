@@ -215,6 +215,9 @@ class Claim:
     """Seconds until the next endpoint's turn comes (a retry, a rate token), if any."""
     more_due: bool
     """Rows are due that this claim did not take: claim again when slots free up."""
+    held_back: bool
+    """An endpoint waits for an outcome of its in-flight rows (max_in_flight, its circuit,
+    FIFO order): record outcomes without delay."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +348,9 @@ class Store:
     ) -> Claim:
         """Claim up to `max_rows` due deliveries (sql/functions/claim.sql)."""
         async with self._claims.connection() as conn:
-            cursor = conn.cursor(row_factory=class_row(Claim))
+            # Binary: psycopg parses a composite array in binary format at about two
+            # thirds of the CPU the text format costs.
+            cursor = conn.cursor(row_factory=class_row(Claim), binary=True)
             await cursor.execute(
                 self._sql["claim_due"],
                 {

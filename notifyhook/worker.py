@@ -218,7 +218,7 @@ class Worker:
             for claimed in claim.deliveries:
                 self._start(claimed)
             self._freed_since_claim = 0
-            self._capped = claim.more_due
+            self._capped = claim.held_back
             self._more_due = claim.more_due or taken == asked
             self._claim_deadline = (
                 time.monotonic() + max(0.005, claim.wake_in_s)

@@ -59,7 +59,10 @@ CREATE FUNCTION notifyhook.claim_due(
     -- relative, so that the worker's clock need not agree with the database's.
     wake_in_s double precision,
     -- Rows are due that this claim did not take: claim again when slots free up.
-    more_due boolean
+    more_due boolean,
+    -- An endpoint is held back by a fleet-wide limit (max_in_flight, its circuit, FIFO
+    -- order) until an outcome of its in-flight rows is recorded: record without delay.
+    held_back boolean
 )
 LANGUAGE plpgsql
 -- Planned once per connection and reused: planning afresh costs more than running.
@@ -149,7 +152,7 @@ BEGIN
         FOR NO KEY UPDATE SKIP LOCKED);
     IF cardinality(picked) = 0 THEN
         RETURN QUERY SELECT '{}'::notifyhook.claimed_delivery[], notifyhook.next_turn_in_s(started),
-            EXISTS (SELECT FROM notifyhook.endpoint_state AS s WHERE s.turn_at <= started);
+            EXISTS (SELECT FROM notifyhook.endpoint_state AS s WHERE s.turn_at <= started), false;
         RETURN;
     END IF;
     bucket_at := clock_timestamp();
@@ -288,26 +291,31 @@ BEGIN
         JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = p.endpoint_id
         JOIN notifyhook.endpoints AS e ON e.id = p.endpoint_id
         LEFT JOIN taken AS t ON t.endpoint_id = p.endpoint_id
+    ), turned AS (
+        UPDATE notifyhook.endpoint_state AS s
+        SET tokens = CASE WHEN n.rate_limit IS NULL THEN s.tokens ELSE n.tokens_left END,
+            tokens_at = CASE WHEN n.rate_limit IS NULL THEN s.tokens_at ELSE bucket_at END,
+            turn_at = CASE
+                -- Disabled, nothing pending, or held back until an in-flight row is recorded.
+                WHEN NOT n.enabled OR n.due_at IS NULL OR n.at_limit THEN NULL
+                -- The bucket is empty: the turn comes with the next token.
+                WHEN n.tokens_left < 1
+                    THEN greatest(n.due_at,
+                                  bucket_at + make_interval(secs => (1 - n.tokens_left) / n.rate_limit))
+                WHEN n.due_at > clock_timestamp() THEN n.due_at
+                -- Rows still due: to the back of the line.
+                ELSE clock_timestamp() END
+        FROM upcoming AS n
+        WHERE s.endpoint_id = n.endpoint_id
     )
-    UPDATE notifyhook.endpoint_state AS s
-    SET tokens = CASE WHEN n.rate_limit IS NULL THEN s.tokens ELSE n.tokens_left END,
-        tokens_at = CASE WHEN n.rate_limit IS NULL THEN s.tokens_at ELSE bucket_at END,
-        turn_at = CASE
-            -- Disabled, nothing pending, or held back until an in-flight row is recorded.
-            WHEN NOT n.enabled OR n.due_at IS NULL OR n.at_limit THEN NULL
-            -- The bucket is empty: the turn comes with the next token.
-            WHEN n.tokens_left < 1
-                THEN greatest(n.due_at,
-                              bucket_at + make_interval(secs => (1 - n.tokens_left) / n.rate_limit))
-            WHEN n.due_at > clock_timestamp() THEN n.due_at
-            -- Rows still due: to the back of the line.
-            ELSE clock_timestamp() END
-    FROM upcoming AS n
-    WHERE s.endpoint_id = n.endpoint_id;
+    SELECT coalesce(bool_or(n.at_limit AND n.enabled AND n.due_at IS NOT NULL), false)
+    INTO held_back
+    FROM upcoming AS n;
 
     finished := clock_timestamp();
     RETURN QUERY SELECT coalesce(claimed, '{}'), notifyhook.next_turn_in_s(finished),
-        EXISTS (SELECT FROM notifyhook.endpoint_state AS s WHERE s.turn_at <= finished);
+        EXISTS (SELECT FROM notifyhook.endpoint_state AS s WHERE s.turn_at <= finished),
+        held_back;
 END
 $$;
 
