@@ -3,6 +3,8 @@ automatic disabling, secret rotation and secrets at rest, with real workers and 
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import re
 import signal
@@ -452,3 +454,29 @@ def test_a_worker_without_the_key_records_why_and_retries(db, database_url, rece
     start_worker(retry_schedule=schedule, secret_key=key)
     wait_until(lambda: statuses(db) == {"delivered": 1}, what="delivery by a worker with the key")
     assert [a.verified for a in receiver.received()] == [True]
+
+
+# -- FIFO endpoints ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_ordered_endpoint_gets_its_events_in_order_one_at_a_time(db, receiver, start_worker):
+    # The 8th request fails once; every answer takes 50 ms, so overlapping requests would
+    # show as arrivals closer together than that.
+    receiver.script(
+        "fifo", lambda n: Answer(kind="slow", seconds=0.05, status=500 if n == 7 else 200)
+    )
+    add_endpoint(db, "t", "fifo", receiver.url("fifo"), ordered=True)
+    for _ in range(3):
+        start_worker(concurrency="10")
+    for n in range(30):  # one transaction each: events.created_at gives the order
+        db.execute(
+            "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
+            "VALUES ('t', 'call.completed', jsonb_build_object('n', %s::integer))",
+            [n],
+        )
+    wait_until(lambda: statuses(db) == {"delivered": 30}, timeout=60, what="all 30 delivered")
+    arrivals = receiver.received("fifo")
+    assert [json.loads(a.body)["n"] for a in arrivals] == [*range(8), 7, *range(8, 30)]
+    gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(arrivals)]
+    assert min(gaps) >= 0.05
