@@ -525,7 +525,7 @@ async def serve(settings: Settings) -> None:
     url = settings.database_url.get_secret_value()
     await _wait_for_schema(url)
     async with (
-        Store.open(url, timeouts=session_timeouts(settings)) as store,
+        Store.open(url, timeouts=session_timeouts(settings), worker=settings.worker_id) as store,
         Sender(
             allow_private_networks=settings.allow_private_networks,
             user_agent=f"notifyhook/{__version__}",

@@ -232,3 +232,18 @@ def test_a_claim_when_nothing_is_due_reads_a_few_pages_whatever_the_endpoints(db
     # for 3,000 endpoints as for 10 (version 2 probed every endpoint with a pending row).
     assert many <= few + 3, (few, many)
     assert many <= 64, (few, many)
+
+
+def test_repair_turns_wakes_an_endpoint_whose_rows_a_hand_written_update_made_due(db):
+    endpoint = add_endpoint(db, "t", "e", "https://example.com/e")
+    enqueue(db, "t", 2)
+    assert claim(db, 10) == [endpoint] * 2
+    # An operator puts the rows back by hand, leaving no wake: no claim would see them.
+    db.execute(
+        "UPDATE notifyhook.deliveries SET status = 'pending', locked_by = NULL, "
+        "locked_until = NULL, next_attempt_at = now()"
+    )
+    assert claim(db, 10) == []
+    assert scalar(db, "SELECT notifyhook.repair_turns()") == 1
+    assert claim(db, 10) == [endpoint] * 2
+    assert scalar(db, "SELECT notifyhook.repair_turns()") == 0

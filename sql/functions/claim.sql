@@ -367,8 +367,53 @@ BEGIN
         RETURN NULL;
     END IF;
     UPDATE notifyhook.deliveries AS d
-    SET locked_until = clock_timestamp() - interval '1 millisecond'
+    SET locked_until = now() - interval '1 second'  -- reclaim_expired compares with now()
     WHERE d.status = 'processing' AND d.locked_by = worker;
     RETURN notifyhook.reclaim_expired(max_attempts);
+END
+$$;
+
+-- The turns' safety net, run by one worker of the fleet every few minutes: an enabled
+-- endpoint whose first pending row is due before its turn (or that has no turn) gets a
+-- wake. notifyhook's own writers never need it (each leaves a wake or writes the turn
+-- under the state row's lock); a hand-written UPDATE of notifyhook.deliveries does. It
+-- visits every endpoint with a pending row (a skip scan of deliveries_pending), which is
+-- why it runs every few minutes and not in the claim. A wake it leaves for an endpoint
+-- that is rightly waiting (at its max_in_flight, or for a rate token) costs one look.
+-- Returns the number of endpoints woken.
+CREATE OR REPLACE FUNCTION notifyhook.repair_turns() RETURNS integer
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET jit = off
+AS $$
+DECLARE
+    woken integer;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(7305872156748263003) THEN
+        RETURN 0;  -- another worker is at it
+    END IF;
+    WITH RECURSIVE queued(endpoint_id) AS (
+        (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
+         WHERE d.status = 'pending' ORDER BY d.endpoint_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
+                WHERE d.status = 'pending' AND d.endpoint_id > queued.endpoint_id
+                ORDER BY d.endpoint_id LIMIT 1)
+        FROM queued WHERE queued.endpoint_id IS NOT NULL
+    ), due AS (
+        SELECT q.endpoint_id,
+               (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+                WHERE d.endpoint_id = q.endpoint_id AND d.status = 'pending'
+                ORDER BY d.next_attempt_at LIMIT 1) AS due_at
+        FROM queued AS q WHERE q.endpoint_id IS NOT NULL
+    )
+    INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+    SELECT due.endpoint_id, due.due_at
+    FROM due
+    JOIN notifyhook.endpoints AS e ON e.id = due.endpoint_id AND e.enabled
+    JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = due.endpoint_id
+    WHERE due.due_at <= now() AND (s.turn_at IS NULL OR s.turn_at > due.due_at);
+    GET DIAGNOSTICS woken = ROW_COUNT;
+    RETURN woken;
 END
 $$;
