@@ -247,3 +247,14 @@ def test_repair_turns_wakes_an_endpoint_whose_rows_a_hand_written_update_made_du
     assert scalar(db, "SELECT notifyhook.repair_turns()") == 1
     assert claim(db, 10) == [endpoint] * 2
     assert scalar(db, "SELECT notifyhook.repair_turns()") == 0
+
+
+def test_the_reserve_serves_a_sibling_of_the_same_tenant_whose_part_is_taken(db):
+    slow = add_endpoint(db, "t", "slow", "https://example.com/slow")
+    sibling = add_endpoint(db, "t", "sibling", "https://example.com/sibling", event_types=["b.*"])
+    enqueue(db, "t", 100)
+    assert claim(db, 20, concurrency=20) == [slow] * 18
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload) VALUES ('t', 'b.x', '{}')"
+    )
+    assert claim(db, 2, concurrency=20, held={slow: ("t", 18)}) == [sibling]

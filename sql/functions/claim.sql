@@ -231,20 +231,25 @@ BEGIN
             FOR UPDATE SKIP LOCKED) AS d
         WHERE a.ordered AND a.take > 0
     ),
-    -- The tenant's part, applied in the same level order across its endpoints; past
-    -- what leaves the reserve free, only an endpoint's first slot is taken.
+    -- The tenant's part, applied in the same level order across its endpoints, within
+    -- the slots outside the reserve. The reserve takes only endpoints' first slots (an
+    -- endpoint holding nothing), whatever their tenant holds: a slow endpoint's backlog
+    -- never keeps a sibling's fresh event waiting for a slot.
     ranked AS (
         SELECT p.*,
                row_number() OVER (PARTITION BY p.tenant_id
                                   ORDER BY p.slot, p.next_attempt_at, p.id) AS tenant_turn,
-               row_number() OVER (ORDER BY p.slot, p.next_attempt_at, p.id) AS claim_turn
+               row_number() OVER (ORDER BY p.slot, p.next_attempt_at, p.id) AS claim_turn,
+               row_number() OVER (PARTITION BY p.slot = 1
+                                  ORDER BY p.next_attempt_at, p.id) AS first_slot_turn
         FROM picked_rows AS p
     ),
     chosen AS (
         SELECT r.id FROM ranked AS r
-        WHERE r.tenant_turn <= r.tenant_room
-          AND r.claim_turn <= max_rows
-          AND (r.slot = 1 OR r.claim_turn <= concurrency - held_total - reserve)
+        WHERE r.claim_turn <= max_rows
+          AND ((r.tenant_turn <= r.tenant_room
+                AND r.claim_turn <= concurrency - held_total - reserve)
+               OR (r.slot = 1 AND r.first_slot_turn <= reserve))
     ),
     claimed_rows AS (
         UPDATE notifyhook.deliveries AS d
