@@ -218,6 +218,8 @@ class Claim:
     held_back: bool
     """An endpoint waits for an outcome of its in-flight rows (max_in_flight, its circuit,
     FIFO order): record outcomes without delay."""
+    passed_by: bool
+    """Work was passed by because its lock was held for a moment: claim again shortly."""
 
 
 @dataclass(frozen=True, slots=True)

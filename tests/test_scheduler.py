@@ -61,15 +61,15 @@ def test_endpoints_take_turns_across_claims(db):
     assert served == ids + ids
 
 
-def test_a_lone_endpoint_takes_all_but_the_reserve_and_a_fresh_one_gets_it(db):
+def test_a_lone_endpoint_takes_all_but_the_reserve_and_another_gets_it(db):
     slow = add_endpoint(db, "a", "slow", "https://example.com/slow")
     fresh = add_endpoint(db, "b", "fresh", "https://example.com/fresh")
     enqueue(db, "a", 100)
     assert claim(db, 20, concurrency=20) == [slow] * 18
     enqueue(db, "b", 5)
-    # Two slots left, both the reserve: only an endpoint that holds nothing may use one.
-    taken = claim(db, 2, concurrency=20, held={slow: ("a", 18)})
-    assert taken == [fresh]
+    # Two slots left, both the reserve: only an endpoint below its part may use them.
+    assert claim(db, 2, concurrency=20, held={slow: ("a", 18)}) == [fresh, fresh]
+    assert claim(db, 2, concurrency=20, held={slow: ("a", 18), fresh: ("b", 9)}) == []
 
 
 def test_a_tenant_shares_between_its_endpoints_due_at_once(db):
