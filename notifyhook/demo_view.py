@@ -142,7 +142,7 @@ def print_summary(
         "  psql \"$NOTIFYHOOK_DATABASE_URL\" -c 'select * from notifyhook.endpoint_stats'",
         "  psql \"$NOTIFYHOOK_DATABASE_URL\" -c 'select * from notifyhook.dead_letters limit 20'",
         "  notifyhook replay --endpoint ID    # dead letters of one endpoint back to the queue",
-        "  psql \"$NOTIFYHOOK_DATABASE_URL\", then LISTEN notifyhook_alerts;   # alerts as they come",
+        '  psql "$NOTIFYHOOK_DATABASE_URL", then LISTEN notifyhook_alerts;   # alerts as they come',
         "",
     ]
     print("\n".join(lines), flush=True)
