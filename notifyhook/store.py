@@ -108,6 +108,14 @@ def with_dbname(url: str, dbname: str) -> str:
     return make_conninfo(url, dbname=dbname)
 
 
+def read_only(url: str, statement_timeout_ms: int) -> str:
+    """The DSN with every transaction read-only from the first statement (readers such as
+    the dashboard; on a replica too) and each statement cut off after the timeout."""
+    options = conninfo_to_dict(url).get("options") or ""
+    mine = f"-c default_transaction_read_only=on -c statement_timeout={statement_timeout_ms}"
+    return make_conninfo(url, options=f"{options} {mine}".strip())
+
+
 async def create_database(admin_url: str, name: str) -> None:
     async with connect(admin_url) as conn:
         await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
