@@ -108,12 +108,13 @@ def with_dbname(url: str, dbname: str) -> str:
     return make_conninfo(url, dbname=dbname)
 
 
-def read_only(url: str, statement_timeout_ms: int) -> str:
-    """The DSN with every transaction read-only from the first statement (readers such as
-    the dashboard; on a replica too) and each statement cut off after the timeout."""
-    options = conninfo_to_dict(url).get("options") or ""
-    mine = f"-c default_transaction_read_only=on -c statement_timeout={statement_timeout_ms}"
-    return make_conninfo(url, options=f"{options} {mine}".strip())
+def read_only(url: str, **settings: object) -> str:
+    """The DSN with every transaction read-only from the first statement (for readers such
+    as the dashboard; on a replica too), and these server settings for the session."""
+    given = str(conninfo_to_dict(url).get("options") or "")
+    mine = {"default_transaction_read_only": "on", **settings}
+    options = " ".join([given, *(f"-c {name}={value}" for name, value in mine.items())])
+    return make_conninfo(url, options=options.strip())
 
 
 async def create_database(admin_url: str, name: str) -> None:

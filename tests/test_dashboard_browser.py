@@ -12,10 +12,16 @@ from pathlib import Path
 import pytest
 from dashboard_support import HOSTILE_ANSWER, HOSTILE_NAME, TOKEN, Dashboard, populate
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import (
+    NoAlertPresentException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import WebDriverWait
 
 from notifyhook.dashboard.auth import COOKIE
 
@@ -71,6 +77,27 @@ def screenshot(driver: WebDriver, name: str) -> Path:
     return path
 
 
+def click_through(driver: WebDriver, element: WebElement) -> None:
+    """Click a link or a submit button and wait for the next page: a click returns
+    before the navigation it starts has finished."""
+    page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 15).until(lambda _: _detached(page))
+    WebDriverWait(driver, 15).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )
+
+
+def _detached(element: WebElement) -> bool:
+    try:
+        element.is_enabled()
+    # Stale, or chromedriver's "Node with given id does not belong to the document":
+    # either way the page it belonged to is gone.
+    except (StaleElementReferenceException, WebDriverException):
+        return True
+    return False
+
+
 def assert_no_alert(driver: WebDriver) -> None:
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert  # noqa: B018 (the property raises when there is none)
@@ -115,7 +142,7 @@ def test_the_overview_shows_health_states_and_a_chart(
     screenshot(browser, "overview")
 
     browser.find_element(By.CSS_SELECTOR, "select[name=tenant] option[value=globex]").click()
-    browser.find_element(By.CSS_SELECTOR, "form.filter button").click()
+    click_through(browser, browser.find_element(By.CSS_SELECTOR, "form.filter button"))
     names = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "tr.endpoint td a")]
     assert "billing" in names
     assert "crm" not in names
@@ -135,7 +162,7 @@ def test_hostile_text_is_shown_as_text(browser, db, receiver, start_worker, dash
     assert browser.find_element(By.CSS_SELECTOR, "svg.per-minute rect.bar.http_error")
     screenshot(browser, "endpoint-hostile")
 
-    browser.find_element(By.CSS_SELECTOR, "td a[href^='/deliveries/']").click()
+    click_through(browser, browser.find_element(By.CSS_SELECTOR, "td a[href^='/deliveries/']"))
     assert_no_alert(browser)
     story = browser.find_elements(By.CSS_SELECTOR, "ol.story li.attempt")
     assert len(story) == 3
@@ -160,11 +187,11 @@ def test_without_the_token_a_person_gets_the_login_form(browser, db, dashboard):
     screenshot(browser, "login")
 
     browser.find_element(By.NAME, "token").send_keys("not-the-token")
-    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    click_through(browser, browser.find_element(By.CSS_SELECTOR, "form.login button"))
     assert "That is not the token." in browser.find_element(By.ID, "login-error").text
 
     browser.find_element(By.NAME, "token").send_keys(TOKEN)
-    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    click_through(browser, browser.find_element(By.CSS_SELECTOR, "form.login button"))
     assert browser.current_url == site.url + "/dead-letters"
     assert browser.find_element(By.TAG_NAME, "h1").text == "Dead letters"
     cookie = browser.get_cookie(COOKIE)
@@ -174,6 +201,6 @@ def test_without_the_token_a_person_gets_the_login_form(browser, db, dashboard):
     # Scripts on the page could not read it even if any ran.
     assert COOKIE not in browser.execute_script("return document.cookie")
 
-    browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
+    click_through(browser, browser.find_element(By.CSS_SELECTOR, "form.logout button"))
     browser.get(site.url + "/")
     assert browser.current_url.startswith(site.url + "/login")

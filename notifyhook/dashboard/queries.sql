@@ -112,10 +112,12 @@ LIMIT %(limit)s;
 -- name: minute_counts
 -- Attempts per minute by outcome over the last hour (the current minute is the
 -- 60th), one endpoint or every one. Queue-wide, it still goes endpoint by endpoint
--- through attempts_endpoint_started (one range probe each) rather than scanning
--- the table: an index on attempts(started_at) would serve it too, but every attempt
--- the workers write would pay for it, to speed up a page an operator opens now
--- and then. minutes_ago: 0 is the current minute.
+-- through attempts_endpoint_started (one range probe each), reading the last hour's
+-- rows only: an index on attempts(started_at) would serve it too, but every attempt
+-- the workers write would pay for it, to speed up a page an operator opens now and
+-- then. OFFSET 0 keeps the planner from flattening the LATERAL into a join over the
+-- whole table, which it prefers (a parallel scan of every attempt ever kept) while
+-- the table is small. minutes_ago: 0 is the current minute.
 SELECT
     (extract(epoch FROM date_trunc('minute', now()) - date_trunc('minute', t.started_at)) / 60)::int
         AS minutes_ago,
@@ -128,6 +130,7 @@ CROSS JOIN LATERAL (
     FROM notifyhook.attempts AS a
     WHERE a.endpoint_id = e.id
       AND a.started_at >= date_trunc('minute', now()) - interval '59 minutes'
+    OFFSET 0
 ) AS t
 WHERE %(endpoint_id)s::bigint IS NULL OR e.id = %(endpoint_id)s
 GROUP BY 1
@@ -156,20 +159,27 @@ ORDER BY t.attempt, t.id;
 -- name: dead_letters
 -- The newest dead deliveries of a tenant's (or every) endpoint: the newest few of
 -- each endpoint through deliveries_dead (endpoint_id, updated_at), then the newest
--- of those. The dead_letters view would sort every dead row ever kept.
-SELECT d.delivery_id, d.endpoint_id, e.tenant_id, e.name AS endpoint_name, d.event_id,
-       ev.event_type, d.attempts, d.last_status_code, d.last_error, d.died_at
-FROM notifyhook.endpoints AS e
-CROSS JOIN LATERAL (
-    SELECT x.id AS delivery_id, x.endpoint_id, x.event_id, x.attempts, x.last_status_code,
-           x.last_error, x.updated_at AS died_at
-    FROM notifyhook.deliveries AS x
-    WHERE x.endpoint_id = e.id AND x.status = 'dead'
-    ORDER BY x.updated_at DESC
+-- of those, and only then their events. The dead_letters view would sort every dead
+-- row ever kept.
+WITH newest AS (
+    SELECT d.delivery_id, d.endpoint_id, e.tenant_id, e.name AS endpoint_name, d.event_id,
+           d.attempts, d.last_status_code, d.last_error, d.died_at
+    FROM notifyhook.endpoints AS e
+    CROSS JOIN LATERAL (
+        SELECT x.id AS delivery_id, x.endpoint_id, x.event_id, x.attempts, x.last_status_code,
+               x.last_error, x.updated_at AS died_at
+        FROM notifyhook.deliveries AS x
+        WHERE x.endpoint_id = e.id AND x.status = 'dead'
+        ORDER BY x.updated_at DESC
+        LIMIT %(limit)s
+    ) AS d
+    WHERE (%(tenant_id)s::text IS NULL OR e.tenant_id = %(tenant_id)s)
+      AND (%(endpoint_id)s::bigint IS NULL OR e.id = %(endpoint_id)s)
+    ORDER BY d.died_at DESC, d.delivery_id DESC
     LIMIT %(limit)s
-) AS d
-JOIN notifyhook.events AS ev ON ev.id = d.event_id
-WHERE (%(tenant_id)s::text IS NULL OR e.tenant_id = %(tenant_id)s)
-  AND (%(endpoint_id)s::bigint IS NULL OR e.id = %(endpoint_id)s)
-ORDER BY d.died_at DESC, d.delivery_id DESC
-LIMIT %(limit)s;
+)
+SELECT n.delivery_id, n.endpoint_id, n.tenant_id, n.endpoint_name, n.event_id, ev.event_type,
+       n.attempts, n.last_status_code, n.last_error, n.died_at
+FROM newest AS n
+JOIN notifyhook.events AS ev ON ev.id = n.event_id
+ORDER BY n.died_at DESC, n.delivery_id DESC;

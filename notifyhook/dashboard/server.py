@@ -11,6 +11,7 @@ import signal
 from aiohttp import web
 
 from notifyhook.dashboard.app import build_app
+from notifyhook.dashboard.data import SESSION_SETTINGS
 from notifyhook.errors import ConfigurationError, SchemaVersionError
 from notifyhook.store import connect, read_only, read_schema_version
 
@@ -54,7 +55,7 @@ async def serve(database_url: str, host: str, port: int, token: str | None) -> N
 
 
 async def _check_schema(database_url: str) -> None:
-    async with connect(read_only(database_url, 10_000)) as conn:
+    async with connect(read_only(database_url, **SESSION_SETTINGS)) as conn:
         version = await read_schema_version(conn)
     if version is None:
         raise SchemaVersionError(
