@@ -227,6 +227,17 @@ def test_a_wrong_setting_or_schema_exits_2_saying_which(database_url, server):
     assert "run `notifyhook migrate` first" in unmigrated.stderr
 
 
+def test_help_needs_no_database_and_a_bad_port_is_usage():
+    shown = _run_dashboard(["--help"], {})
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: notifyhook dashboard")
+    assert "NOTIFYHOOK_DASHBOARD_TOKEN" in shown.stdout
+    assert "--database-url" in shown.stdout
+    bad = _run_dashboard(["--port", "70000"], {})
+    assert bad.returncode == 2
+    assert "must be a TCP port" in bad.stderr
+
+
 def _run_dashboard(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "notifyhook", "dashboard", "--port", "0", *args],
