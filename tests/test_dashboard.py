@@ -188,6 +188,14 @@ def test_the_token_is_needed_by_bearer_or_login_cookie(db, dashboard):
     assert "HttpOnly" in cookie
     assert "SameSite=Strict" in cookie
     assert TOKEN not in cookie
+    assert "Secure" not in cookie  # plain HTTP: a Secure cookie would never come back
+    proxied = httpx.post(
+        site.url + "/login",
+        data={"token": TOKEN},
+        headers={"X-Forwarded-Proto": "https"},
+        timeout=10,
+    )
+    assert "Secure" in proxied.headers["Set-Cookie"]
     with httpx.Client(base_url=site.url, cookies=right.cookies, timeout=10) as client:
         assert client.get("/").status_code == 200
         assert client.get("/dead-letters").status_code == 200

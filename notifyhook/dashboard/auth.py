@@ -78,6 +78,7 @@ def set_session(door: Door, request: web.Request, response: web.StreamResponse) 
         door.session_value(),
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        # Behind a TLS proxy the request arrives as plain HTTP; the proxy says so.
+        secure=request.secure or request.headers.get("X-Forwarded-Proto") == "https",
         path="/",
     )
