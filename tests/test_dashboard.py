@@ -235,6 +235,20 @@ def test_a_wrong_setting_or_schema_exits_2_saying_which(database_url, server):
     assert "run `notifyhook migrate` first" in unmigrated.stderr
 
 
+def test_a_database_gone_after_start_is_a_503_page_naming_no_host(database_url, server, dashboard):
+    site = dashboard()
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    with psycopg.connect(server.admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    page = get(site.url + "/")
+    assert page.status_code == 503
+    assert "The database could not be read." in page.text
+    assert "127.0.0.1" not in page.text
+    assert name not in page.text
+    assert page.headers["Content-Security-Policy"] == CSP
+    assert "the database could not be read" in site.log()
+
+
 def test_help_needs_no_database_and_a_bad_port_is_usage():
     shown = _run_dashboard(["--help"], {})
     assert shown.returncode == 0, shown.stderr

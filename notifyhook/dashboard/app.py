@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -156,32 +158,17 @@ async def logout(request: web.Request) -> web.Response:
     raise response
 
 
-class _reader:
+@asynccontextmanager
+async def _reader(request: web.Request) -> AsyncIterator[Reader]:
     """One read-only connection per page; a database that cannot be read is a 503 page."""
-
-    def __init__(self, request: web.Request) -> None:
-        self._request = request
-        self._opened = open_reader(request.app[DATABASE_URL])
-
-    async def __aenter__(self) -> Reader:
-        try:
-            return await self._opened.__aenter__()
-        except DatabaseError as error:
-            raise self._unavailable(error) from None
-
-    async def __aexit__(self, *exc: Any) -> None:
-        try:
-            await self._opened.__aexit__(*exc)
-        except DatabaseError as error:
-            raise self._unavailable(error) from None
-
-    def _unavailable(self, error: DatabaseError) -> web.HTTPException:
+    try:
+        async with open_reader(request.app[DATABASE_URL]) as reader:
+            yield reader
+    except DatabaseError as error:
         # The page says no more than that: libpq's text names hosts and ports.
         log.error("dashboard: the database could not be read: %s", error)
-        page = render(
-            self._request, "error.html", status=503, message="The database could not be read."
-        )
-        return web.HTTPServiceUnavailable(text=page.text, content_type="text/html")
+        page = render(request, "error.html", status=503, message="The database could not be read.")
+        raise web.HTTPServiceUnavailable(text=page.text, content_type="text/html") from None
 
 
 def _not_found(request: web.Request, message: str) -> web.HTTPException:

@@ -15,7 +15,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 COOKIE = "notifyhook_dashboard"
-OPEN_PATHS = ("/login", "/static/")
+LOGIN = "/login"
+STATIC = "/static/"
 """Reachable without the token: the login form and its stylesheet."""
 
 
@@ -52,7 +53,7 @@ class Door:
 def middleware(door: Door) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if door.admits(request) or request.path.startswith(OPEN_PATHS):
+        if door.admits(request) or request.path == LOGIN or request.path.startswith(STATIC):
             return await handler(request)
         # A person in a browser goes to the form; a program is told what it lacks.
         if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
