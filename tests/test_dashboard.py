@@ -215,6 +215,7 @@ def test_without_a_token_it_binds_to_loopback_and_needs_none(database_url, db, t
         assert site.url.startswith("http://127.0.0.1:")
         assert get(site.url + "/").status_code == 200
         assert get(site.url + "/deliveries/999").status_code == 404
+        assert get(site.url + "/endpoints/99999999999999999999").status_code == 404
     finally:
         site.stop()
 

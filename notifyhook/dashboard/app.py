@@ -103,7 +103,7 @@ async def overview(request: web.Request) -> web.Response:
 
 
 async def endpoint_page(request: web.Request) -> web.Response:
-    endpoint_id = int(request.match_info["endpoint_id"])
+    endpoint_id = _row_id(request, "endpoint_id")
     async with _reader(request) as reader:
         found = await reader.endpoints(endpoint_id=endpoint_id)
         if not found:
@@ -117,7 +117,7 @@ async def endpoint_page(request: web.Request) -> web.Response:
 
 
 async def delivery_page(request: web.Request) -> web.Response:
-    delivery_id = int(request.match_info["delivery_id"])
+    delivery_id = _row_id(request, "delivery_id")
     async with _reader(request) as reader:
         delivery = await reader.delivery(delivery_id)
         if delivery is None:
@@ -169,6 +169,14 @@ async def _reader(request: web.Request) -> AsyncIterator[Reader]:
         log.error("dashboard: the database could not be read: %s", error)
         page = render(request, "error.html", status=503, message="The database could not be read.")
         raise web.HTTPServiceUnavailable(text=page.text, content_type="text/html") from None
+
+
+def _row_id(request: web.Request, name: str) -> int:
+    """A bigint id from the path; one too large for bigint is simply not there."""
+    value = int(request.match_info[name])
+    if value > 2**63 - 1:
+        raise _not_found(request, f"no {name.removesuffix('_id')} {value}")
+    return value
 
 
 def _not_found(request: web.Request, message: str) -> web.HTTPException:
