@@ -27,6 +27,7 @@ def register_all(commands: Any) -> None:
     _register_send(commands)
     _register_replay(commands)
     _register_prune(commands)
+    _register_dashboard(commands)
     from notifyhook import bench, demo  # here, not at the top: both import this module
 
     demo.register(commands)
@@ -561,6 +562,46 @@ async def _prune_batch(conn: AsyncConnection[Any], retention_s: float, batch_siz
     return int(rows[0]["prune"])
 
 
+# -- dashboard -------------------------------------------------------------------
+
+
+def _register_dashboard(commands: Any) -> None:
+    parser = commands.add_parser(
+        "dashboard",
+        help="serve a read-only web page of the queue and every endpoint",
+        description="Serve the partner-health dashboard (docs/dashboard.md): the queue, every "
+        "endpoint's health, attempts and dead letters. Read-only; with "
+        "NOTIFYHOOK_DASHBOARD_TOKEN set, every request needs that token.",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port", type=_port, default=8790, help="TCP port (default 8790; 0: any free port)"
+    )
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="read this database (a replica will do) instead of NOTIFYHOOK_DATABASE_URL",
+    )
+    # Standalone: NOTIFYHOOK_DATABASE_URL is not needed when --database-url is given.
+    parser.set_defaults(handler=dashboard_command, standalone=True)
+
+
+def dashboard_command(args: argparse.Namespace) -> int:
+    from notifyhook import logs
+    from notifyhook.dashboard.server import serve, token_from_environment
+    from notifyhook.settings import load_settings, warn_unknown_variables
+
+    given = {"database_url": args.database_url} if args.database_url else {}
+    settings = load_settings(**given)
+    logs.configure(settings.log_format, settings.log_level)
+    warn_unknown_variables()
+    token = token_from_environment()
+    run_async(serve(_url(settings), args.host, args.port, token))
+    return 0
+
+
 # -- argument types ----------------------------------------------------------------
 
 
@@ -596,6 +637,13 @@ def _timestamp(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
     # Without an offset, the operator means their own clock, as journalctl --since does.
     return value if value.tzinfo is not None else value.astimezone()
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text) if text != "0" else 0
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0 to 65535), got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
