@@ -209,6 +209,9 @@ class ClaimedDelivery:
     """The endpoint's own retry delays in seconds; None: the global schedule."""
     body: str
     """The exact JSON body to send (payload merged over the endpoint's extra_fields)."""
+    limited: bool
+    """The endpoint is limited fleet-wide (max_in_flight, FIFO, an open circuit): its next
+    row may wait until this one's outcome is recorded."""
 
 
 def _claimed_delivery(*values: Any) -> ClaimedDelivery:

@@ -114,6 +114,7 @@ class Worker:
         # Due rows wait for a cap (max_in_flight, a circuit probe, the endpoint's or
         # tenant's share) that only a recorded outcome lifts: record without delay.
         self._capped = False
+        self._claim_after_record = False
         self._freed_since_claim = 0
         # When to look again without being woken (monotonic seconds): what the last
         # claim said, and the earliest retry this worker scheduled itself; the latter
@@ -227,8 +228,11 @@ class Worker:
             for claimed in claim.deliveries:
                 self._start(claimed)
             self._freed_since_claim = 0
-            self._capped = claim.held_back
-            self._more_due = claim.more_due or taken == asked
+            self._capped = claim.held_back or self._claim_after_record
+            # An endpoint held back until its in-flight row is recorded (FIFO, its
+            # max_in_flight, its circuit) gets its turn back from that record: claim
+            # again once it is written.
+            self._more_due = claim.more_due or taken == asked or claim.held_back
             self._claim_deadline = self._next_look(claim)
             # Claim again at once while claims make progress and rows are left; a claim
             # that took nothing waits for a slot, a notification or the next turn.
@@ -324,6 +328,10 @@ class Worker:
             outcome = decide(delivery, result, self.settings)
             self._note(delivery, outcome)
             self._outcomes.append(outcome)
+            if claimed.limited:
+                # Its endpoint's next row waits for this outcome: record it without
+                # waiting for company, and claim again once it is written.
+                self._capped = self._claim_after_record = True
             self._outcomes_ready.set()
         finally:
             del self._in_flight[claimed.delivery_id]
@@ -405,9 +413,10 @@ class Worker:
             self._record_unconfirmed = False
             self._database_recovered()
             del self._outcomes[: len(batch)]
-            if self._more_due:
+            if self._more_due or self._claim_after_record:
                 # A limited endpoint's slot is free only once its outcome is
                 # recorded: a claim that ran before this flush saw it still held.
+                self._claim_after_record = False
                 self._wake.set()
             for endpoint_id, reason in disabled:
                 self.metrics.endpoint_disables.inc()

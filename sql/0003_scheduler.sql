@@ -61,5 +61,8 @@ CREATE TYPE notifyhook.claimed_delivery AS (
     headers          jsonb,
     timeout_ms       integer,
     retry_schedule   integer[],
-    body             text
+    body             text,
+    -- The endpoint is limited fleet-wide (max_in_flight, FIFO order, an open circuit):
+    -- its next row may wait for this one's outcome to be recorded.
+    limited          boolean
 );

@@ -278,11 +278,14 @@ BEGIN
                          e.headers, e.timeout_ms, e.retry_schedule,
                          -- The exact body to send, built here so that the worker never
                          -- parses JSON it only forwards.
-                         (e.extra_fields || ev.payload)::text
+                         (e.extra_fields || ev.payload)::text,
+                         e.max_in_flight IS NOT NULL OR e.ordered
+                             OR s.consecutive_failures >= circuit_threshold
                      )::notifyhook.claimed_delivery)
     INTO claimed
     FROM claimed_rows AS c
     JOIN notifyhook.endpoints AS e ON e.id = c.endpoint_id
+    JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = c.endpoint_id
     JOIN notifyhook.events AS ev ON ev.id = c.event_id;
 
     -- 4. The picked endpoints' next turns (this statement sees the rows just taken),
