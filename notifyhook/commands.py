@@ -114,7 +114,14 @@ def _register_stats(commands: Any) -> None:
     parser = commands.add_parser(
         "stats",
         help="show the queue and every endpoint",
-        description="Print notifyhook.queue_stats and notifyhook.endpoint_stats.",
+        description="Print notifyhook.queue_stats and notifyhook.endpoint_stats. Reads only, "
+        "in read-only transactions: a hot standby's URL keeps these queries off the primary.",
+    )
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="the database to read, e.g. a read replica (default: NOTIFYHOOK_DATABASE_URL); "
+        "a password here shows in the process list: prefer PGPASSWORD or ~/.pgpass",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
@@ -124,7 +131,9 @@ def _register_stats(commands: Any) -> None:
 
 
 async def stats_command(args: argparse.Namespace, settings: Settings) -> int:
-    async with connect(_url(settings)) as conn:
+    # Read-only sessions: on a standby any write would fail anyway, and on a primary
+    # this keeps a view that someday calls a writing function from doing so unseen.
+    async with connect(_url(settings), read_only=True) as conn:
         while True:
             queue = await fetch_dicts(conn, "queue_stats")
             endpoints = await fetch_dicts(conn, "endpoint_stats")
