@@ -34,6 +34,7 @@ from notifyhook.bench_workload import (
     start_statement_count,
     statements_since,
     wait_delivered,
+    wal_position,
 )
 from notifyhook.cluster import free_port
 from notifyhook.receiver_process import Hit
@@ -96,12 +97,24 @@ async def _drain_backlog(
             loaded = await load_history(trial.url, history, TENANTS)
             note = f"{history:,} delivered rows of history loaded in {loaded:.0f}s, vacuumed"
         await trial.start_workers(workers)
+        wal = [await wal_position(trial.url)]
         await insert_backlog(trial.url, count, TENANTS)
         meter = trial.meter()
+        wal.append(await wal_position(trial.url))
         hits = await bench.collect(count, 120 + count / 50, FAST)
         await wait_delivered(trial.url, count, 60)
         used, rss = meter.read(), trial.peak_rss()
-    return _backlog_result(case, count, used, rss, _with_unverified(note, hits))
+        wal.append(await wal_position(trial.url))
+    result = _backlog_result(case, count, used, rss, _with_unverified(note, hits))
+    # WAL per event enqueued (event, delivery row, index entries) and per delivery made
+    # (claim, attempt row, outcome): what a standby must receive, and what archives keep.
+    result.figures["wal_bytes_per_enqueue"] = (wal[1] - wal[0]) / count
+    result.figures["wal_bytes_per_delivery"] = (wal[2] - wal[1]) / count
+    result.summary += (
+        f"; WAL per event {result.figures['wal_bytes_per_enqueue']:,.0f} B enqueued, "
+        f"{result.figures['wal_bytes_per_delivery']:,.0f} B delivered"
+    )
+    return result
 
 
 def _with_unverified(note: str, hits: list[Hit]) -> str:

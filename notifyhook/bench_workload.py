@@ -51,6 +51,12 @@ async def insert_backlog(
         )
 
 
+async def wal_position(url: str) -> int:
+    """The server's WAL position in bytes: the difference of two is the WAL written between."""
+    async with connect(url) as conn:
+        return int((await fetch(conn, "wal_position"))[0]["wal_bytes"])
+
+
 async def wait_delivered(url: str, count: int, within_s: float) -> None:
     async with connect(url) as conn:
 

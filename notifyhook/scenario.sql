@@ -42,6 +42,11 @@ SELECT
     (SELECT count(*) FROM notifyhook.attempts) AS attempts
 FROM notifyhook.deliveries;
 
+-- name: wal_position
+-- Bytes of WAL the server has written since it was made: two readings bracket what a
+-- step cost (the whole server's WAL, so nothing else may run meanwhile).
+SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS wal_bytes;
+
 -- name: dead_letter_reasons
 SELECT endpoint_id, last_status_code, count(*) AS deliveries
 FROM notifyhook.dead_letters
