@@ -138,6 +138,33 @@ def measure(conn: psycopg.Connection[Any], table: str, retire: Any) -> dict[str,
     }
 
 
+PROCESSING = """
+INSERT INTO {table} (event_id, tenant_id, endpoint_id, status, attempts, locked_by, locked_until)
+SELECT gen_random_uuid(), 't' || (i %% 10), i %% 10, 'processing', 1, 'w', now() + interval '1 minute'
+FROM generate_series(1, %(rows)s) AS i
+"""
+
+# What recording an outcome does to the row, in batches as the recorder does: on the
+# partitioned copy the row moves from the active partition to today's.
+FINISH = """
+UPDATE {table} SET status = 'delivered', locked_by = NULL, locked_until = NULL,
+    last_status_code = 200, updated_at = now(), delivered_at = now()
+WHERE id IN (SELECT id FROM {table} WHERE status = 'processing' LIMIT 100)
+"""
+
+
+def finishing_wal(conn: psycopg.Connection[Any], table: str, rows: int) -> float:
+    """WAL bytes per delivery of taking `rows` processing rows to delivered."""
+    name = sql.Identifier(table)
+    conn.execute(sql.SQL(PROCESSING).format(table=name), {"rows": rows})
+    conn.execute(sql.SQL("VACUUM ANALYZE {}").format(name))
+    conn.execute("CHECKPOINT")
+    before = wal(conn)
+    while conn.execute(sql.SQL(FINISH).format(table=name)).rowcount:
+        pass
+    return (wal(conn) - before) / rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows per day")
@@ -170,6 +197,9 @@ def main() -> None:
                 f"-> {figures['size_after_mb']:.0f} MB, old pending row survived: "
                 f"{bool(figures['pending_survived'])}"
             )
+        for table in ("plain", "parted"):
+            per_row = finishing_wal(conn, table, args.rows // 10)
+            print(f"finishing {args.rows // 10:,} deliveries in {table}: {per_row:,.0f} B WAL each")
         # The claim's probe: status = 'pending' prunes to the active partition at plan time.
         plan = conn.execute(PENDING_PROBE).fetchall()
         print("pending probe on the partitioned copy:", *(line for (line,) in plan), sep="\n  ")
