@@ -13,7 +13,7 @@ from notifyhook import retry, secrets, signing
 from notifyhook.cli import CommandError, UsageError, print_json
 from notifyhook.errors import SecretError
 from notifyhook.settings import Settings
-from notifyhook.store import connect, fetch_dicts, json_param
+from notifyhook.store import connect, fetch_dicts, json_param, read_only
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -133,7 +133,7 @@ def _register_stats(commands: Any) -> None:
 async def stats_command(args: argparse.Namespace, settings: Settings) -> int:
     # Read-only sessions: on a standby any write would fail anyway, and on a primary
     # this keeps a view that someday calls a writing function from doing so unseen.
-    async with connect(_url(settings), read_only=True) as conn:
+    async with connect(read_only(_url(settings))) as conn:
         while True:
             queue = await fetch_dicts(conn, "queue_stats")
             endpoints = await fetch_dicts(conn, "endpoint_stats")

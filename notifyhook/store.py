@@ -181,16 +181,9 @@ def is_transient(error: BaseException) -> bool:
 
 @asynccontextmanager
 async def connect(
-    url: str, *, autocommit: bool = True, read_only: bool = False
+    url: str, *, autocommit: bool = True
 ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """One connection, for commands and the listener (the worker's queries use a pool).
-
-    `read_only` makes every transaction of the session read-only from its start:
-    the server itself refuses any write, which a command meant for a hot standby
-    must never attempt.
-    """
-    if read_only:
-        url = with_options(url, "-c default_transaction_read_only=on")
+    """One connection, for commands and the listener (the worker's queries use a pool)."""
     conn = await psycopg.AsyncConnection.connect(connection_string(url), autocommit=autocommit)
     async with conn:
         yield conn

@@ -15,7 +15,7 @@ from test_cli import ok, one_line_error, run
 from test_worker import insert_events
 
 from notifyhook.cluster import Cluster
-from notifyhook.store import connect
+from notifyhook.store import connect, read_only
 
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/nowhere?connect_timeout=2"
 
@@ -72,7 +72,7 @@ def test_a_wrong_database_url_option_is_a_usage_error_naming_it():
 def test_the_stats_connection_refuses_writes_even_on_a_primary(database_url):
     async def write_read_only() -> None:
         url = make_conninfo(database_url, options="-c statement_timeout=5000")
-        async with connect(url, read_only=True) as conn:
+        async with connect(read_only(url)) as conn:
             # The user's own options survive: both settings are in force.
             cursor = await conn.execute("SHOW statement_timeout")
             assert await cursor.fetchone() == ("5s",)
