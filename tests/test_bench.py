@@ -74,7 +74,10 @@ def test_small_bench_reports_every_scenario_and_leaves_nothing(server):
 
     limited = next(r for r in report["results"] if r["scenario"] == "ratelimit")["figures"]
     # A count, not a time: the bucket lets 20 through at once, then 20 a second.
-    assert 0 < limited["busiest_second"] <= 40
+    # The bucket admits at most 40 claims in any second (20 of burst, 20 a second); the
+    # receiver's clock sees the requests a few ms after their claims, unevenly on a
+    # loaded machine, which can bring one more into a window it measures.
+    assert 0 < limited["busiest_second"] <= 41
     assert limited["span_s"] > 0
 
     spread = [r for r in report["results"] if r["scenario"] == "endpoints"]
