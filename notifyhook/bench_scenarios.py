@@ -85,6 +85,23 @@ async def ceiling(bench: Bench) -> Result:
     )
 
 
+async def peer(bench: Bench) -> list[Result]:
+    """benchmarks/pgqueuer_compare.py's shape: the backlog to ONE endpoint, one worker at
+    CONCURRENCY 50, to be read beside that script's figures taken in the same window."""
+    count = bench.size.backlog
+    async with bench.trial([(TENANTS[0], FAST)]) as trial:
+        await trial.start_workers(1, {"CONCURRENCY": "50"})
+        await insert_backlog(trial.url, count, TENANTS[:1])
+        meter = trial.meter()
+        hits = await bench.collect(count, 120 + count / 50, FAST)
+        await wait_delivered(trial.url, count, 60)
+        used, rss = meter.read(), trial.peak_rss()
+    result = _backlog_result("1 endpoint, 1 worker, CONCURRENCY 50", count, used, rss, "")
+    result.scenario, result.target = "peer", "≥ 1.5 x pgqueuer + aiohttp (same window)"
+    result.note = _with_unverified("", hits)
+    return [result]
+
+
 async def _drain_backlog(
     bench: Bench, workers: int, case: str, history: int | None = None
 ) -> Result:
@@ -389,5 +406,6 @@ SCENARIOS: dict[str, Scenario] = {
     "ratelimit": rate_limited,
     "history": history,
     "endpoints": endpoints,
+    "peer": peer,
 }
 """Every scenario by its name, in the order they run; bench.SCENARIO_NAMES lists the same."""

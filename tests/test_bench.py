@@ -46,7 +46,8 @@ def test_small_bench_reports_every_scenario_and_leaves_nothing(server):
     results = {(r["scenario"], r["case"]): r for r in report["results"]}
     scenarios = [r["scenario"] for r in report["results"]]
     assert scenarios == ["receiver", "backlog", "backlog", "latency", "latency", "idle", "noisy",
-                         "ratelimit", "history", "endpoints", "endpoints", "endpoints"]  # fmt: skip
+                         "ratelimit", "history", "endpoints", "endpoints", "endpoints",
+                         "peer"]  # fmt: skip
 
     ceiling = results["receiver", "ceiling"]
     assert ceiling["figures"]["verified"] == report["environment"]["sizes"]["ceiling"]
