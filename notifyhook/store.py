@@ -72,13 +72,36 @@ def check_conninfo(url: str) -> None:
     try:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError as error:
-        # libpq's message may quote the string, password included: keep its gist only.
-        reason = str(error).strip().split(":")[0]
+        # libpq's message quotes the part it stumbled on, which may be the password
+        # (`unexpected spaces found in "pass word"`): say only which kind of mistake.
+        reason = _conninfo_mistake(str(error))
         raise ValueError(f"is not a valid libpq URL or key=value DSN ({reason})") from None
     for name, choices in _CONNINFO_CHOICES.items():
         value = params.get(name)
         if value is not None and value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+# libpq's parse errors, by the start of their message, and what we say instead. Only
+# these fixed texts are printed: each of libpq's quotes part of the string.
+_CONNINFO_MISTAKES = (
+    ("unexpected spaces found", "a space in it; write spaces as %20"),
+    ("end of string reached when looking for matching", "a [ without its ] in the host"),
+    ('missing "=" after', "a key without =value in a key=value DSN"),
+    ("unterminated quoted string", "a quoted value without its closing quote"),
+    ("invalid URI query parameter", "an unknown parameter after ? in the URL"),
+    ("invalid connection option", "an unknown connection option"),
+    ("invalid percent-encoded token", "a % not followed by two hexadecimal digits"),
+    ("forbidden value %00", "an encoded NUL (%00)"),
+    ("invalid integer value", "a number option that is not a number"),
+)
+
+
+def _conninfo_mistake(message: str) -> str:
+    for start, mistake in _CONNINFO_MISTAKES:
+        if message.strip().startswith(start):
+            return mistake
+    return "libpq could not parse it"
 
 
 def redact_conninfo(url: str) -> str:
