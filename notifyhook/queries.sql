@@ -42,6 +42,11 @@ SELECT * FROM notifyhook.record_outcomes(
     %(status_codes)b::integer[], %(errors)b::text[], %(excerpts)b::text[], %(gone)b::boolean[],
     %(disable_after)s, %(retried)s);
 
+-- name: record_rejected_outcome
+SELECT notifyhook.record_rejected_outcome(
+    %(worker)s, %(delivery_id)s, %(attempt)s, %(status)s, %(retry_in_s)s::double precision,
+    %(reason)s) AS recorded;
+
 -- name: release_claims
 SELECT notifyhook.release_claims(%(worker)s, %(delivery_ids)s::bigint[], %(attempt_numbers)s::integer[]);
 

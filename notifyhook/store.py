@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -206,6 +206,14 @@ class Claim:
     """An endpoint filled its even split of the claim: more may be claimable at once."""
 
 
+@dataclass(frozen=True, slots=True)
+class DisabledEndpoint:
+    """An endpoint that record_outcomes disabled (a 410, or failing for too long)."""
+
+    endpoint_id: int
+    disabled_reason: str
+
+
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
 
 
@@ -310,7 +318,7 @@ class Store:
         disable_after_s: float,
         *,
         retried: bool = False,
-    ) -> list[tuple[int, str]]:
+    ) -> list[DisabledEndpoint]:
         """Write a batch of outcomes; returns the endpoints it disabled, with why.
 
         `retried`: an earlier call with some of these outcomes ended without an answer
@@ -318,26 +326,46 @@ class Store:
         skips those. False on the normal path, which then searches nothing.
         """
         results = [o.result for o in outcomes]
+        async with (
+            self._pool.connection() as conn,
+            conn.cursor(row_factory=class_row(DisabledEndpoint)) as cursor,
+        ):
+            await cursor.execute(
+                self._sql["record_outcomes"],
+                {
+                    "worker": worker,
+                    "delivery_ids": [o.delivery_id for o in outcomes],
+                    "endpoint_ids": [o.endpoint_id for o in outcomes],
+                    "attempt_numbers": [o.attempt for o in outcomes],
+                    "statuses": [o.status for o in outcomes],
+                    "retry_in_s": [o.retry_in_s for o in outcomes],
+                    "started_ats": [r.started_at for r in results],
+                    "durations_ms": [r.duration_ms for r in results],
+                    "status_codes": [r.status_code for r in results],
+                    "errors": [_storable(r.error) for r in results],
+                    "excerpts": [_storable(r.response_excerpt) for r in results],
+                    "gone": [r.verdict.value == "gone" for r in results],
+                    "disable_after": timedelta(seconds=disable_after_s),
+                    "retried": retried,
+                },
+            )
+            return await cursor.fetchall()
+
+    async def record_rejected_outcome(self, worker: str, outcome: Outcome, reason: str) -> bool:
+        """Record an outcome the database refused in full: an attempt naming `reason` and
+        the delivery's next state, nothing else. False when the delivery is gone."""
         rows = await self._fetch(
-            "record_outcomes",
+            "record_rejected_outcome",
             {
                 "worker": worker,
-                "delivery_ids": [o.delivery_id for o in outcomes],
-                "endpoint_ids": [o.endpoint_id for o in outcomes],
-                "attempt_numbers": [o.attempt for o in outcomes],
-                "statuses": [o.status for o in outcomes],
-                "retry_in_s": [o.retry_in_s for o in outcomes],
-                "started_ats": [r.started_at for r in results],
-                "durations_ms": [r.duration_ms for r in results],
-                "status_codes": [r.status_code for r in results],
-                "errors": [_storable(r.error) for r in results],
-                "excerpts": [_storable(r.response_excerpt) for r in results],
-                "gone": [r.verdict.value == "gone" for r in results],
-                "disable_after": timedelta(seconds=disable_after_s),
-                "retried": retried,
+                "delivery_id": outcome.delivery_id,
+                "attempt": outcome.attempt,
+                "status": outcome.status,
+                "retry_in_s": outcome.retry_in_s,
+                "reason": reason,
             },
         )
-        return [(row[0], row[1]) for row in rows]
+        return bool(rows[0][0])
 
     async def release_claims(self, worker: str, held: Sequence[tuple[int, int]]) -> int:
         """Give back (delivery_id, attempt) claims not finished, uncharged."""
