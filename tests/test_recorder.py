@@ -75,9 +75,7 @@ def record(database_url: str, outcomes: list[Outcome], **settings: str) -> list[
     async def run() -> None:
         config = Settings(database_url=database_url, worker_id=WORKER, **settings)  # type: ignore[arg-type]
         async with Store.open(database_url) as store:
-            recorder = Recorder(
-                config, store, Metrics(), trouble=trouble, recovered=lambda: None
-            )
+            recorder = Recorder(config, store, Metrics(), trouble=trouble, recovered=lambda: None)
             for item in outcomes:
                 recorder.add(item)
             async with asyncio.timeout(30):
