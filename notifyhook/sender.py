@@ -24,7 +24,7 @@ from notifyhook import signing
 from notifyhook.delivery import AttemptResult, Delivery, Verdict
 from notifyhook.errors import SecretError
 from notifyhook.retry import parse_retry_after
-from notifyhook.transport import AiohttpTransport
+from notifyhook.transport import AiohttpTransport, MalformedResponse
 
 EXCERPT_BYTES = 1024
 """How much of a response body is read and kept; the rest is never read."""
@@ -187,6 +187,7 @@ class Sender:
             verdict, error = Verdict.RETRY, f"timeout after {delivery.timeout_s}s"
         except (httpx.HTTPError, aiohttp.ClientError, OSError, SecretError) as failure:
             verdict, error = _describe_failure(failure)
+            error = _without_url(error, delivery.url)
         else:
             verdict = _status_verdict(status)
             return AttemptResult(
@@ -264,9 +265,9 @@ def _target(text: str, allow_private_networks: bool) -> _Target:
     except (httpx.InvalidURL, UnicodeError) as error:
         raise _Refused(f"invalid URL: {error}") from None
     if url.scheme not in ("http", "https"):
-        raise _Refused(f"refused: only http and https URLs are delivered, not {text!r}")
+        raise _Refused(f"refused: only http and https URLs are delivered, not {url.scheme!r}")
     if not host:
-        raise _Refused(f"invalid URL: no host in {text!r}")
+        raise _Refused("invalid URL: no host")
     if not allow_private_networks:
         _check_literal_host(host)
     return _Target(url, (b"host", url.netloc))
@@ -346,8 +347,9 @@ def _describe_failure(failure: BaseException) -> tuple[Verdict, str]:
         return Verdict.PERMANENT, str(refusal)
     if secret_error := _first(causes, SecretError):
         return Verdict.PERMANENT, f"cannot sign: {secret_error}"
-    if bad_url := _first(causes, (httpx.UnsupportedProtocol, aiohttp.InvalidURL)):
-        return Verdict.PERMANENT, f"invalid URL: {bad_url}"
+    if _first(causes, (httpx.UnsupportedProtocol, aiohttp.InvalidURL)):
+        # Not the error's text: aiohttp's is the URL itself.
+        return Verdict.PERMANENT, "invalid URL: the HTTP client cannot send to it"
     if dns_error := _first(causes, (aiohttp.ClientConnectorDNSError, socket.gaierror)):
         return Verdict.RETRY, f"DNS lookup failed for {getattr(dns_error, 'host', 'the host')}"
     if tls_error := _first(causes, ssl.SSLError):
@@ -357,6 +359,8 @@ def _describe_failure(failure: BaseException) -> tuple[Verdict, str]:
             return Verdict.RETRY, _ERRNO_REASONS[cause.errno]
     if _first(causes, aiohttp.ServerDisconnectedError):
         return Verdict.RETRY, "connection closed by the server"
+    if malformed := _first(causes, MalformedResponse):
+        return Verdict.RETRY, str(malformed)
     return Verdict.RETRY, f"network error: {failure or type(failure).__name__}"
 
 
@@ -373,6 +377,18 @@ def _causes(failure: BaseException) -> list[BaseException]:
         causes.append(current)
         current = current.__cause__ or current.__context__
     return causes
+
+
+def _without_url(error: str, url: str) -> str:
+    """`error` without the endpoint's URL, nor its path and query: they may hold tokens, and
+    attempts.error, dead_letters and the log are read by more people than the endpoint's
+    owner. A second line behind the descriptions above, for texts they do not foresee."""
+    if url in error:
+        error = error.replace(url, "<the endpoint's URL>")
+    path_and_query = url.split("://", 1)[-1].partition("/")[2]
+    if len(path_and_query) > 1 and path_and_query in error:
+        error = error.replace(path_and_query, "<path>")
+    return error
 
 
 def _elapsed_ms(start: float) -> float:
