@@ -268,9 +268,24 @@ def _target(text: str, allow_private_networks: bool) -> _Target:
         raise _Refused(f"refused: only http and https URLs are delivered, not {url.scheme!r}")
     if not host:
         raise _Refused("invalid URL: no host")
+    _check_host_name(url.raw_host.decode("ascii", "replace"))
     if not allow_private_networks:
         _check_literal_host(host)
     return _Target(url, (b"host", url.netloc))
+
+
+_NAME_RULE = "labels of 1 to 63 characters between dots, at most 253 characters in all"
+
+
+def _check_host_name(host: str) -> None:
+    """Refuse a host name that IDNA cannot encode: an empty label or one over 63
+    characters (the codec raises a bare UnicodeError at send time), or a name over 253.
+    The same rule as notifyhook.check_url_host, which refuses such URLs at INSERT."""
+    if ":" in host:  # an IPv6 literal, checked by the URL parser
+        return
+    name = host.removesuffix(".")  # one trailing dot: a fully qualified name
+    if len(name) > 253 or any(not 0 < len(label) <= 63 for label in name.split(".")):
+        raise _Refused(f"invalid URL: a host name has {_NAME_RULE}")
 
 
 def _check_literal_host(host: str) -> None:

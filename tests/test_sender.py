@@ -410,6 +410,18 @@ def test_a_connection_is_reused_after_a_fully_read_answer(status: str, body: byt
     run(scenario())
 
 
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "a..b.example", ".example"])
+def test_a_host_idna_cannot_encode_is_refused_not_raised(host: str) -> None:
+    # Written before the endpoints trigger refused it: the IDNA codec raised a bare
+    # UnicodeError out of send(), a stack trace and a Sentry report on every attempt.
+    result = run(send(f"http://{host}/hook"))
+    assert result.verdict is Verdict.PERMANENT
+    assert result.error == (
+        "invalid URL: a host name has labels of 1 to 63 characters between dots, "
+        "at most 253 characters in all"
+    )
+
+
 def test_a_malformed_answer_is_retried_and_described_without_the_url() -> None:
     async def scenario() -> AttemptResult:
         async with raw_server(answering(b"NOT HTTP AT ALL\r\n\r\n")) as (port, _):
