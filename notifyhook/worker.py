@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -418,7 +418,15 @@ async def serve(settings: Settings) -> None:
     reporting.start(settings)
     metrics = Metrics()
     url = settings.database_url.get_secret_value()
-    await _wait_for_schema(url)
+    # A signal while the database is not up yet is a request to stop, not a crash: the
+    # process exits 0, as it does once running (the Worker's own handlers replace these).
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    if not await _unless_stopped(_wait_for_schema(url), stopping):
+        log.info("stopped while waiting for the database")
+        return
     async with (
         Store.open(url) as store,
         Sender(
@@ -429,6 +437,8 @@ async def serve(settings: Settings) -> None:
     ):
         worker = Worker(settings, store, sender, metrics=metrics)
         worker.install_signal_handlers()
+        if stopping.is_set():  # a signal came after the schema check, before these handlers
+            worker.request_stop()
         runner = None
         if settings.metrics_port is not None:
             runner = await serve_metrics(metrics, settings.metrics_port, lambda: worker.healthy)
@@ -437,6 +447,20 @@ async def serve(settings: Settings) -> None:
         finally:
             if runner is not None:
                 await runner.cleanup()
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stopping: asyncio.Event) -> bool:
+    """Run `work` unless `stopping` is set first; whether it ran to its end."""
+    task = asyncio.create_task(work)
+    stopped = asyncio.create_task(stopping.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()  # its exception, if any (a refused schema or credentials)
+        return True
+    task.cancel()
+    await asyncio.wait({task})
+    return False
 
 
 async def _wait_for_schema(url: str) -> None:

@@ -326,3 +326,16 @@ def test_a_malformed_response_is_recorded_without_the_endpoints_url(db, start_wo
         assert token not in recorded
         assert token not in worker.log()
     assert "malformed response" in worker.log()
+
+
+def test_sigterm_while_waiting_for_the_database_exits_zero(database_url, start_worker):
+    import socket
+
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = start_worker(make_conninfo(database_url, host="127.0.0.1", port=str(port)))
+    wait_until(lambda: "database not available" in worker.log(), what="the worker to wait")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(20) == 0, worker.log()
+    assert "stopped while waiting for the database" in worker.log()
