@@ -66,8 +66,18 @@ class _Refused(OSError):
 
 def refusal_reason(address: IPAddress) -> str | None:
     """What puts `address` off limits ("loopback", "private", …), or None for a public one."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return refusal_reason(address.ipv4_mapped)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return refusal_reason(address.ipv4_mapped)
+        # 6to4 (2002::/16) is routed to the IPv4 address it embeds: 2002:7f00:1:: is
+        # 127.0.0.1 to a host with a 6to4 relay, and the ipaddress module calls it global.
+        if address.sixtofour is not None:
+            embedded = refusal_reason(address.sixtofour)
+            return None if embedded is None else f"{embedded} (6to4)"
+        # Deprecated (RFC 3879), but still routed inside some sites; not "private" to
+        # the ipaddress module.
+        if address.is_site_local:
+            return "site-local"
     # Most specific first: 127/8, 169.254/16 and 0/8 are also "private" to the ipaddress module.
     for reason, applies in (
         ("unspecified", address.is_unspecified),

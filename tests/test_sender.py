@@ -661,8 +661,21 @@ def test_urls_other_than_http_are_permanent(url: str) -> None:
         ("93.184.216.34", None),
         ("2606:4700::1", None),
         ("::ffff:93.184.216.34", None),
+        ("fec0::1", "site-local"),
+        ("feff::1", "site-local"),
+        ("2002:7f00:1::", "loopback (6to4)"),
+        ("2002:c0a8:101::1", "private (6to4)"),
+        ("2002:a9fe:a9fe::", "link-local (6to4)"),
+        ("2002:808:808::1", None),
     ],
 )
 def test_address_classifier(address: str, reason: str | None) -> None:
     # Classification only: nothing here connects anywhere.
     assert refusal_reason(ipaddress.ip_address(address)) == reason
+
+
+@pytest.mark.parametrize("host", ["[fec0::1]", "[2002:7f00:1::]"])
+def test_site_local_and_6to4_loopback_literals_are_refused(host: str) -> None:
+    result = run(send(f"http://{host}:9/hook", allow_private_networks=False))
+    assert result.verdict is Verdict.PERMANENT
+    assert (result.error or "").startswith("refused: "), result.error
