@@ -296,9 +296,7 @@ def test_verify_rejects_a_malformed_secret(headers):
 
 
 @pytest.mark.parametrize("digits", [13, 5000])
-def test_verify_rejects_an_absurdly_long_timestamp_as_a_verification_error(
-    secret, headers, digits
-):
+def test_verify_rejects_an_absurdly_long_timestamp_as_a_verification_error(secret, headers, digits):
     # int() raised ValueError past 4,300 digits: a caller catching VerificationError,
     # as the contract says, let a 500 out of its endpoint.
     headers["webhook-timestamp"] = "9" * digits
