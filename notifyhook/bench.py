@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from notifyhook.bench_context import Result, Size
     from notifyhook.scenario import Server
 
-SCENARIO_NAMES = ("backlog", "latency", "idle", "noisy", "ratelimit", "history")
+SCENARIO_NAMES = ("backlog", "latency", "idle", "noisy", "ratelimit", "history", "endpoints")
 """The scenarios, in the order they run: written out here because every `notifyhook` command,
 a worker's start included, builds the parser from this module, and should not import the
 scenarios (and aiohttp) to do so. A test holds them equal to bench_scenarios.SCENARIOS."""

@@ -28,7 +28,12 @@ UPDATE notifyhook.config SET max_payload_bytes = %(max_payload_bytes)s
 WHERE max_payload_bytes IS DISTINCT FROM %(max_payload_bytes)s;
 
 -- name: claim_due
-SELECT * FROM notifyhook.claim_due(%(worker)s, %(max_rows)s, %(lease)s, %(endpoint_share)s);
+SELECT * FROM notifyhook.claim_due(
+    %(worker)s, %(max_rows)s, %(lease)s, %(concurrency)s,
+    %(held_endpoints)s::bigint[], %(held_counts)s::integer[], %(held_tenants)s::text[]);
+
+-- name: take_over
+SELECT notifyhook.take_over(%(worker)s, %(max_attempts)s);
 
 -- name: record_outcomes
 -- Casts spell the array types out: a list of all-None values carries no type. The

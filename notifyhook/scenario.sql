@@ -17,11 +17,18 @@ RETURNING id::text;
 
 -- name: insert_backlog
 -- `count` events spread over the tenants round-robin, each with a padded payload
--- the size of a typical webhook (about 300 bytes of JSON).
-INSERT INTO notifyhook.events (tenant_id, event_type, payload)
+-- the size of a typical webhook (about 300 bytes of JSON); to one endpoint only
+-- when endpoint_id is set.
+INSERT INTO notifyhook.events (tenant_id, event_type, payload, endpoint_id)
 SELECT (%(tenants)s::text[])[1 + i %% cardinality(%(tenants)s::text[])], 'bench.backlog',
-       jsonb_build_object('i', i, 'call_id', md5(i::text), 'padding', repeat('x', 200))
+       jsonb_build_object('i', i, 'call_id', md5(i::text), 'padding', repeat('x', 200)),
+       %(endpoint_id)s::bigint
 FROM generate_series(1, %(count)s) AS i;
+
+-- name: add_tenant_endpoints
+-- `count` tenants with one endpoint each: the multi-tenant shape (bench `endpoints`).
+INSERT INTO notifyhook.endpoints (tenant_id, name, url, secret)
+SELECT 'tenant-' || n, 'endpoint', %(url)s, %(secret)s FROM generate_series(1, %(count)s) AS n;
 
 -- name: delivery_totals
 -- Where the deliveries stand, for progress and for the summary.

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
 from importlib import resources
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import class_row, dict_row
+from psycopg.types.composite import CompositeInfo, register_composite
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -23,13 +25,16 @@ from notifyhook.delivery import Outcome
 Row = tuple[Any, ...]
 
 # Keep a dead TCP peer from hanging a query forever: libpq keepalives notice a
-# vanished server within ~30 s, and connecting gives up after 10 s.
+# vanished server within ~25 s when the connection is idle, tcp_user_timeout when it
+# has data unacknowledged (a blackhole mid-query: without it, ~15 minutes of TCP
+# retransmissions), and connecting gives up after 10 s.
 _CONNECTION_OPTIONS = {
     "connect_timeout": "10",
     "keepalives": "1",
     "keepalives_idle": "10",
     "keepalives_interval": "5",
     "keepalives_count": "3",
+    "tcp_user_timeout": "20000",
     "application_name": "notifyhook",
 }
 
@@ -138,6 +143,12 @@ async def drop_database(admin_url: str, name: str) -> None:
         )
 
 
+def with_options(url: str, options: str) -> str:
+    """The DSN with `options` (server settings, `-c name=value`) after the user's own."""
+    own = conninfo_to_dict(url).get("options")
+    return make_conninfo(url, options=f"{own} {options}" if own else options)
+
+
 def connection_string(url: str) -> str:
     """The DSN with our connection options added, the user's own taking precedence."""
     return make_conninfo(
@@ -193,17 +204,68 @@ async def connect(
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """One row a claim took (the composite type notifyhook.claimed_delivery)."""
+
+    delivery_id: int
+    event_id: UUID
+    endpoint_id: int
+    tenant_id: str
+    attempt: int
+    """1-based number of the attempt about to be made (counted at claim time)."""
+    url: str
+    secret: str
+    previous_secret: str | None
+    """The secret before the last rotation, while it is still signed with."""
+    headers: dict[str, str]
+    timeout_ms: int | None
+    retry_schedule: list[int] | None
+    """The endpoint's own retry delays in seconds; None: the global schedule."""
+    body: str
+    """The exact JSON body to send (payload merged over the endpoint's extra_fields)."""
+
+
+def _claimed_delivery(*values: Any) -> ClaimedDelivery:
+    return ClaimedDelivery(*values)
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     """What one claim returned: the rows to send now, and when to look again."""
 
-    rows: list[Row]
-    """(delivery_id, event_id, endpoint_id, attempt, url, secret, previous_secret, headers, timeout_ms, body)"""
+    deliveries: list[ClaimedDelivery]
     wake_in_s: float | None
-    """Seconds until a retry falls due or a rate token arrives, if anything waits."""
+    """Seconds until the next endpoint's turn comes (a retry, a rate token), if any."""
     more_due: bool
-    """Due rows were held back by a cap that finishing deliveries will lift."""
-    more_now: bool
-    """An endpoint filled its even split of the claim: more may be claimable at once."""
+    """Rows are due that this claim did not take: claim again when slots free up."""
+    held_back: bool
+    """An endpoint waits for an outcome of its in-flight rows (max_in_flight, its circuit,
+    FIFO order): record outcomes without delay."""
+
+
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """What a worker holds of one endpoint: the claim shares its slots by it."""
+
+    endpoint_id: int
+    tenant_id: str
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Bounds on every statement of a worker's session (DESIGN §8: a claim never waits)."""
+
+    statement_s: float
+    lock_s: float
+
+    def options(self) -> str:
+        """libpq `options`: the session settings, in milliseconds."""
+        return (
+            f"-c statement_timeout={round(self.statement_s * 1000)}"
+            f" -c lock_timeout={round(self.lock_s * 1000)}"
+            f" -c idle_in_transaction_session_timeout={round(self.statement_s * 1000)}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,13 +290,27 @@ def _storable(text: str | None) -> str | None:
     return text.replace("\x00", "\ufffd")
 
 
+async def _prepare_claims(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Load notifyhook.claimed_delivery values as ClaimedDelivery on the claim connection."""
+    info = await CompositeInfo.fetch(conn, "notifyhook.claimed_delivery")
+    if info is None:
+        raise psycopg.ProgrammingError("type notifyhook.claimed_delivery does not exist")
+    register_composite(info, conn, _claimed_delivery)
+
+
 @asynccontextmanager
-async def _open_pool(url: str, name: str, size: int) -> AsyncIterator[Pool]:
+async def _open_pool(
+    url: str,
+    name: str,
+    size: int,
+    configure: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
+) -> AsyncIterator[Pool]:
     pool: Pool = AsyncConnectionPool(
         connection_string(url),
         min_size=1,
         max_size=size,
         kwargs={"autocommit": True},
+        configure=configure,
         open=False,
         # Fail a checkout after 10 s rather than 30: the loop backs off and retries.
         timeout=10.0,
@@ -265,11 +341,15 @@ class Store:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str, *, size: int = 3) -> AsyncIterator[Store]:
+    async def open(
+        cls, url: str, *, size: int = 3, timeouts: Timeouts | None = None
+    ) -> AsyncIterator[Store]:
         """`size` connections at most for recording and the rest, plus one for claims."""
+        if timeouts is not None:
+            url = with_options(url, timeouts.options())
         async with (
             _open_pool(url, "notifyhook", size) as pool,
-            _open_pool(url, "notifyhook-claims", 1) as claims,
+            _open_pool(url, "notifyhook-claims", 1, configure=_prepare_claims) as claims,
         ):
             yield cls(pool, claims)
 
@@ -290,26 +370,46 @@ class Store:
             return await read_schema_version(conn)
 
     async def claim_due(
-        self, worker: str, max_rows: int, lease_s: float, endpoint_share: int
+        self,
+        worker: str,
+        max_rows: int,
+        lease_s: float,
+        concurrency: int,
+        holdings: Sequence[Holding] = (),
     ) -> Claim:
+        """Claim up to `max_rows` due deliveries (sql/functions/claim.sql)."""
+        async with self._claims.connection() as conn:
+            # Binary: psycopg parses a composite array in binary format at about two
+            # thirds of the CPU the text format costs.
+            cursor = conn.cursor(row_factory=class_row(Claim), binary=True)
+            await cursor.execute(
+                self._sql["claim_due"],
+                {
+                    "worker": worker,
+                    "max_rows": max_rows,
+                    "lease": timedelta(seconds=lease_s),
+                    "concurrency": concurrency,
+                    "held_endpoints": [h.endpoint_id for h in holdings],
+                    "held_counts": [h.rows for h in holdings],
+                    "held_tenants": [h.tenant_id for h in holdings],
+                },
+            )
+            claim = await cursor.fetchone()
+        assert claim is not None, "claim_due returns one row"
+        return claim
+
+    async def take_over(self, worker: str, max_attempts: int) -> int | None:
+        """Take back what a dead predecessor with this WORKER_ID still holds.
+
+        The claim connection holds an advisory lock on the worker id for its life, so a
+        worker whose lock was free knows no live process claims under its id: the rows
+        leased to that id are a dead predecessor's, given back now rather than when
+        their leases run out. None when another live session holds the id.
+        """
         rows = await self._fetch(
-            "claim_due",
-            {
-                "worker": worker,
-                "max_rows": max_rows,
-                "lease": timedelta(seconds=lease_s),
-                "endpoint_share": endpoint_share,
-            },
-            pool=self._claims,
+            "take_over", {"worker": worker, "max_attempts": max_attempts}, pool=self._claims
         )
-        # The function always ends with one row of hints, its delivery_id null.
-        hints = rows.pop()
-        return Claim(
-            rows=[row[:10] for row in rows],
-            wake_in_s=hints[10],
-            more_due=bool(hints[11]),
-            more_now=bool(hints[12]),
-        )
+        return None if rows[0][0] is None else int(rows[0][0])
 
     async def record_outcomes(
         self,

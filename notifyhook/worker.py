@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import signal
 import time
@@ -24,7 +23,16 @@ from notifyhook.migrate import check_schema
 from notifyhook.recorder import Recorder
 from notifyhook.sender import Sender
 from notifyhook.settings import Settings
-from notifyhook.store import DatabaseError, Row, Store, connect, is_transient, refusal
+from notifyhook.store import (
+    ClaimedDelivery,
+    DatabaseError,
+    Holding,
+    Store,
+    Timeouts,
+    connect,
+    is_transient,
+    refusal,
+)
 from notifyhook.systemd import SystemdNotifier
 
 log = logging.getLogger("notifyhook.worker")
@@ -75,9 +83,6 @@ class Worker:
         self.listener = Listener(
             settings.database_url.get_secret_value(), self._wake_up, metrics.reconnects.inc
         )
-        # No endpoint may hold more than half of this worker's slots, so another
-        # endpoint's fresh events always find a free slot (the claim enforces it).
-        self._endpoint_share = max(1, math.ceil(settings.concurrency / 2))
         # Finishing deliveries trigger a new claim only every few slots, and outcomes
         # are recorded a batch at a time: a claim or a record costs the database
         # about a millisecond however few rows it carries, so one per delivery
@@ -86,6 +91,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._in_flight: dict[int, tuple[int, asyncio.Task[None]]] = {}
+        # What this worker holds per endpoint: the claim shares slots by it.
+        self._holdings: dict[int, Holding] = {}
         self.recorder = Recorder(
             settings,
             store,
@@ -140,6 +147,7 @@ class Worker:
                 self.settings.batch_size,
                 self.settings.lease,
             )
+            await self._take_over()
             await self._claim_loop()
             self._notifier.stopping()
             for task in maintenance:
@@ -194,9 +202,14 @@ class Worker:
             if self._stop.is_set() or free <= 0:
                 continue
             asked = min(free, self.settings.batch_size)
+            began = time.perf_counter()
             try:
                 claim = await self._store.claim_due(
-                    self.settings.worker_id, asked, self.settings.lease, self._endpoint_share
+                    self.settings.worker_id,
+                    asked,
+                    self.settings.lease,
+                    self.settings.concurrency,
+                    list(self._holdings.values()),
                 )
             except DatabaseError as error:
                 await self._database_trouble("claim", error, next(delays))
@@ -208,66 +221,91 @@ class Worker:
                 self._ready_sent = True
                 self._notifier.ready()
                 log.info("worker %s ready", self.settings.worker_id)
-            self.metrics.claim_batch.observe(len(claim.rows))
-            for row in claim.rows:
-                self._start(row)
+            taken = len(claim.deliveries)
+            self.metrics.claim_seconds.observe(time.perf_counter() - began)
+            self.metrics.claim_batch.observe(taken)
+            for claimed in claim.deliveries:
+                self._start(claimed)
             self._freed_since_claim = 0
-            self._capped = claim.more_due
-            self._more_due = claim.more_due or len(claim.rows) == asked
+            self._capped = claim.held_back
+            self._more_due = claim.more_due or taken == asked
             self._claim_deadline = (
                 time.monotonic() + max(0.005, claim.wake_in_s)
                 if claim.wake_in_s is not None
                 else None
             )
-            more_now = claim.more_now or len(claim.rows) == asked
-            if more_now and len(self._in_flight) < self.settings.concurrency:
+            # Claim again at once while claims make progress and rows are left; a claim
+            # that took nothing waits for a slot, a notification or the next turn.
+            if taken and self._more_due and len(self._in_flight) < self.settings.concurrency:
                 self._wake.set()
 
-    def _start(self, row: Row) -> None:
-        delivery_id, attempt = row[0], row[3]
-        task = asyncio.create_task(self._deliver(row), name=f"delivery-{delivery_id}")
-        self._in_flight[delivery_id] = (attempt, task)
+    async def _take_over(self) -> None:
+        """Take back a dead predecessor's rows (same WORKER_ID) before the first claim."""
+        try:
+            taken = await self._store.take_over(self.settings.worker_id, self.settings.max_attempts)
+        except DatabaseError as error:
+            log.debug("take-over skipped: %s", error)
+            return
+        if taken is None:
+            log.warning(
+                "another live session claims as worker %s (NOTIFYHOOK_WORKER_ID must be "
+                "unique); its rows are left to their leases",
+                self.settings.worker_id,
+            )
+        elif taken:
+            log.warning(
+                "took back %d deliveries a previous worker %s left leased",
+                taken,
+                self.settings.worker_id,
+            )
+
+    def _start(self, claimed: ClaimedDelivery) -> None:
+        task = asyncio.create_task(self._deliver(claimed), name=f"delivery-{claimed.delivery_id}")
+        self._in_flight[claimed.delivery_id] = (claimed.attempt, task)
+        held = self._holdings.get(claimed.endpoint_id)
+        self._holdings[claimed.endpoint_id] = Holding(
+            claimed.endpoint_id, claimed.tenant_id, (held.rows if held else 0) + 1
+        )
         self.metrics.in_flight.set(len(self._in_flight))
+
+    def _release_holding(self, endpoint_id: int) -> None:
+        held = self._holdings[endpoint_id]
+        if held.rows <= 1:
+            del self._holdings[endpoint_id]
+        else:
+            self._holdings[endpoint_id] = Holding(endpoint_id, held.tenant_id, held.rows - 1)
 
     # -- sending -----------------------------------------------------------------
 
-    def _delivery(self, row: Row) -> Delivery:
-        (
-            delivery_id,
-            event_id,
-            endpoint_id,
-            attempt,
-            url,
-            secret,
-            previous,
-            headers,
-            timeout_ms,
-            body,
-        ) = row
-        plain = [secrets.unseal(secret, self._key)]
-        if previous is not None:
-            plain.append(secrets.unseal(previous, self._key))
-        timeout_s = timeout_ms / 1000 if timeout_ms else self.settings.http_timeout
+    def _delivery(self, claimed: ClaimedDelivery, *, sign: bool = True) -> Delivery:
+        """What the sender needs; `sign=False` leaves the secrets out (when they cannot
+        be unsealed, the attempt still needs the rest of the delivery to be recorded)."""
+        plain: list[str] = []
+        if sign:
+            plain.append(secrets.unseal(claimed.secret, self._key))
+            if claimed.previous_secret is not None:
+                plain.append(secrets.unseal(claimed.previous_secret, self._key))
+        timeout_s = claimed.timeout_ms / 1000 if claimed.timeout_ms else self.settings.http_timeout
         return Delivery(
-            id=delivery_id,
-            event_id=str(event_id),
-            endpoint_id=endpoint_id,
-            attempt=attempt,
-            url=url,
+            id=claimed.delivery_id,
+            event_id=str(claimed.event_id),
+            endpoint_id=claimed.endpoint_id,
+            attempt=claimed.attempt,
+            url=claimed.url,
             secrets=tuple(plain),
-            headers=headers,
+            headers=claimed.headers,
             timeout_s=min(timeout_s, self.settings.endpoint_timeout_cap_s),
-            body=body.encode(),
+            body=claimed.body.encode(),
         )
 
-    async def _deliver(self, row: Row) -> None:
+    async def _deliver(self, claimed: ClaimedDelivery) -> None:
         try:
             try:
-                delivery = self._delivery(row)
+                delivery = self._delivery(claimed)
             except SecretError as error:
                 # A worker without the key cannot sign: retry on the schedule, so an
                 # operator who fixes NOTIFYHOOK_SECRET_KEY in time loses nothing.
-                delivery = Delivery(row[0], str(row[1]), row[2], row[3], row[4], (), {}, 0, b"")
+                delivery = self._delivery(claimed, sign=False)
                 result = _unsent(str(error))
             else:
                 result = await self._attempt(delivery)
@@ -275,7 +313,8 @@ class Worker:
             self._note(delivery, outcome)
             self.recorder.add(outcome)
         finally:
-            del self._in_flight[row[0]]
+            del self._in_flight[claimed.delivery_id]
+            self._release_holding(claimed.endpoint_id)
             self.metrics.in_flight.set(len(self._in_flight))
             self._freed_since_claim += 1
             if self._more_due and (
@@ -413,6 +452,14 @@ class Worker:
         )
 
 
+def session_timeouts(settings: Settings) -> Timeouts:
+    """Every statement ends well within a lease, so a stuck one cannot outlive the claims
+    it records or makes; waiting for a lock (a record behind an operator's transaction)
+    ends sooner still, and the statement is retried."""
+    statement_s = min(settings.lease / 2, 30.0)
+    return Timeouts(statement_s=statement_s, lock_s=min(statement_s, 5.0))
+
+
 async def serve(settings: Settings) -> None:
     """`notifyhook worker`: check the schema, then run until SIGTERM."""
     reporting.start(settings)
@@ -428,7 +475,7 @@ async def serve(settings: Settings) -> None:
         log.info("stopped while waiting for the database")
         return
     async with (
-        Store.open(url) as store,
+        Store.open(url, timeouts=session_timeouts(settings)) as store,
         Sender(
             allow_private_networks=settings.allow_private_networks,
             user_agent=f"notifyhook/{__version__}",

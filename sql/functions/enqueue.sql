@@ -42,10 +42,17 @@ LANGUAGE plpgsql AS $$
 DECLARE
     replayed integer;
 BEGIN
-    UPDATE notifyhook.deliveries
-    SET status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
-    WHERE id = ANY (ids) AND status = 'dead';
-    GET DIAGNOSTICS replayed = ROW_COUNT;
+    WITH replayed_rows AS (
+        UPDATE notifyhook.deliveries
+        SET status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+        WHERE id = ANY (ids) AND status = 'dead'
+        RETURNING endpoint_id
+    ), woken AS (
+        -- For the claims: these endpoints have rows due (functions/claim.sql).
+        INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+        SELECT DISTINCT r.endpoint_id, now() FROM replayed_rows AS r
+    )
+    SELECT count(*) INTO replayed FROM replayed_rows;
     IF replayed > 0 THEN
         PERFORM pg_notify('notifyhook', '');
     END IF;

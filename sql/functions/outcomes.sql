@@ -171,6 +171,22 @@ BEGIN
     FROM health AS h
     WHERE st.endpoint_id = h.endpoint_id;
 
+    -- Turns (functions/claim.sql). The state rows are locked, so turn_at may be
+    -- written here: an endpoint with no turn, or a later one, gets the time its first
+    -- pending row is due. That covers the retries just scheduled, and an endpoint held
+    -- back by max_in_flight, FIFO order or its circuit, which a recorded outcome frees.
+    UPDATE notifyhook.endpoint_state AS st
+    SET turn_at = p.due_at
+    FROM (SELECT s.endpoint_id,
+                 (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+                  WHERE d.endpoint_id = s.endpoint_id AND d.status = 'pending'
+                  ORDER BY d.next_attempt_at LIMIT 1) AS due_at
+          FROM notifyhook.endpoint_state AS s
+          WHERE s.endpoint_id = ANY (endpoint_ids)
+            AND (s.turn_at IS NULL OR s.turn_at > now())) AS p
+    WHERE st.endpoint_id = p.endpoint_id AND p.due_at IS NOT NULL
+      AND (st.turn_at IS NULL OR st.turn_at > p.due_at);
+
     -- Only a failure can start or prolong a failing streak, or be a 410.
     IF 'delivered' = ALL (statuses) THEN
         RETURN;
@@ -251,6 +267,12 @@ BEGIN
             delivered_at = CASE WHEN record_rejected_outcome.status = 'delivered' THEN now() END,
             updated_at = now()
         WHERE d.id = target.id;
+        -- For the claims (functions/claim.sql): the retry just scheduled, or the rows
+        -- this outcome held back (max_in_flight, FIFO), are due from this time.
+        INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+        SELECT target.endpoint_id, min(d.next_attempt_at) FROM notifyhook.deliveries AS d
+        WHERE d.endpoint_id = target.endpoint_id AND d.status = 'pending'
+        HAVING min(d.next_attempt_at) IS NOT NULL;
     END IF;
     RETURN true;
 END
@@ -283,6 +305,10 @@ BEGIN
             next_attempt_at = least(d.next_attempt_at, now()), updated_at = now()
         FROM held WHERE d.id = held.id
         RETURNING d.id
+    ), woken AS (
+        -- For the claims: these endpoints have rows due (functions/claim.sql).
+        INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+        SELECT DISTINCT held.endpoint_id, now() FROM held
     )
     INSERT INTO notifyhook.attempts
         (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error, worker)
@@ -322,6 +348,10 @@ BEGIN
                                 expired.locked_by, expired.attempts)
         FROM expired WHERE d.id = expired.id
         RETURNING d.id
+    ), woken AS (
+        -- For the claims: these endpoints have rows due or in-flight slots free.
+        INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+        SELECT DISTINCT expired.endpoint_id, now() FROM expired
     )
     INSERT INTO notifyhook.attempts
         (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error, worker)
