@@ -140,6 +140,13 @@ def test_an_outcome_the_database_refuses_is_isolated_and_the_rest_recorded(db, d
         [huge_delay],
     )
     assert 0 < due_in <= 60
+    # ... and the claims are told when (the scheduler's wake).
+    assert scalar(
+        db,
+        "SELECT bool_or(due_at = (SELECT next_attempt_at FROM notifyhook.deliveries WHERE id = %s)) "
+        "FROM notifyhook.endpoint_wakes WHERE endpoint_id = %s",
+        [huge_delay, endpoint],
+    )
 
 
 def test_an_outcome_refused_even_bare_is_dropped_without_holding_up_the_others(
