@@ -445,6 +445,7 @@ class Store:
                     "errors": [_storable(r.error) for r in results],
                     "excerpts": [_storable(r.response_excerpt) for r in results],
                     "gone": [r.verdict.value == "gone" for r in results],
+                    "attempt_keys": [r.attempt_key for r in results],
                     "disable_after": timedelta(seconds=disable_after_s),
                     "retried": retried,
                 },
@@ -463,6 +464,7 @@ class Store:
                 "status": outcome.status,
                 "retry_in_s": outcome.retry_in_s,
                 "reason": reason,
+                "attempt_key": outcome.result.attempt_key,
             },
         )
         return bool(rows[0][0])

@@ -202,3 +202,31 @@ def test_endpoint_health_reads_the_database_clock_not_the_workers(db, database_u
     now = scalar(db, "SELECT now()")
     assert abs((failing_since - now).total_seconds()) < 600
     assert abs((last_success - now).total_seconds()) < 600
+
+
+def test_a_record_sent_again_knows_each_attempt_by_its_key(db, database_url):
+    # Two attempts of one delivery by one worker, with the same attempt number, start and
+    # duration (a claim given back uncharged, then taken again): the first record's
+    # answer is lost, so both are sent again with retried. Matching by worker, start and
+    # duration took the second for the first and dropped it; the attempt key tells them
+    # apart, and still skips the one already recorded.
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    (delivery,) = leased(db, endpoint, 1)
+    started_at = datetime.now(UTC)
+    first = outcome(delivery, endpoint, "pending", code=503, retry_in_s=0, started_at=started_at)
+    second = outcome(delivery, endpoint, "delivered", started_at=started_at)
+
+    async def run() -> None:
+        async with Store.open(database_url) as store:
+            await store.record_outcomes(WORKER, [first], 86400)
+            db.execute(
+                "UPDATE notifyhook.deliveries SET status = 'processing', locked_by = %s, "
+                "locked_until = now() + interval '1 minute'",
+                [WORKER],
+            )
+            await store.record_outcomes(WORKER, [first, second], 86400, retried=True)
+
+    asyncio.run(run())
+    rows = db.execute("SELECT status_code FROM notifyhook.attempts ORDER BY status_code").fetchall()
+    assert rows == [(200,), (503,)]
+    assert states(db) == {delivery: ("delivered", None)}

@@ -29,6 +29,9 @@ DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
 DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
     text, bigint[], bigint[], integer[], text[], timestamptz[], timestamptz[], double precision[],
     integer[], text[], text[], boolean[], interval, boolean);
+DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
+    text, bigint[], bigint[], integer[], text[], double precision[], timestamptz[],
+    double precision[], integer[], text[], text[], boolean[], interval, boolean);
 CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     worker text,
     delivery_ids bigint[],
@@ -42,6 +45,7 @@ CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     errors text[],
     excerpts text[],
     gone boolean[],
+    attempt_keys uuid[],
     disable_after interval,
     retried boolean
 ) RETURNS TABLE (endpoint_id bigint, disabled_reason text)
@@ -56,17 +60,12 @@ DECLARE
     kept integer[];
 BEGIN
     IF retried THEN
-        -- An attempt is known by its worker, start and duration (reclaim_expired's
-        -- rows have no duration).
+        -- An attempt is known by the key its worker drew for it (0005_attempt_keys.sql).
         recorded := ARRAY(
             SELECT o.n
-            FROM unnest(delivery_ids, attempt_numbers, started_ats, durations_ms)
-                 WITH ORDINALITY AS o(delivery_id, attempt, started_at, duration_ms, n)
+            FROM unnest(attempt_keys) WITH ORDINALITY AS o(attempt_key, n)
             WHERE EXISTS (
-                SELECT FROM notifyhook.attempts AS a
-                WHERE a.delivery_id = o.delivery_id AND a.attempt = o.attempt
-                  AND a.worker = record_outcomes.worker
-                  AND a.started_at = o.started_at AND a.duration_ms = o.duration_ms));
+                SELECT FROM notifyhook.attempts AS a WHERE a.attempt_key = o.attempt_key));
     END IF;
 
     -- (hardening, issue 13) Lock the deliveries against deletion and leave out those
@@ -110,9 +109,9 @@ BEGIN
     )
     INSERT INTO notifyhook.attempts
         (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error,
-         response_excerpt, worker)
+         response_excerpt, worker, attempt_key)
     SELECT o.delivery_id, o.endpoint_id, o.attempt, o.started_at, o.duration_ms, o.status_code,
-           o.error, o.excerpt, worker
+           o.error, o.excerpt, worker, attempt_keys[o.n]
     FROM batch AS o;
 
     -- Lock the endpoints' state rows in id order: two workers recording for the
@@ -232,7 +231,8 @@ CREATE OR REPLACE FUNCTION notifyhook.record_rejected_outcome(
     attempt integer,
     status text,
     retry_in_s double precision,
-    reason text
+    reason text,
+    attempt_key uuid
 ) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -243,15 +243,15 @@ BEGIN
     FOR NO KEY UPDATE;
     IF NOT FOUND OR EXISTS (
         SELECT FROM notifyhook.attempts AS a
-        WHERE a.delivery_id = target.id AND a.attempt = record_rejected_outcome.attempt
-          AND a.worker = record_rejected_outcome.worker AND a.error = reason
+        WHERE a.attempt_key = record_rejected_outcome.attempt_key
     ) THEN
         RETURN false;
     END IF;
     INSERT INTO notifyhook.attempts
-        (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error, worker)
+        (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error, worker,
+         attempt_key)
     VALUES (target.id, target.endpoint_id, record_rejected_outcome.attempt, now(), NULL, NULL,
-            reason, worker);
+            reason, worker, record_rejected_outcome.attempt_key);
     IF target.locked_by = worker AND target.attempts = record_rejected_outcome.attempt THEN
         UPDATE notifyhook.deliveries AS d
         SET status = CASE WHEN record_rejected_outcome.status IN ('delivered', 'dead')
