@@ -45,9 +45,11 @@ CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     errors text[],
     excerpts text[],
     gone boolean[],
-    attempt_keys uuid[],
     disable_after interval,
-    retried boolean
+    retried boolean,
+    -- Last and optional, so that callers written before it keep working; without
+    -- keys a record sent again cannot be told from the first (0005_attempt_keys.sql).
+    attempt_keys uuid[] DEFAULT NULL
 ) RETURNS TABLE (endpoint_id bigint, disabled_reason text)
 LANGUAGE plpgsql
 -- Planned once per connection and reused (see claim_due).
