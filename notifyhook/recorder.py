@@ -35,7 +35,7 @@ def refused_values(error: BaseException) -> bool:
     return isinstance(error, DatabaseError) and state is not None and state[:2] in _REFUSED_VALUES
 
 
-def refusal_reason(error: DatabaseError) -> str:
+def refused_outcome_error(error: DatabaseError) -> str:
     """What the attempt's row says: the SQLSTATE and the server's primary message only
     (its detail may quote the refused row, which can hold a URL or a response)."""
     primary = error.diag.message_primary or type(error).__name__
@@ -136,7 +136,7 @@ class Recorder:
         return disabled
 
     async def _record_refused(self, outcome: Outcome, error: DatabaseError) -> None:
-        reason = refusal_reason(error)
+        reason = refused_outcome_error(error)
         log.warning(
             "delivery %d: the database refused attempt %d's outcome; recorded as a failed "
             "attempt instead: %s",
@@ -160,7 +160,7 @@ class Recorder:
                 "delivery %d: even the bare attempt row was refused (%s); the outcome is "
                 "dropped and the delivery will be sent again when its lease expires",
                 outcome.delivery_id,
-                refusal_reason(second),
+                refused_outcome_error(second),
             )
             return
         self._unconfirmed = False
