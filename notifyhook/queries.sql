@@ -35,6 +35,10 @@ SELECT * FROM notifyhook.claim_due(
 -- name: take_over
 SELECT notifyhook.take_over(%(worker)s, %(max_attempts)s);
 
+-- name: hold_worker_id
+-- The lock notifyhook.take_over tests, taken again by a claim connection made anew.
+SELECT pg_try_advisory_lock(hashtextextended('notifyhook worker ' || %(worker)s, 0));
+
 -- name: record_outcomes
 -- Casts spell the array types out: a list of all-None values carries no type. The
 -- arrays go in binary format: psycopg writes a list of timestamps as text at ~9 µs

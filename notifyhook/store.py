@@ -241,6 +241,8 @@ class Claim:
     held_back: bool
     """An endpoint waits for an outcome of its in-flight rows (max_in_flight, its circuit,
     FIFO order): record outcomes without delay."""
+    passed_by: bool
+    """Work was passed by because its lock was held for a moment: claim again shortly."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,12 +292,22 @@ def _storable(text: str | None) -> str | None:
     return text.replace("\x00", "\ufffd")
 
 
-async def _prepare_claims(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Load notifyhook.claimed_delivery values as ClaimedDelivery on the claim connection."""
-    info = await CompositeInfo.fetch(conn, "notifyhook.claimed_delivery")
-    if info is None:
-        raise psycopg.ProgrammingError("type notifyhook.claimed_delivery does not exist")
-    register_composite(info, conn, _claimed_delivery)
+def _claim_connection(
+    worker: str | None,
+) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
+    """Prepare each claim connection: load notifyhook.claimed_delivery values as
+    ClaimedDelivery, and hold the worker id's advisory lock (see take_over) again after a
+    reconnection, so that a process started later under the same id sees it in use."""
+
+    async def prepare(conn: psycopg.AsyncConnection[Any]) -> None:
+        info = await CompositeInfo.fetch(conn, "notifyhook.claimed_delivery")
+        if info is None:
+            raise psycopg.ProgrammingError("type notifyhook.claimed_delivery does not exist")
+        register_composite(info, conn, _claimed_delivery)
+        if worker is not None:
+            await conn.execute(queries()["hold_worker_id"], {"worker": worker})
+
+    return prepare
 
 
 @asynccontextmanager
@@ -342,14 +354,20 @@ class Store:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, url: str, *, size: int = 3, timeouts: Timeouts | None = None
+        cls,
+        url: str,
+        *,
+        size: int = 3,
+        timeouts: Timeouts | None = None,
+        worker: str | None = None,
     ) -> AsyncIterator[Store]:
-        """`size` connections at most for recording and the rest, plus one for claims."""
+        """`size` connections at most for recording and the rest, plus one for claims
+        (holding the advisory lock on `worker`, the WORKER_ID, when given)."""
         if timeouts is not None:
             url = with_options(url, timeouts.options())
         async with (
             _open_pool(url, "notifyhook", size) as pool,
-            _open_pool(url, "notifyhook-claims", 1, configure=_prepare_claims) as claims,
+            _open_pool(url, "notifyhook-claims", 1, configure=_claim_connection(worker)) as claims,
         ):
             yield cls(pool, claims)
 

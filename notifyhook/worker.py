@@ -24,6 +24,7 @@ from notifyhook.recorder import Recorder
 from notifyhook.sender import Sender
 from notifyhook.settings import Settings
 from notifyhook.store import (
+    Claim,
     ClaimedDelivery,
     DatabaseError,
     Holding,
@@ -36,6 +37,10 @@ from notifyhook.store import (
 from notifyhook.systemd import SystemdNotifier
 
 log = logging.getLogger("notifyhook.worker")
+
+PASSED_BY_RETRY_S = 0.002
+"""How soon to claim again when a claim passed work by for a lock held a moment (doubling
+while it stays held, up to a second)."""
 
 SHUTDOWN_DATABASE_S = 10.0
 """After the grace, how long a stopping worker tries to record outcomes and give back
@@ -93,6 +98,7 @@ class Worker:
         self._in_flight: dict[int, tuple[int, asyncio.Task[None]]] = {}
         # What this worker holds per endpoint: the claim shares slots by it.
         self._holdings: dict[int, Holding] = {}
+        self._passed_by_streak = 0
         self.recorder = Recorder(
             settings,
             store,
@@ -229,15 +235,26 @@ class Worker:
             self._freed_since_claim = 0
             self._capped = claim.held_back
             self._more_due = claim.more_due or taken == asked
-            self._claim_deadline = (
-                time.monotonic() + max(0.005, claim.wake_in_s)
-                if claim.wake_in_s is not None
-                else None
-            )
+            self._claim_deadline = self._next_look(claim)
             # Claim again at once while claims make progress and rows are left; a claim
             # that took nothing waits for a slot, a notification or the next turn.
             if taken and self._more_due and len(self._in_flight) < self.settings.concurrency:
                 self._wake.set()
+
+    def _next_look(self, claim: Claim) -> float | None:
+        """When to claim again unwoken (monotonic): at the next turn, or shortly when work
+        was passed by for a lock, backing off while the lock stays held (an operator's
+        open transaction must not make the worker spin)."""
+        wake_in_s = claim.wake_in_s
+        if claim.passed_by:
+            self._passed_by_streak += 1
+            retry_s = min(PASSED_BY_RETRY_S * 2 ** (self._passed_by_streak - 1), 1.0)
+            wake_in_s = retry_s if wake_in_s is None else min(wake_in_s, retry_s)
+        else:
+            self._passed_by_streak = 0
+        if wake_in_s is None:
+            return None
+        return time.monotonic() + max(0.001, wake_in_s)
 
     async def _take_over(self) -> None:
         """Take back a dead predecessor's rows (same WORKER_ID) before the first claim."""
@@ -475,7 +492,7 @@ async def serve(settings: Settings) -> None:
         log.info("stopped while waiting for the database")
         return
     async with (
-        Store.open(url, timeouts=session_timeouts(settings)) as store,
+        Store.open(url, timeouts=session_timeouts(settings), worker=settings.worker_id) as store,
         Sender(
             allow_private_networks=settings.allow_private_networks,
             user_agent=f"notifyhook/{__version__}",

@@ -61,15 +61,15 @@ def test_endpoints_take_turns_across_claims(db):
     assert served == ids + ids
 
 
-def test_a_lone_endpoint_takes_all_but_the_reserve_and_a_fresh_one_gets_it(db):
+def test_a_lone_endpoint_takes_all_but_the_reserve_and_another_gets_it(db):
     slow = add_endpoint(db, "a", "slow", "https://example.com/slow")
     fresh = add_endpoint(db, "b", "fresh", "https://example.com/fresh")
     enqueue(db, "a", 100)
     assert claim(db, 20, concurrency=20) == [slow] * 18
     enqueue(db, "b", 5)
-    # Two slots left, both the reserve: only an endpoint that holds nothing may use one.
-    taken = claim(db, 2, concurrency=20, held={slow: ("a", 18)})
-    assert taken == [fresh]
+    # Two slots left, both the reserve: only an endpoint below its part may use them.
+    assert claim(db, 2, concurrency=20, held={slow: ("a", 18)}) == [fresh, fresh]
+    assert claim(db, 2, concurrency=20, held={slow: ("a", 18), fresh: ("b", 9)}) == []
 
 
 def test_a_tenant_shares_between_its_endpoints_due_at_once(db):
@@ -232,3 +232,29 @@ def test_a_claim_when_nothing_is_due_reads_a_few_pages_whatever_the_endpoints(db
     # for 3,000 endpoints as for 10 (version 2 probed every endpoint with a pending row).
     assert many <= few + 3, (few, many)
     assert many <= 64, (few, many)
+
+
+def test_repair_turns_wakes_an_endpoint_whose_rows_a_hand_written_update_made_due(db):
+    endpoint = add_endpoint(db, "t", "e", "https://example.com/e")
+    enqueue(db, "t", 2)
+    assert claim(db, 10) == [endpoint] * 2
+    # An operator puts the rows back by hand, leaving no wake: no claim would see them.
+    db.execute(
+        "UPDATE notifyhook.deliveries SET status = 'pending', locked_by = NULL, "
+        "locked_until = NULL, next_attempt_at = now()"
+    )
+    assert claim(db, 10) == []
+    assert scalar(db, "SELECT notifyhook.repair_turns()") == 1
+    assert claim(db, 10) == [endpoint] * 2
+    assert scalar(db, "SELECT notifyhook.repair_turns()") == 0
+
+
+def test_the_reserve_serves_a_sibling_of_the_same_tenant_whose_part_is_taken(db):
+    slow = add_endpoint(db, "t", "slow", "https://example.com/slow")
+    sibling = add_endpoint(db, "t", "sibling", "https://example.com/sibling", event_types=["b.*"])
+    enqueue(db, "t", 100)
+    assert claim(db, 20, concurrency=20) == [slow] * 18
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload) VALUES ('t', 'b.x', '{}')"
+    )
+    assert claim(db, 2, concurrency=20, held={slow: ("t", 18)}) == [sibling]

@@ -18,8 +18,8 @@
 -- a tenant may hold concurrency - reserve slots of this worker divided by the number
 -- of tenants with rows due, and an endpoint its tenant's part divided by the number
 -- of the tenant's endpoints with rows due. One endpoint alone may so hold all but
--- the reserve (a tenth of the slots); the reserve is kept for endpoints that hold
--- nothing, so that a fresh event never waits for a slow backlog to free a slot. The
+-- the reserve (a tenth of the slots); the reserve is kept for endpoints below their
+-- part, so that a fresh event never waits for a slow backlog to free a slot. The
 -- worker says what it holds (held_*), so a predecessor's rows under the same
 -- WORKER_ID are not counted as its own. Per endpoint, the fleet-wide limits are:
 --   * max_in_flight minus the rows the whole fleet holds (`processing`);
@@ -62,7 +62,10 @@ CREATE FUNCTION notifyhook.claim_due(
     more_due boolean,
     -- An endpoint is held back by a fleet-wide limit (max_in_flight, its circuit, FIFO
     -- order) until an outcome of its in-flight rows is recorded: record without delay.
-    held_back boolean
+    held_back boolean,
+    -- Work was passed by because another transaction held its lock for a moment (a
+    -- record of outcomes, another claim, an operator): claim again shortly.
+    passed_by boolean
 )
 LANGUAGE plpgsql
 -- Planned once per connection and reused: planning afresh costs more than running.
@@ -120,6 +123,7 @@ BEGIN
     IF folded IS NOT NULL THEN
         DELETE FROM notifyhook.endpoint_wakes WHERE ctid = ANY (folded);
     END IF;
+    passed_by := EXISTS (SELECT FROM notifyhook.endpoint_wakes);
 
     -- 2. Who has rows due, for the fair parts: the first `concurrency` turns (beyond
     --    that every part is one slot anyway), counted per tenant.
@@ -134,15 +138,13 @@ BEGIN
     tenant_part := ceil((concurrency - reserve)::numeric / greatest(1, cardinality(due_tenants)));
 
     -- Endpoints this worker holds its part of are not picked: they keep their turn
-    -- for the other workers. With only the reserve free, every endpoint that holds
-    -- something waits.
+    -- for the other workers.
     capped := ARRAY(
         SELECT h.endpoint_id
         FROM unnest(held_endpoints, held_counts, held_tenants) AS h(endpoint_id, n, tenant_id)
         LEFT JOIN unnest(due_tenants, due_tenant_endpoints) AS t(tenant_id, endpoints)
             ON t.tenant_id = h.tenant_id
-        WHERE h.n > 0 AND (concurrency - held_total <= reserve
-                           OR h.n >= ceil(tenant_part::numeric / coalesce(t.endpoints, 1))));
+        WHERE h.n > 0 AND h.n >= ceil(tenant_part::numeric / coalesce(t.endpoints, 1)));
 
     picked := ARRAY(
         SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
@@ -150,9 +152,18 @@ BEGIN
         ORDER BY s.turn_at
         LIMIT max_rows
         FOR NO KEY UPDATE SKIP LOCKED);
+    IF cardinality(picked) < max_rows THEN
+        -- Fewer endpoints than slots, yet some due and not capped were not taken: their
+        -- state rows were locked.
+        passed_by := passed_by OR EXISTS (
+            SELECT FROM notifyhook.endpoint_state AS s
+            WHERE s.turn_at <= started
+              AND s.endpoint_id <> ALL (capped) AND s.endpoint_id <> ALL (picked));
+    END IF;
     IF cardinality(picked) = 0 THEN
         RETURN QUERY SELECT '{}'::notifyhook.claimed_delivery[], notifyhook.next_turn_in_s(started),
-            EXISTS (SELECT FROM notifyhook.endpoint_state AS s WHERE s.turn_at <= started), false;
+            EXISTS (SELECT FROM notifyhook.endpoint_state AS s WHERE s.turn_at <= started), false,
+            passed_by;
         RETURN;
     END IF;
     bucket_at := clock_timestamp();
@@ -169,7 +180,10 @@ BEGIN
                     THEN (SELECT count(*) FROM notifyhook.deliveries AS d
                           WHERE d.endpoint_id = e.id AND d.status = 'processing')
                     ELSE 0 END AS in_flight,
-               ceil(tenant_part::numeric / coalesce(t.endpoints, 1)) AS part
+               ceil(tenant_part::numeric / coalesce(t.endpoints, 1)) AS part,
+               -- The part rounded down: what the reserve may bring an endpoint up to, so
+               -- that the parts of a tenant's endpoints never add up to more than its own.
+               greatest(1, floor(tenant_part::numeric / coalesce(t.endpoints, 1))) AS floor_part
         FROM unnest(picked) AS p(endpoint_id)
         JOIN notifyhook.endpoints AS e ON e.id = p.endpoint_id AND e.enabled
         JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
@@ -184,7 +198,7 @@ BEGIN
         GROUP BY h.tenant_id
     ),
     allowance AS (
-        SELECT c.endpoint_id, c.tenant_id, c.mine, c.ordered,
+        SELECT c.endpoint_id, c.tenant_id, c.mine, c.floor_part, c.ordered,
                tenant_part - coalesce(t.mine, 0) AS tenant_room,
                greatest(0, least(
                    max_rows,
@@ -206,7 +220,7 @@ BEGIN
         FROM allowance AS a
     ),
     picked_rows AS (
-        SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room,
+        SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room, a.floor_part,
                -- The slot of this worker's that the row would fill for its endpoint.
                a.mine + row_number() OVER (PARTITION BY a.endpoint_id
                                            ORDER BY d.next_attempt_at, d.id) AS slot
@@ -222,7 +236,7 @@ BEGIN
         UNION ALL
         -- A FIFO endpoint sends its head, and only when the head is due: a head waiting
         -- for its retry holds the rest back.
-        SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room, a.mine + 1
+        SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room, a.floor_part, a.mine + 1
         FROM share AS a
         CROSS JOIN LATERAL (
             SELECT d.id, d.next_attempt_at FROM notifyhook.deliveries AS d
@@ -231,20 +245,25 @@ BEGIN
             FOR UPDATE SKIP LOCKED) AS d
         WHERE a.ordered AND a.take > 0
     ),
-    -- The tenant's part, applied in the same level order across its endpoints; past
-    -- what leaves the reserve free, only an endpoint's first slot is taken.
+    -- The tenant's part, applied in the same level order across its endpoints, within
+    -- the slots outside the reserve. The reserve brings endpoints up to their part,
+    -- whatever their tenant holds: a slow endpoint's backlog never keeps a sibling's
+    -- fresh events waiting for a slot.
     ranked AS (
         SELECT p.*,
                row_number() OVER (PARTITION BY p.tenant_id
                                   ORDER BY p.slot, p.next_attempt_at, p.id) AS tenant_turn,
-               row_number() OVER (ORDER BY p.slot, p.next_attempt_at, p.id) AS claim_turn
+               row_number() OVER (ORDER BY p.slot, p.next_attempt_at, p.id) AS claim_turn,
+               row_number() OVER (PARTITION BY p.slot <= p.floor_part
+                                  ORDER BY p.slot, p.next_attempt_at, p.id) AS under_turn
         FROM picked_rows AS p
     ),
     chosen AS (
         SELECT r.id FROM ranked AS r
-        WHERE r.tenant_turn <= r.tenant_room
-          AND r.claim_turn <= max_rows
-          AND (r.slot = 1 OR r.claim_turn <= concurrency - held_total - reserve)
+        WHERE r.claim_turn <= max_rows
+          AND ((r.tenant_turn <= r.tenant_room
+                AND r.claim_turn <= concurrency - held_total - reserve)
+               OR (r.slot <= r.floor_part AND r.under_turn <= reserve))
     ),
     claimed_rows AS (
         UPDATE notifyhook.deliveries AS d
@@ -315,7 +334,7 @@ BEGIN
     finished := clock_timestamp();
     RETURN QUERY SELECT coalesce(claimed, '{}'), notifyhook.next_turn_in_s(finished),
         EXISTS (SELECT FROM notifyhook.endpoint_state AS s WHERE s.turn_at <= finished),
-        held_back;
+        held_back, passed_by;
 END
 $$;
 
@@ -367,8 +386,53 @@ BEGIN
         RETURN NULL;
     END IF;
     UPDATE notifyhook.deliveries AS d
-    SET locked_until = clock_timestamp() - interval '1 millisecond'
+    SET locked_until = now() - interval '1 second'  -- reclaim_expired compares with now()
     WHERE d.status = 'processing' AND d.locked_by = worker;
     RETURN notifyhook.reclaim_expired(max_attempts);
+END
+$$;
+
+-- The turns' safety net, run by one worker of the fleet every few minutes: an enabled
+-- endpoint whose first pending row is due before its turn (or that has no turn) gets a
+-- wake. notifyhook's own writers never need it (each leaves a wake or writes the turn
+-- under the state row's lock); a hand-written UPDATE of notifyhook.deliveries does. It
+-- visits every endpoint with a pending row (a skip scan of deliveries_pending), which is
+-- why it runs every few minutes and not in the claim. A wake it leaves for an endpoint
+-- that is rightly waiting (at its max_in_flight, or for a rate token) costs one look.
+-- Returns the number of endpoints woken.
+CREATE OR REPLACE FUNCTION notifyhook.repair_turns() RETURNS integer
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET jit = off
+AS $$
+DECLARE
+    woken integer;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(7305872156748263003) THEN
+        RETURN 0;  -- another worker is at it
+    END IF;
+    WITH RECURSIVE queued(endpoint_id) AS (
+        (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
+         WHERE d.status = 'pending' ORDER BY d.endpoint_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
+                WHERE d.status = 'pending' AND d.endpoint_id > queued.endpoint_id
+                ORDER BY d.endpoint_id LIMIT 1)
+        FROM queued WHERE queued.endpoint_id IS NOT NULL
+    ), due AS (
+        SELECT q.endpoint_id,
+               (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+                WHERE d.endpoint_id = q.endpoint_id AND d.status = 'pending'
+                ORDER BY d.next_attempt_at LIMIT 1) AS due_at
+        FROM queued AS q WHERE q.endpoint_id IS NOT NULL
+    )
+    INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+    SELECT due.endpoint_id, due.due_at
+    FROM due
+    JOIN notifyhook.endpoints AS e ON e.id = due.endpoint_id AND e.enabled
+    JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = due.endpoint_id
+    WHERE due.due_at <= now() AND (s.turn_at IS NULL OR s.turn_at > due.due_at);
+    GET DIAGNOSTICS woken = ROW_COUNT;
+    RETURN woken;
 END
 $$;
