@@ -140,6 +140,7 @@ class Bench:
                     "rate_limit": None,
                     "max_in_flight": None,
                     "timeout_ms": None,
+                    "retry_schedule": None,
                 }
                 ids.append(int((await fetch_dicts(conn, "add_endpoint", params))[0]["id"]))
         return ids

@@ -20,11 +20,14 @@ class Delivery:
     """1-based number of the attempt about to be made (already counted at claim time)."""
     url: str
     secrets: tuple[str, ...]
-    """Plain `whsec_…` secrets to sign with: the current one first, then the previous while valid."""
+    """Plain `whsec_…` or `whsk_…` secrets to sign with: the current one first, then the
+    previous while valid."""
     headers: dict[str, str]
     timeout_s: float
     body: bytes
     """Exactly the bytes to sign and send (payload merged with the endpoint's extra_fields)."""
+    retry_schedule: tuple[float, ...] | None = None
+    """The endpoint's own retry delays in seconds (endpoints.retry_schedule); None: the global."""
 
 
 class Verdict(enum.Enum):

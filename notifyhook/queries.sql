@@ -102,9 +102,10 @@ SELECT notifyhook.replay_dead(%(endpoint_id)s, %(since)s);
 
 -- name: add_endpoint
 INSERT INTO notifyhook.endpoints
-    (tenant_id, name, url, secret, event_types, extra_fields, headers, rate_limit, max_in_flight, timeout_ms)
+    (tenant_id, name, url, secret, event_types, extra_fields, headers, rate_limit, max_in_flight, timeout_ms,
+     retry_schedule)
 VALUES (%(tenant_id)s, %(name)s, %(url)s, %(secret)s, %(event_types)s, %(extra_fields)s, %(headers)s,
-        %(rate_limit)s, %(max_in_flight)s, %(timeout_ms)s)
+        %(rate_limit)s, %(max_in_flight)s, %(timeout_ms)s, %(retry_schedule)s::integer[])
 RETURNING id;
 
 -- name: list_endpoints
@@ -116,12 +117,24 @@ ORDER BY id;
 
 -- name: show_endpoint
 SELECT e.id, e.tenant_id, e.name, e.url, e.event_types, e.extra_fields, e.headers, e.enabled,
-       e.disabled_reason, e.rate_limit, e.max_in_flight, e.timeout_ms,
+       e.disabled_reason, e.rate_limit, e.max_in_flight, e.timeout_ms, e.ordered, e.retry_schedule,
        e.previous_secret_expires_at, e.created_at, e.updated_at,
        s.consecutive_failures, s.failing_since, s.last_success_at, s.last_failure_at
 FROM notifyhook.endpoints AS e
 LEFT JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
 WHERE e.id = %(endpoint_id)s;
+
+-- name: endpoint_secrets
+-- For the CLI to tell an endpoint's signature scheme and show ed25519 public keys;
+-- the secrets themselves are never printed. The previous one only while it signs.
+SELECT secret, CASE WHEN previous_secret_expires_at > now() THEN previous_secret END AS previous_secret
+FROM notifyhook.endpoints
+WHERE id = %(endpoint_id)s;
+
+-- name: set_retry_schedule
+UPDATE notifyhook.endpoints SET retry_schedule = %(retry_schedule)s::integer[]
+WHERE id = %(endpoint_id)s
+RETURNING id;
 
 -- name: set_endpoint_enabled
 UPDATE notifyhook.endpoints

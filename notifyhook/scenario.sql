@@ -51,6 +51,14 @@ ORDER BY endpoint_id;
 -- name: endpoint_disabled
 SELECT id, enabled, disabled_reason FROM notifyhook.endpoints ORDER BY id;
 
+-- name: mark_ordered
+-- A FIFO endpoint: one request in flight, in event order (DESIGN §8).
+UPDATE notifyhook.endpoints SET ordered = true WHERE id = %(endpoint_id)s;
+
+-- name: listen_alerts
+-- What a pager would do: dead letters and automatic disables arrive as JSON.
+LISTEN notifyhook_alerts;
+
 -- name: server_facts
 SELECT current_setting('server_version') AS version, pg_backend_pid() AS backend_pid,
        current_setting('fsync') AS fsync, current_setting('synchronous_commit') AS synchronous_commit;

@@ -23,8 +23,11 @@ from notifyhook.errors import ConfigurationError
 
 ENV_PREFIX = "NOTIFYHOOK_"
 
-USED_ELSEWHERE = frozenset({"NOTIFYHOOK_TEST_DATABASE_URL", "NOTIFYHOOK_CLUSTER_USER"})
-"""NOTIFYHOOK_* variables that are not settings but are read on purpose (tests, cluster.py)."""
+USED_ELSEWHERE = frozenset(
+    {"NOTIFYHOOK_TEST_DATABASE_URL", "NOTIFYHOOK_CLUSTER_USER", "NOTIFYHOOK_DASHBOARD_TOKEN"}
+)
+"""NOTIFYHOOK_* variables that are not settings but are read on purpose (tests, cluster.py,
+and the dashboard's token, which only `notifyhook dashboard` reads: no worker needs it)."""
 
 log = logging.getLogger("notifyhook.settings")
 

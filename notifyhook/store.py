@@ -131,6 +131,15 @@ def with_dbname(url: str, dbname: str) -> str:
     return make_conninfo(url, dbname=dbname)
 
 
+def read_only(url: str, **settings: object) -> str:
+    """The DSN with every transaction read-only from the first statement (for readers such
+    as the dashboard; on a replica too), and these server settings for the session."""
+    given = str(conninfo_to_dict(url).get("options") or "")
+    mine = {"default_transaction_read_only": "on", **settings}
+    options = " ".join([given, *(f"-c {name}={value}" for name, value in mine.items())])
+    return make_conninfo(url, options=options.strip())
+
+
 async def create_database(admin_url: str, name: str) -> None:
     async with connect(admin_url) as conn:
         await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

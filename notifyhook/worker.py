@@ -48,15 +48,18 @@ claims: SHUTDOWN_GRACE plus this stays within the unit's TimeoutStopSec (30 + 10
 
 
 def decide(delivery: Delivery, result: AttemptResult, settings: Settings) -> Outcome:
-    """Map an attempt's result to the delivery's next state (retry schedule, jitter, Retry-After)."""
+    """Map an attempt's result to the delivery's next state (retry schedule, jitter, Retry-After).
+
+    The endpoint's own schedule, when it has one, replaces the global one whole: its
+    delays, its attempt budget and the cap on Retry-After (its longest delay).
+    """
     status: Any = "dead"
     retry_in_s = None
     if result.verdict is Verdict.DELIVERED:
         status = "delivered"
     elif result.verdict is Verdict.RETRY:
-        delay = retry.next_delay(
-            delivery.attempt, settings.retry_schedule, settings.jitter, result.retry_after_s
-        )
+        schedule = delivery.retry_schedule or settings.retry_schedule
+        delay = retry.next_delay(delivery.attempt, schedule, settings.jitter, result.retry_after_s)
         if delay is not None:
             status, retry_in_s = "pending", delay
     return Outcome(delivery.id, delivery.endpoint_id, delivery.attempt, status, retry_in_s, result)
@@ -313,6 +316,7 @@ class Worker:
             headers=claimed.headers,
             timeout_s=min(timeout_s, self.settings.endpoint_timeout_cap_s),
             body=claimed.body.encode(),
+            retry_schedule=tuple(claimed.retry_schedule) if claimed.retry_schedule else None,
         )
 
     async def _deliver(self, claimed: ClaimedDelivery) -> None:

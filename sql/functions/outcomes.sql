@@ -214,6 +214,13 @@ BEGIN
       AND (e.id IN (SELECT g.endpoint_id FROM gone_endpoint AS g)
            OR s.failing_since < now() - disable_after)
     RETURNING e.id, e.disabled_reason;
+
+    -- Alerts (features, sql/functions/alerts.sql): one NOTIFY notifyhook_alerts per
+    -- endpoint this call disabled, found by the updated_at the endpoints trigger set
+    -- to this transaction's now(). (Dead letters alert from a trigger on deliveries.)
+    PERFORM notifyhook.send_alert('disabled', e.tenant_id, e.id, NULL, NULL, e.disabled_reason)
+    FROM notifyhook.endpoints AS e
+    WHERE e.id = ANY (endpoint_ids) AND NOT e.enabled AND e.updated_at = now();
 END
 $$;
 
@@ -329,21 +336,24 @@ $$;
 -- Take back deliveries whose lease ran out: their worker died, hung or lost the
 -- database. The attempt it was making is recorded as such (the receiver may have
 -- got it: delivery is at-least-once), and the delivery is due again at once, or
--- dead if that was its last attempt. Run by every worker on its timer; SKIP
--- LOCKED lets several do it at once.
+-- dead if that was its last attempt: of the endpoint's own budget (the length of
+-- its retry_schedule + 1) when it has one, else of `max_attempts`, the global
+-- schedule's. Run by every worker on its timer; SKIP LOCKED lets several do it at once.
 CREATE OR REPLACE FUNCTION notifyhook.reclaim_expired(max_attempts integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     reclaimed integer;
 BEGIN
     WITH expired AS (
-        SELECT d.id, d.endpoint_id, d.attempts, d.locked_by, d.updated_at AS claimed_at
+        SELECT d.id, d.endpoint_id, d.attempts, d.locked_by, d.updated_at AS claimed_at,
+               coalesce((SELECT cardinality(e.retry_schedule) + 1 FROM notifyhook.endpoints AS e
+                         WHERE e.id = d.endpoint_id), max_attempts) AS budget
         FROM notifyhook.deliveries AS d
         WHERE d.status = 'processing' AND d.locked_until < now()
-        FOR UPDATE SKIP LOCKED
+        FOR UPDATE OF d SKIP LOCKED
     ), returned AS (
         UPDATE notifyhook.deliveries AS d
-        SET status = CASE WHEN d.attempts >= max_attempts THEN 'dead' ELSE 'pending' END,
+        SET status = CASE WHEN d.attempts >= expired.budget THEN 'dead' ELSE 'pending' END,
             locked_by = NULL, locked_until = NULL, next_attempt_at = now(), updated_at = now(),
             last_status_code = NULL,
             last_error = format('lease expired: worker %s stopped before recording attempt %s',

@@ -42,6 +42,9 @@ BEGIN
     IF inserting OR NEW.headers IS DISTINCT FROM OLD.headers THEN
         PERFORM notifyhook.check_headers(NEW.headers);
     END IF;
+    IF inserting OR NEW.retry_schedule IS DISTINCT FROM OLD.retry_schedule THEN
+        PERFORM notifyhook.check_retry_schedule(NEW.retry_schedule);
+    END IF;
     IF NOT NEW.enabled AND NEW.disabled_reason IS NULL THEN
         NEW.disabled_reason := 'disabled by an operator';
     ELSIF NEW.enabled THEN
