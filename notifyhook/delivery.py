@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
@@ -55,6 +56,8 @@ class AttemptResult:
     """At most the first 1 KiB of the response body, decoded leniently."""
     retry_after_s: float | None = None
     """The receiver's Retry-After (429/503 only), in seconds from now, uncapped."""
+    attempt_key: uuid.UUID = field(default_factory=uuid.uuid4)
+    """Drawn for each attempt: the database knows a record sent twice by it (attempts.attempt_key)."""
 
 
 DeliveryStatus = Literal["delivered", "pending", "dead"]

@@ -49,7 +49,12 @@ SELECT * FROM notifyhook.record_outcomes(
     %(attempt_numbers)b::integer[], %(statuses)b::text[], %(retry_in_s)b::double precision[],
     %(started_ats)b::timestamptz[], %(durations_ms)b::double precision[],
     %(status_codes)b::integer[], %(errors)b::text[], %(excerpts)b::text[], %(gone)b::boolean[],
-    %(disable_after)s, %(retried)s);
+    %(disable_after)s, %(retried)s, %(attempt_keys)b::uuid[]);
+
+-- name: record_rejected_outcome
+SELECT notifyhook.record_rejected_outcome(
+    %(worker)s, %(delivery_id)s, %(attempt)s, %(status)s, %(retry_in_s)s::double precision,
+    %(reason)s, %(attempt_key)s) AS recorded;
 
 -- name: release_claims
 SELECT notifyhook.release_claims(%(worker)s, %(delivery_ids)s::bigint[], %(attempt_numbers)s::integer[]);

@@ -39,6 +39,7 @@ _ID_HEADER = "webhook-id"
 _TIMESTAMP_HEADER = "webhook-timestamp"
 _SIGNATURE_HEADER = "webhook-signature"
 _UNIX_SECONDS = re.compile(r"[0-9]+")
+_MAX_TIMESTAMP_DIGITS = 12  # unix seconds up to the year 33658
 
 
 def generate_secret() -> str:
@@ -257,6 +258,9 @@ def _header(headers: Mapping[str, str], name: str) -> str:
 def _check_timestamp(timestamp_text: str, tolerance: int) -> None:
     if not _UNIX_SECONDS.fullmatch(timestamp_text):
         raise VerificationError("webhook-timestamp header is not an integer of unix seconds")
+    if len(timestamp_text) > _MAX_TIMESTAMP_DIGITS:
+        # int() refuses past 4,300 digits with a ValueError, and no time is this far off.
+        raise VerificationError("webhook-timestamp is out of range")
     skew = int(timestamp_text) - int(time.time())
     if skew < -tolerance:
         raise VerificationError(f"webhook-timestamp is too old ({-skew} s > {tolerance} s)")

@@ -77,13 +77,36 @@ def check_conninfo(url: str) -> None:
     try:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError as error:
-        # libpq's message may quote the string, password included: keep its gist only.
-        reason = str(error).strip().split(":")[0]
+        # libpq's message quotes the part it stumbled on, which may be the password
+        # (`unexpected spaces found in "pass word"`): say only which kind of mistake.
+        reason = _conninfo_mistake(str(error))
         raise ValueError(f"is not a valid libpq URL or key=value DSN ({reason})") from None
     for name, choices in _CONNINFO_CHOICES.items():
         value = params.get(name)
         if value is not None and value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+# libpq's parse errors, by the start of their message, and what we say instead. Only
+# these fixed texts are printed: each of libpq's quotes part of the string.
+_CONNINFO_MISTAKES = (
+    ("unexpected spaces found", "a space in it; write spaces as %20"),
+    ("end of string reached when looking for matching", "a [ without its ] in the host"),
+    ('missing "=" after', "a key without =value in a key=value DSN"),
+    ("unterminated quoted string", "a quoted value without its closing quote"),
+    ("invalid URI query parameter", "an unknown parameter after ? in the URL"),
+    ("invalid connection option", "an unknown connection option"),
+    ("invalid percent-encoded token", "a % not followed by two hexadecimal digits"),
+    ("forbidden value %00", "an encoded NUL (%00)"),
+    ("invalid integer value", "a number option that is not a number"),
+)
+
+
+def _conninfo_mistake(message: str) -> str:
+    for start, mistake in _CONNINFO_MISTAKES:
+        if message.strip().startswith(start):
+            return mistake
+    return "libpq could not parse it"
 
 
 def redact_conninfo(url: str) -> str:
@@ -259,6 +282,14 @@ class Timeouts:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class DisabledEndpoint:
+    """An endpoint that record_outcomes disabled (a 410, or failing for too long)."""
+
+    endpoint_id: int
+    disabled_reason: str
+
+
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
 
 
@@ -417,7 +448,7 @@ class Store:
         disable_after_s: float,
         *,
         retried: bool = False,
-    ) -> list[tuple[int, str]]:
+    ) -> list[DisabledEndpoint]:
         """Write a batch of outcomes; returns the endpoints it disabled, with why.
 
         `retried`: an earlier call with some of these outcomes ended without an answer
@@ -425,26 +456,48 @@ class Store:
         skips those. False on the normal path, which then searches nothing.
         """
         results = [o.result for o in outcomes]
+        async with (
+            self._pool.connection() as conn,
+            conn.cursor(row_factory=class_row(DisabledEndpoint)) as cursor,
+        ):
+            await cursor.execute(
+                self._sql["record_outcomes"],
+                {
+                    "worker": worker,
+                    "delivery_ids": [o.delivery_id for o in outcomes],
+                    "endpoint_ids": [o.endpoint_id for o in outcomes],
+                    "attempt_numbers": [o.attempt for o in outcomes],
+                    "statuses": [o.status for o in outcomes],
+                    "retry_in_s": [o.retry_in_s for o in outcomes],
+                    "started_ats": [r.started_at for r in results],
+                    "durations_ms": [r.duration_ms for r in results],
+                    "status_codes": [r.status_code for r in results],
+                    "errors": [_storable(r.error) for r in results],
+                    "excerpts": [_storable(r.response_excerpt) for r in results],
+                    "gone": [r.verdict.value == "gone" for r in results],
+                    "attempt_keys": [r.attempt_key for r in results],
+                    "disable_after": timedelta(seconds=disable_after_s),
+                    "retried": retried,
+                },
+            )
+            return await cursor.fetchall()
+
+    async def record_rejected_outcome(self, worker: str, outcome: Outcome, reason: str) -> bool:
+        """Record an outcome the database refused in full: an attempt naming `reason` and
+        the delivery's next state, nothing else. False when the delivery is gone."""
         rows = await self._fetch(
-            "record_outcomes",
+            "record_rejected_outcome",
             {
                 "worker": worker,
-                "delivery_ids": [o.delivery_id for o in outcomes],
-                "endpoint_ids": [o.endpoint_id for o in outcomes],
-                "attempt_numbers": [o.attempt for o in outcomes],
-                "statuses": [o.status for o in outcomes],
-                "retry_in_s": [o.retry_in_s for o in outcomes],
-                "started_ats": [r.started_at for r in results],
-                "durations_ms": [r.duration_ms for r in results],
-                "status_codes": [r.status_code for r in results],
-                "errors": [_storable(r.error) for r in results],
-                "excerpts": [_storable(r.response_excerpt) for r in results],
-                "gone": [r.verdict.value == "gone" for r in results],
-                "disable_after": timedelta(seconds=disable_after_s),
-                "retried": retried,
+                "delivery_id": outcome.delivery_id,
+                "attempt": outcome.attempt,
+                "status": outcome.status,
+                "retry_in_s": outcome.retry_in_s,
+                "reason": reason,
+                "attempt_key": outcome.result.attempt_key,
             },
         )
-        return [(row[0], row[1]) for row in rows]
+        return bool(rows[0][0])
 
     async def release_claims(self, worker: str, held: Sequence[tuple[int, int]]) -> int:
         """Give back (delivery_id, attempt) claims not finished, uncharged."""

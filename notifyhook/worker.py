@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,9 +16,11 @@ from notifyhook import __version__, reporting, retry, secrets
 from notifyhook.delivery import AttemptResult, Delivery, Outcome, Verdict
 from notifyhook.errors import ConfigurationError, SecretError
 from notifyhook.listener import Listener
+from notifyhook.maintenance import Maintenance, stuck_after_s
 from notifyhook.metrics import Metrics
 from notifyhook.metrics import serve as serve_metrics
 from notifyhook.migrate import check_schema
+from notifyhook.recorder import Recorder
 from notifyhook.sender import Sender
 from notifyhook.settings import Settings
 from notifyhook.store import (
@@ -35,12 +37,6 @@ from notifyhook.store import (
 from notifyhook.systemd import SystemdNotifier
 
 log = logging.getLogger("notifyhook.worker")
-
-PRUNE_EVERY_S = 600.0
-"""How often a worker offers to run retention (one worker of the fleet does)."""
-
-RECORD_PATIENCE_S = 0.005
-"""How long finished attempts may wait for others to share their transaction."""
 
 PASSED_BY_RETRY_S = 0.002
 """How soon to claim again when a claim passed work by for a lock held a moment (doubling
@@ -106,10 +102,16 @@ class Worker:
         # What this worker holds per endpoint: the claim shares slots by it.
         self._holdings: dict[int, Holding] = {}
         self._passed_by_streak = 0
-        self._outcomes: list[Outcome] = []
-        self._outcomes_ready = asyncio.Event()
-        self._recording = asyncio.Lock()
-        self._record_unconfirmed = False
+        self.recorder = Recorder(
+            settings,
+            store,
+            metrics,
+            trouble=self._database_trouble,
+            recovered=self._database_recovered,
+            recorded=self._recorded,
+            patient=self._patient,
+        )
+        self.maintenance = Maintenance(settings, store, metrics, wake=self._wake.set)
         self._more_due = False
         # Due rows wait for a cap (max_in_flight, a circuit probe, the endpoint's or
         # tenant's share) that only a recorded outcome lifts: record without delay.
@@ -131,13 +133,22 @@ class Worker:
     async def run(self) -> None:
         """Run until asked to stop, then finish or give back what is in flight."""
         async with asyncio.TaskGroup() as tasks:
-            recorder = tasks.create_task(self._record_loop(), name="recorder")
+            recorder = tasks.create_task(self.recorder.run(), name="recorder")
+            # Stopped with the claim loop: a stopping worker must not take back leases
+            # (its own outcomes, answered during the grace, are still being recorded).
+            maintenance = [
+                tasks.create_task(self.maintenance.reclaim(), name="reclaim"),
+                tasks.create_task(self.maintenance.retention(), name="retention"),
+            ]
+            # Run through the grace: systemd's watchdog, and /healthz's listener.
             background = [
                 tasks.create_task(self.listener.run(), name="listener"),
-                tasks.create_task(self._tick(), name="tick"),
-                tasks.create_task(self._retention(), name="retention"),
-                recorder,
-                tasks.create_task(self._heartbeat(), name="heartbeat"),
+                tasks.create_task(
+                    self.maintenance.heartbeat(
+                        self._notifier, lambda: self._last_cycle, lambda: len(self._in_flight)
+                    ),
+                    name="heartbeat",
+                ),
             ]
             log.info(
                 "worker %s started: concurrency=%d batch_size=%d lease=%gs",
@@ -149,11 +160,9 @@ class Worker:
             await self._take_over()
             await self._claim_loop()
             self._notifier.stopping()
-            # The recorder waits out a database outage for as long as it lasts, holding
-            # the recording lock; the shutdown's own flush, which has a deadline, would
-            # wait behind it forever.
-            recorder.cancel()
-            await self._finish_in_flight()
+            for task in maintenance:
+                task.cancel()
+            await self._finish_in_flight(recorder)
             for task in background:
                 task.cancel()
         log.info("worker %s stopped", self.settings.worker_id)
@@ -327,12 +336,11 @@ class Worker:
                 result = await self._attempt(delivery)
             outcome = decide(delivery, result, self.settings)
             self._note(delivery, outcome)
-            self._outcomes.append(outcome)
             if claimed.limited:
                 # Its endpoint's next row waits for this outcome: record it without
                 # waiting for company, and claim again once it is written.
                 self._capped = self._claim_after_record = True
-            self._outcomes_ready.set()
+            self.recorder.add(outcome)
         finally:
             del self._in_flight[claimed.delivery_id]
             self._release_holding(claimed.endpoint_id)
@@ -378,54 +386,22 @@ class Worker:
 
     # -- recording ---------------------------------------------------------------
 
-    async def _record_loop(self) -> None:
-        while True:
-            await self._outcomes_ready.wait()
-            if self._in_flight and not self._capped and len(self._outcomes) < self._refill_at:
-                # Others are about to finish: let a few share the transaction.
-                await asyncio.sleep(RECORD_PATIENCE_S)
-            self._outcomes_ready.clear()
-            await self._flush_outcomes()
+    def _patient(self, buffered: int) -> bool:
+        """Whether finished outcomes may wait a moment for others to share their batch."""
+        return bool(self._in_flight) and not self._capped and buffered < self._refill_at
 
-    async def _flush_outcomes(self) -> None:
-        """Write buffered outcomes in batches; wait out a database outage (rows stay leased)."""
-        # One flush at a time: the shutdown's flush and the recorder's must not both
-        # send the same outcomes.
-        async with self._recording:
-            await self._flush_held_outcomes()
-
-    async def _flush_held_outcomes(self) -> None:
-        delays = retry.reconnect_delays()
-        while self._outcomes:
-            batch = self._outcomes[: self.settings.batch_size]
-            # Until a call's answer arrives, its outcomes may or may not be recorded (a
-            # commit whose answer was lost, a call cut by an error or a cancellation):
-            # the next call, which sends them again, asks the database to skip those.
-            retried = self._record_unconfirmed
-            self._record_unconfirmed = True
-            try:
-                disabled = await self._store.record_outcomes(
-                    self.settings.worker_id, batch, self.settings.disable_after, retried=retried
-                )
-            except DatabaseError as error:
-                await self._database_trouble("record", error, next(delays))
-                continue
-            self._record_unconfirmed = False
-            self._database_recovered()
-            del self._outcomes[: len(batch)]
-            if self._more_due or self._claim_after_record:
-                # A limited endpoint's slot is free only once its outcome is
-                # recorded: a claim that ran before this flush saw it still held.
-                self._claim_after_record = False
-                self._wake.set()
-            for endpoint_id, reason in disabled:
-                self.metrics.endpoint_disables.inc()
-                log.warning("endpoint %d disabled: %s", endpoint_id, reason)
+    def _recorded(self) -> None:
+        if self._more_due or self._claim_after_record:
+            # A limited endpoint's slot is free only once its outcome is
+            # recorded: a claim that ran before this flush saw it still held.
+            self._claim_after_record = False
+            self._wake.set()
 
     # -- shutting down -------------------------------------------------------------
 
-    async def _finish_in_flight(self) -> None:
-        """Soft stop: let requests finish within the grace. Hard stop: give the rest back."""
+    async def _finish_in_flight(self, recorder: asyncio.Task[None]) -> None:
+        """Soft stop: let requests finish within the grace, recording their outcomes as
+        they come. Hard stop: give the rest back, record what is left, within a deadline."""
         tasks = [task for _, task in self._in_flight.values()]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
@@ -437,17 +413,22 @@ class Worker:
         await asyncio.gather(
             *(task for _, task in list(self._in_flight.values())), return_exceptions=True
         )
+        # The recorder waits out a database outage for as long as it lasts, holding the
+        # recording lock; the last flush, which has a deadline, would wait behind it
+        # forever. Its call cut short counts as unconfirmed: the last flush sends it again.
+        recorder.cancel()
+        await asyncio.wait([recorder])
         try:
             # Bounded: systemd's TimeoutStopSec must not run out while the database is away.
             async with asyncio.timeout(SHUTDOWN_DATABASE_S):
-                await self._flush_outcomes()
+                await self.recorder.flush()
                 if unfinished:
                     await self._release(unfinished)
         except TimeoutError:
             log.error(
                 "database unavailable: exiting with %d outcomes unrecorded and %d claims held; "
                 "their leases will expire and they will be sent again",
-                len(self._outcomes),
+                len(self.recorder),
                 len(unfinished),
             )
 
@@ -461,57 +442,18 @@ class Worker:
             return
         log.info("gave back %d unfinished deliveries without charging an attempt", released)
 
-    # -- background ------------------------------------------------------------------
-
-    async def _tick(self) -> None:
-        """The backstop: every poll interval, take back expired leases and look at the queue."""
-        while True:
-            await asyncio.sleep(self.settings.poll_interval)
-            try:
-                reclaimed = await self._store.reclaim_expired(self.settings.max_attempts)
-                if reclaimed:
-                    log.warning("took back %d deliveries whose lease expired", reclaimed)
-                self.metrics.set_queue(*await self._store.queue_depth())
-            except DatabaseError as error:
-                log.debug("tick skipped: %s", error)
-            self._wake.set()
-
-    async def _retention(self) -> None:
-        """Every PRUNE_EVERY_S, delete what is older than RETENTION. A task of its own: the
-        first prune of a large history takes long, and must not hold up the tick's reclaim."""
-        while True:
-            await asyncio.sleep(PRUNE_EVERY_S)
-            try:
-                await self._prune()
-            except DatabaseError as error:
-                log.debug("retention skipped: %s", error)
-
-    async def _prune(self) -> None:
-        total = 0
-        while deleted := await self._store.prune_once(self.settings.retention, 500):
-            total += deleted
-        if total:
-            log.info("retention: deleted %d rows older than %gs", total, self.settings.retention)
-
-    async def _heartbeat(self) -> None:
-        """systemd WATCHDOG and STATUS while the claim loop keeps cycling."""
-        interval = self._notifier.watchdog_interval_s or 5.0
-        stuck_after = max(3 * self.settings.poll_interval, 30.0)
-        while True:
-            await asyncio.sleep(min(interval, 5.0))
-            if time.monotonic() - self._last_cycle < stuck_after:
-                self._notifier.watchdog()
-            self._notifier.status(self.metrics.status_line(len(self._in_flight)))
+    # -- the database -------------------------------------------------------------------
 
     async def _database_trouble(self, what: str, error: BaseException, wait: float) -> None:
         if self.database_ok:
-            # Not every failure is an outage: a statement the database refuses (after a
-            # migrate by a newer release, say) fails the same way until this worker is
-            # replaced, and the log must say so rather than blame the connection.
+            # Not every failure is an outage: a statement the database refuses fails the
+            # same way until something changes, and the log must say why it was refused
+            # (its SQLSTATE and message) rather than blame the connection or guess.
+            sqlstate = getattr(error, "sqlstate", None)
             trouble = (
                 "database unavailable"
                 if is_transient(error)
-                else "the database refused it (is this worker older than the schema?)"
+                else f"the database refused the statement with SQLSTATE {sqlstate or 'unknown'}"
             )
             log.warning(
                 "%s failed, %s (%s); retrying",
@@ -536,7 +478,7 @@ class Worker:
         return (
             self.database_ok
             and self.listener.connected
-            and time.monotonic() - self._last_cycle < max(3 * self.settings.poll_interval, 30.0)
+            and time.monotonic() - self._last_cycle < stuck_after_s(self.settings)
         )
 
 
@@ -553,7 +495,15 @@ async def serve(settings: Settings) -> None:
     reporting.start(settings)
     metrics = Metrics()
     url = settings.database_url.get_secret_value()
-    await _wait_for_schema(url)
+    # A signal while the database is not up yet is a request to stop, not a crash: the
+    # process exits 0, as it does once running (the Worker's own handlers replace these).
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    if not await _unless_stopped(_wait_for_schema(url), stopping):
+        log.info("stopped while waiting for the database")
+        return
     async with (
         Store.open(url, timeouts=session_timeouts(settings), worker=settings.worker_id) as store,
         Sender(
@@ -564,6 +514,8 @@ async def serve(settings: Settings) -> None:
     ):
         worker = Worker(settings, store, sender, metrics=metrics)
         worker.install_signal_handlers()
+        if stopping.is_set():  # a signal came after the schema check, before these handlers
+            worker.request_stop()
         runner = None
         if settings.metrics_port is not None:
             runner = await serve_metrics(metrics, settings.metrics_port, lambda: worker.healthy)
@@ -572,6 +524,20 @@ async def serve(settings: Settings) -> None:
         finally:
             if runner is not None:
                 await runner.cleanup()
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stopping: asyncio.Event) -> bool:
+    """Run `work` unless `stopping` is set first; whether it ran to its end."""
+    task = asyncio.create_task(work)
+    stopped = asyncio.create_task(stopping.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()  # its exception, if any (a refused schema or credentials)
+        return True
+    task.cancel()
+    await asyncio.wait({task})
+    return False
 
 
 async def _wait_for_schema(url: str) -> None:

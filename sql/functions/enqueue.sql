@@ -17,15 +17,20 @@ DECLARE
 BEGIN
     -- ON CONFLICT waits for a concurrent insert of the same key to commit or
     -- roll back, so two racing callers both get the one id that exists.
-    INSERT INTO notifyhook.events AS e (tenant_id, event_type, payload, idempotency_key, endpoint_id)
-    VALUES (enqueue.tenant_id, enqueue.event_type, enqueue.payload,
-            enqueue.idempotency_key, enqueue.endpoint_id)
-    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING e.id INTO found_id;
-    IF found_id IS NULL THEN
+    LOOP
+        INSERT INTO notifyhook.events AS e (tenant_id, event_type, payload, idempotency_key, endpoint_id)
+        VALUES (enqueue.tenant_id, enqueue.event_type, enqueue.payload,
+                enqueue.idempotency_key, enqueue.endpoint_id)
+        ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING e.id INTO found_id;
+        EXIT WHEN found_id IS NOT NULL;
         SELECT e.id INTO found_id FROM notifyhook.events AS e
         WHERE e.tenant_id = enqueue.tenant_id AND e.idempotency_key = enqueue.idempotency_key;
-    END IF;
+        EXIT WHEN found_id IS NOT NULL;
+        -- (hardening, issue 13) The event that held the key was deleted between the two
+        -- statements (retention): the key is free again, so insert once more rather
+        -- than return NULL.
+    END LOOP;
     RETURN found_id;
 END
 $$;

@@ -177,6 +177,17 @@ BEGIN
             HINT = CASE WHEN host ~ '[][]' THEN 'An IPv6 address goes in brackets: http://[2001:db8::1]/'
                         ELSE 'A host name has letters, digits, ''-'', ''.'', ''_'' and ''~'' only.' END;
     END IF;
+    -- (hardening, issue 13) What IDNA can encode, as the sender checks it
+    -- (_check_host_name in notifyhook/sender.py): no empty label (`a..b.com`,
+    -- `.com`), none over 63 characters, 253 in all; one trailing dot is a fully
+    -- qualified name. Accepted here, such a host failed every attempt at send time.
+    IF length(regexp_replace(host, '\.$', '')) > 253
+       OR EXISTS (SELECT FROM unnest(string_to_array(regexp_replace(host, '\.$', ''), '.')) AS l(label)
+                  WHERE length(l.label) NOT BETWEEN 1 AND 63) THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.url: the host %s is not a DNS name', left(host, 100)),
+            HINT = 'A host name has labels of 1 to 63 characters between dots, at most 253 characters in all.';
+    END IF;
 END
 $$;
 
