@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import psycopg
-from conftest import add_endpoint, scalar
+from conftest import add_endpoint, scalar, wait_until
 
 CLAIM = (
     "SELECT coalesce(array_agg((c).endpoint_id ORDER BY (c).delivery_id) "
@@ -258,3 +258,45 @@ def test_the_reserve_serves_a_sibling_of_the_same_tenant_whose_part_is_taken(db)
         "INSERT INTO notifyhook.events (tenant_id, event_type, payload) VALUES ('t', 'b.x', '{}')"
     )
     assert claim(db, 2, concurrency=20, held={slow: ("t", 18)}) == [sibling]
+
+
+def test_an_operator_holding_one_endpoint_delays_no_other_endpoints_deliveries(
+    db, database_url, receiver, start_worker
+):
+    held = add_endpoint(db, "a", "held", receiver.url("held"))
+    free = add_endpoint(db, "b", "free", receiver.url("free"))
+    enqueue(db, "a", 1)
+    enqueue(db, "b", 1)
+    start_worker(concurrency="10")
+    wait_until(lambda: len(receiver.received()) == 2, what="both first deliveries")
+    with psycopg.connect(database_url) as operator:
+        # An operator's transaction holds one endpoint's row and its state row, open.
+        operator.execute("UPDATE notifyhook.endpoints SET timeout_ms = 5000 WHERE id = %s", [held])
+        operator.execute(
+            "SELECT * FROM notifyhook.endpoint_state WHERE endpoint_id = %s FOR UPDATE", [held]
+        )
+        enqueue(db, "a", 3)
+        enqueue(db, "b", 20)
+        # The other endpoint's events go out and are recorded, batches shared with the
+        # held endpoint's outcomes included.
+        wait_until(
+            lambda: (
+                scalar(
+                    db,
+                    "SELECT count(*) FROM notifyhook.deliveries "
+                    "WHERE endpoint_id = %s AND status = 'delivered'",
+                    [free],
+                )
+                == 21
+            ),
+            what="the free endpoint's deliveries recorded while the other is held",
+        )
+        operator.rollback()
+    wait_until(
+        lambda: (
+            scalar(db, "SELECT count(*) FROM notifyhook.deliveries WHERE status = 'delivered'")
+            == 25
+        ),
+        what="everything delivered once the operator lets go",
+    )
+    assert len(receiver.received("free")) == 21

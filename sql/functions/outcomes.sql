@@ -60,6 +60,9 @@ DECLARE
     recorded integer[] := '{}';
     -- Positions of the outcomes this call records (hardening: issue 13).
     kept integer[];
+    -- The batch's endpoints whose state rows this call could lock.
+    locked bigint[];
+    lock_wait text;
 BEGIN
     IF retried THEN
         -- An attempt is known by the key its worker drew for it (0005_attempt_keys.sql).
@@ -118,10 +121,34 @@ BEGIN
 
     -- Lock the endpoints' state rows in id order: two workers recording for the
     -- same endpoints at once then wait for each other instead of deadlocking.
-    PERFORM FROM notifyhook.endpoint_state AS s
-    WHERE s.endpoint_id = ANY (endpoint_ids)
-    ORDER BY s.endpoint_id
-    FOR UPDATE;
+    --
+    -- A state row held for longer than a moment (an operator's open transaction) is
+    -- not waited for: the outcomes of every other endpoint of the batch must not wait
+    -- with it, or their leases could run out and their webhooks go again (DESIGN §8).
+    -- Claims and other records hold these rows for milliseconds, so half a second
+    -- tells one from the other; then the rows free now are taken and the held ones
+    -- get no health update from this batch, only a wake, so that their turn comes
+    -- back once they are free (functions/claim.sql).
+    lock_wait := current_setting('lock_timeout');
+    BEGIN
+        PERFORM set_config('lock_timeout', '500ms', true);
+        PERFORM FROM notifyhook.endpoint_state AS s
+        WHERE s.endpoint_id = ANY (endpoint_ids)
+        ORDER BY s.endpoint_id
+        FOR UPDATE;
+        locked := endpoint_ids;
+    EXCEPTION WHEN lock_not_available THEN
+        locked := ARRAY(
+            SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
+            WHERE s.endpoint_id = ANY (endpoint_ids)
+            ORDER BY s.endpoint_id
+            FOR UPDATE SKIP LOCKED);
+        INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+        SELECT DISTINCT held.endpoint_id, now()
+        FROM unnest(endpoint_ids) AS held(endpoint_id)
+        WHERE held.endpoint_id <> ALL (locked);
+    END;
+    PERFORM set_config('lock_timeout', lock_wait, true);
 
     -- Health: only failures that began after the endpoint's latest success count,
     -- whichever batch (or worker) recorded that success: a slow timeout recorded
@@ -139,7 +166,7 @@ BEGIN
                    AS started_at
         FROM unnest(endpoint_ids, statuses, durations_ms) WITH ORDINALITY
              AS o(endpoint_id, status, duration_ms, n)
-        WHERE o.n = ANY (kept)
+        WHERE o.n = ANY (kept) AND o.endpoint_id = ANY (locked)
     ), per_endpoint AS (
         SELECT o.endpoint_id,
                max(o.started_at) FILTER (WHERE o.status = 'delivered') AS success_at,
@@ -183,7 +210,7 @@ BEGIN
                   WHERE d.endpoint_id = s.endpoint_id AND d.status = 'pending'
                   ORDER BY d.next_attempt_at LIMIT 1) AS due_at
           FROM notifyhook.endpoint_state AS s
-          WHERE s.endpoint_id = ANY (endpoint_ids)
+          WHERE s.endpoint_id = ANY (locked)
             AND (s.turn_at IS NULL OR s.turn_at > now())) AS p
     WHERE st.endpoint_id = p.endpoint_id AND p.due_at IS NOT NULL
       AND (st.turn_at IS NULL OR st.turn_at > p.due_at);
@@ -209,7 +236,9 @@ BEGIN
         END
     FROM notifyhook.endpoint_state AS s
     WHERE s.endpoint_id = e.id
-      AND e.id = ANY (endpoint_ids)
+      -- An endpoint row an operator holds is disabled by a later batch instead.
+      AND e.id IN (SELECT x.id FROM notifyhook.endpoints AS x
+                   WHERE x.id = ANY (locked) FOR UPDATE SKIP LOCKED)
       AND e.enabled
       AND (e.id IN (SELECT g.endpoint_id FROM gone_endpoint AS g)
            OR s.failing_since < now() - disable_after)
