@@ -17,6 +17,10 @@ log = logging.getLogger("notifyhook.maintenance")
 PRUNE_EVERY_S = 600.0
 """How often a worker offers to run retention (one worker of the fleet does)."""
 
+REPAIR_EVERY_S = 60.0
+"""How often a worker offers to wake endpoints whose due rows have no turn (one worker of
+the fleet does; nothing of notifyhook's own needs it, a hand-written UPDATE may)."""
+
 PRUNE_BATCH = 500
 """Rows deleted per retention statement: each holds its locks only briefly."""
 
@@ -41,6 +45,7 @@ class Maintenance:
         self._store = store
         self._metrics = metrics
         self._wake = wake
+        self._repaired_at = time.monotonic()
 
     async def reclaim(self) -> None:
         """Every poll interval, take back expired leases and sample the queue's gauges."""
@@ -58,7 +63,19 @@ class Maintenance:
         if reclaimed:
             log.warning("took back %d deliveries whose lease expired", reclaimed)
         self._metrics.set_queue(*await self._store.queue_depth())
+        if time.monotonic() - self._repaired_at >= REPAIR_EVERY_S:
+            self._repaired_at = time.monotonic()
+            await self.repair_turns()
         return reclaimed
+
+    async def repair_turns(self) -> int:
+        """Wake the endpoints whose due rows have no turn (sql/functions/claim.sql)."""
+        woken = await self._store.repair_turns()
+        if woken:
+            log.warning(
+                "woke %d endpoints whose due rows had no turn (rows made due by hand?)", woken
+            )
+        return woken
 
     async def retention(self) -> None:
         """Every PRUNE_EVERY_S, delete what is older than RETENTION. A loop of its own: the

@@ -35,6 +35,9 @@ SELECT * FROM notifyhook.claim_due(
 -- name: take_over
 SELECT notifyhook.take_over(%(worker)s, %(max_attempts)s);
 
+-- name: repair_turns
+SELECT notifyhook.repair_turns();
+
 -- name: hold_worker_id
 -- The lock notifyhook.take_over tests, taken again by a claim connection made anew.
 SELECT pg_try_advisory_lock(hashtextextended('notifyhook worker ' || %(worker)s, 0));

@@ -511,6 +511,11 @@ class Store:
         )
         return int(rows[0][0])
 
+    async def repair_turns(self) -> int:
+        """Wake endpoints whose due rows have no turn; the number woken."""
+        rows = await self._fetch("repair_turns")
+        return int(rows[0][0])
+
     async def reclaim_expired(self, max_attempts: int) -> int:
         rows = await self._fetch("reclaim_expired", {"max_attempts": max_attempts})
         return int(rows[0][0])

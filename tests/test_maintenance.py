@@ -115,3 +115,18 @@ def test_the_heartbeat_pings_the_watchdog_only_while_the_claim_loop_cycles(
     assert len(pings) >= 1
     assert len(statuses) > len(pings)  # the stuck loop still reports, but is not pinged for
     assert "7 in flight" in statuses[0]
+
+
+def test_repair_turns_wakes_an_endpoint_whose_due_rows_a_hand_written_update_left_unseen(
+    db, database_url
+):
+    endpoint = add_endpoint(db, "t", "e", "https://example.com/e")
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload) VALUES ('t', 'x.y', '{}')"
+    )
+    # The rows come back by hand, and the claims' view of the endpoint is cleared.
+    db.execute("DELETE FROM notifyhook.endpoint_wakes")
+    db.execute("UPDATE notifyhook.endpoint_state SET turn_at = NULL")
+    woken, _ = run_maintenance(database_url, "repair_turns")
+    assert woken == 1
+    assert scalar(db, "SELECT endpoint_id FROM notifyhook.endpoint_wakes") == endpoint
