@@ -300,3 +300,41 @@ def test_an_operator_holding_one_endpoint_delays_no_other_endpoints_deliveries(
         what="everything delivered once the operator lets go",
     )
     assert len(receiver.received("free")) == 21
+
+
+def test_a_lease_runs_from_the_claim_not_from_the_transactions_start(db):
+    add_endpoint(db, "t", "e", "https://example.com/e")
+    enqueue(db, "t", 1)
+    with db.transaction():
+        db.execute("SELECT pg_sleep(1)")  # a claim that waited inside its transaction
+        claim(db, 1)
+        left = scalar(
+            db, "SELECT extract(epoch FROM locked_until - now()) FROM notifyhook.deliveries"
+        )
+    # The lease is a minute from the claim, a second after the transaction began.
+    assert left >= 61
+
+
+def test_worker_sessions_run_under_statement_and_lock_timeouts(database_url):
+    from notifyhook.settings import Settings
+    from notifyhook.store import Store
+    from notifyhook.worker import session_timeouts
+
+    settings = Settings(database_url=database_url, lease=20)  # type: ignore[arg-type]
+
+    async def read() -> list[Any]:
+        async with (
+            Store.open(database_url, timeouts=session_timeouts(settings)) as store,
+            store._pool.connection() as conn,
+        ):
+            shown = [
+                (await (await conn.execute(f"SHOW {name}")).fetchone())[0]
+                for name in ("statement_timeout", "lock_timeout")
+            ]
+            return [*shown, conn.info.get_parameters().get("tcp_user_timeout")]
+
+    import asyncio
+
+    statement, lock, tcp_user = asyncio.run(read())
+    assert (statement, lock) == ("10s", "5s")  # half the lease; at most 5 s for a lock
+    assert int(tcp_user or 0) > 0
