@@ -39,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # settings themselves once they know the database.
             result = args.handler(args)
         else:
-            settings = load_settings()
+            # A command's --database-url (stats on a replica) stands above the environment.
+            given_url = getattr(args, "database_url", None)
+            settings = load_settings(**({"database_url": given_url} if given_url else {}))
             logs.configure(settings.log_format, settings.log_level)
             warn_unknown_variables()  # once logs go where the operator looks
             result = args.handler(args, settings)

@@ -29,6 +29,7 @@ def register_all(commands: Any) -> None:
     _register_send(commands)
     _register_replay(commands)
     _register_prune(commands)
+    _register_dashboard(commands)
     # The tools' entry points import only argparse; each tool loads when its command runs.
     from notifyhook.tools import bench, entry
 
@@ -108,7 +109,14 @@ def _register_stats(commands: Any) -> None:
     parser = commands.add_parser(
         "stats",
         help="show the queue and every endpoint",
-        description="Print notifyhook.queue_stats and notifyhook.endpoint_stats.",
+        description="Print notifyhook.queue_stats and notifyhook.endpoint_stats. Reads only, "
+        "in read-only transactions: a hot standby's URL keeps these queries off the primary.",
+    )
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="the database to read, e.g. a read replica (default: NOTIFYHOOK_DATABASE_URL); "
+        "a password here shows in the process list: prefer PGPASSWORD or ~/.pgpass",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
@@ -118,9 +126,11 @@ def _register_stats(commands: Any) -> None:
 
 
 async def stats_command(args: argparse.Namespace, settings: Settings) -> int:
-    from notifyhook.store import connect, fetch_dicts
+    from notifyhook.store import connect, fetch_dicts, read_only
 
-    async with connect(_url(settings)) as conn:
+    # Read-only sessions: on a standby any write would fail anyway, and on a primary
+    # this keeps a view that someday calls a writing function from doing so unseen.
+    async with connect(read_only(_url(settings))) as conn:
         while True:
             queue = await fetch_dicts(conn, "queue_stats")
             endpoints = await fetch_dicts(conn, "endpoint_stats")
@@ -168,7 +178,7 @@ def _cell(value: Any) -> str:
 def _register_endpoint(commands: Any) -> None:
     parser = commands.add_parser(
         "endpoint",
-        help="add, list, show, disable, enable endpoints; rotate a secret",
+        help="add, list, show, disable, enable endpoints; rotate a secret; set a retry schedule",
         description="Manage endpoints (rows of notifyhook.endpoints). IDs are positional.",
     )
     actions = parser.add_subparsers(title="actions", required=True, metavar="ACTION")
@@ -176,7 +186,9 @@ def _register_endpoint(commands: Any) -> None:
     add = actions.add_parser(
         "add",
         help="add an endpoint and print its secret once",
-        description="Add an endpoint. Its secret is printed once: give it to the receiver.",
+        description="Add an endpoint. Its secret is printed once: give it to the receiver. "
+        "With --signature ed25519 its whpk_ public key is printed instead (the whsk_ signing "
+        "key is never shown).",
     )
     add.add_argument("--tenant", required=True, help="tenant id")
     add.add_argument("--name", required=True, help="label, unique per tenant")
@@ -197,7 +209,22 @@ def _register_endpoint(commands: Any) -> None:
     )
     add.add_argument("--max-in-flight", type=_positive_int, help="most concurrent requests")
     add.add_argument("--timeout-ms", type=_positive_int, help="request timeout for this endpoint")
-    add.add_argument("--secret", help="a whsec_ secret to use instead of a fresh one")
+    add.add_argument(
+        "--signature",
+        choices=SIGNATURE_SCHEMES,
+        default="hmac",
+        help="hmac: a whsec_ secret shared with the receiver (v1, the default); ed25519: a "
+        "whsk_ signing key, the receiver verifying with its whpk_ public key (v1a)",
+    )
+    add.add_argument(
+        "--secret", help="a whsec_ secret or whsk_ signing key to use instead of a fresh one"
+    )
+    add.add_argument(
+        "--retry-schedule",
+        type=_retry_schedule,
+        help="this endpoint's retry delays in whole seconds or with s, m, h, d, e.g. 10,60,10m "
+        "(default: NOTIFYHOOK_RETRY_SCHEDULE); attempts = delays + 1",
+    )
     add.set_defaults(handler=endpoint_add)
 
     listing = actions.add_parser("list", help="list endpoints")
@@ -232,17 +259,57 @@ def _register_endpoint(commands: Any) -> None:
         default=86400.0,
         help="how long the old secret keeps signing: seconds or 30m, 24h, 7d (default 24h)",
     )
+    rotate.add_argument(
+        "--signature",
+        choices=SIGNATURE_SCHEMES,
+        help="the new key's kind (default: the current one's); during the grace each key "
+        "signs in its own scheme, so a receiver can move between hmac and ed25519",
+    )
     rotate.set_defaults(handler=endpoint_rotate_secret)
+
+    schedule = actions.add_parser(
+        "set-retry-schedule",
+        help="give an endpoint its own retry delays, or the global ones back",
+        description="Set endpoints.retry_schedule: the delays before each retry to this endpoint, "
+        "its attempt budget being their number + 1. `default` clears it (NOTIFYHOOK_RETRY_SCHEDULE "
+        "applies). Deliveries already waiting keep the retry time they have; the new delays "
+        "and budget apply from their next attempt.",
+    )
+    schedule.add_argument("endpoint_id", type=int, metavar="ID")
+    schedule.add_argument(
+        "schedule",
+        type=_retry_schedule_or_default,
+        metavar="SCHEDULE",
+        help="delays in whole seconds or with s, m, h, d, e.g. 10,60,10m; or `default`",
+    )
+    schedule.set_defaults(handler=endpoint_set_retry_schedule)
 
 
 def _secret_key(settings: Settings) -> str | None:
     return settings.secret_key.get_secret_value() if settings.secret_key else None
 
 
+SIGNATURE_SCHEMES = ("hmac", "ed25519")
+
+
+def _fresh_secret(scheme: str) -> str:
+    return signing.generate_signing_key() if scheme == "ed25519" else signing.generate_secret()
+
+
+def _print_new_secret(secret: str) -> None:
+    """Once, at creation: the receiver's half. An ed25519 signing key is never printed."""
+    if signing.is_signing_key(secret):
+        print(f"public key: {signing.public_key(secret)}")
+        print("(signatures are ed25519, v1a: the receiver verifies with this public key)")
+    else:
+        print(f"secret: {secret}")
+        print("(shown once: give it to the receiver, which verifies with it)")
+
+
 async def endpoint_add(args: argparse.Namespace, settings: Settings) -> int:
     from notifyhook.store import connect, fetch_dicts, json_param
 
-    secret = _given_secret(args.secret) if args.secret else signing.generate_secret()
+    secret = _given_secret(args.secret) if args.secret else _fresh_secret(args.signature)
     params = {
         "tenant_id": args.tenant,
         "name": args.name,
@@ -254,12 +321,12 @@ async def endpoint_add(args: argparse.Namespace, settings: Settings) -> int:
         "rate_limit": args.rate_limit,
         "max_in_flight": args.max_in_flight,
         "timeout_ms": args.timeout_ms,
+        "retry_schedule": args.retry_schedule,
     }
     async with connect(_url(settings)) as conn:
         rows = await fetch_dicts(conn, "add_endpoint", params)
     print(f"endpoint {rows[0]['id']} added")
-    print(f"secret: {secret}")
-    print("(shown once: give it to the receiver, which verifies with it)")
+    _print_new_secret(secret)
     return 0
 
 
@@ -267,7 +334,7 @@ def _given_secret(secret: str) -> str:
     """A --secret checked before it is sealed: encrypted, the database could not check it,
     and every delivery would fail. Checked without a key too, for one message either way."""
     try:
-        signing.decode_secret(secret)
+        signing.check_secret(secret)
     except SecretError as error:
         raise UsageError(f"--secret: {error}") from None
     return secret
@@ -287,14 +354,35 @@ async def endpoint_show(args: argparse.Namespace, settings: Settings) -> int:
 
     async with connect(_url(settings)) as conn:
         rows = await fetch_dicts(conn, "show_endpoint", {"endpoint_id": args.endpoint_id})
+        keys = await fetch_dicts(conn, "endpoint_secrets", {"endpoint_id": args.endpoint_id})
     if not rows:
         raise CommandError(f"no endpoint {args.endpoint_id}")
+    rows[0].update(_public_keys(keys[0], _secret_key(settings)))
     if args.json:
         print_json(rows[0])
     else:
         width = max(len(k) for k in rows[0])
         print("\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in rows[0].items()))
     return 0
+
+
+def _public_keys(stored: dict[str, Any], key: str | None) -> dict[str, str]:
+    """The signature scheme and, for ed25519, the public keys: never a secret itself."""
+    shown: dict[str, str] = {}
+    for column, label in (("secret", ""), ("previous_secret", "previous_")):
+        if stored[column] is None:
+            continue
+        try:
+            plain = secrets.unseal(stored[column], key)
+        except SecretError:
+            shown[f"{label}signature"] = "unknown (sealed: set NOTIFYHOOK_SECRET_KEY to tell)"
+            continue
+        if signing.is_signing_key(plain):
+            shown[f"{label}signature"] = "ed25519 (v1a)"
+            shown[f"{label}public_key"] = signing.public_key(plain)
+        else:
+            shown[f"{label}signature"] = "hmac (v1)"
+    return shown
 
 
 async def _set_enabled(
@@ -325,13 +413,14 @@ async def endpoint_enable(args: argparse.Namespace, settings: Settings) -> int:
 async def endpoint_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
     from notifyhook.store import connect, fetch_dicts
 
-    secret = signing.generate_secret()
-    params = {
-        "endpoint_id": args.endpoint_id,
-        "secret": secrets.seal(secret, _secret_key(settings)),
-        "grace": timedelta(seconds=args.grace),
-    }
     async with connect(_url(settings)) as conn:
+        scheme = args.signature or await _current_scheme(conn, args.endpoint_id, settings)
+        secret = _fresh_secret(scheme)
+        params = {
+            "endpoint_id": args.endpoint_id,
+            "secret": secrets.seal(secret, _secret_key(settings)),
+            "grace": timedelta(seconds=args.grace),
+        }
         rows = await fetch_dicts(conn, "rotate_secret", params)
     if not rows:
         raise CommandError(f"no endpoint {args.endpoint_id}")
@@ -339,7 +428,40 @@ async def endpoint_rotate_secret(args: argparse.Namespace, settings: Settings) -
     print(
         f"endpoint {args.endpoint_id}: new secret set; the previous one keeps signing until {_cell(expires)}"
     )
-    print(f"secret: {secret}")
+    _print_new_secret(secret)
+    return 0
+
+
+async def _current_scheme(conn: AsyncConnection[Any], endpoint_id: int, settings: Settings) -> str:
+    """hmac or ed25519, as the endpoint's current secret: a rotation keeps the kind."""
+    from notifyhook.store import fetch_dicts
+
+    rows = await fetch_dicts(conn, "endpoint_secrets", {"endpoint_id": endpoint_id})
+    if not rows:
+        raise CommandError(f"no endpoint {endpoint_id}")
+    try:
+        plain = secrets.unseal(rows[0]["secret"], _secret_key(settings))
+    except SecretError as error:
+        raise UsageError(f"{error}; or say which kind of key to make with --signature") from None
+    return "ed25519" if signing.is_signing_key(plain) else "hmac"
+
+
+async def endpoint_set_retry_schedule(args: argparse.Namespace, settings: Settings) -> int:
+    from notifyhook.store import connect, fetch_dicts
+
+    params = {"endpoint_id": args.endpoint_id, "retry_schedule": args.schedule}
+    async with connect(_url(settings)) as conn:
+        rows = await fetch_dicts(conn, "set_retry_schedule", params)
+    if not rows:
+        raise CommandError(f"no endpoint {args.endpoint_id}")
+    if args.schedule is None:
+        print(f"endpoint {args.endpoint_id}: retries on the global schedule")
+    else:
+        delays = ",".join(str(d) for d in args.schedule)
+        print(
+            f"endpoint {args.endpoint_id}: retries after {delays} seconds "
+            f"({len(args.schedule) + 1} attempts in all)"
+        )
     return 0
 
 
@@ -468,6 +590,46 @@ async def _prune_batch(conn: AsyncConnection[Any], retention_s: float, batch_siz
     return int(rows[0]["prune"])
 
 
+# -- dashboard -------------------------------------------------------------------
+
+
+def _register_dashboard(commands: Any) -> None:
+    parser = commands.add_parser(
+        "dashboard",
+        help="serve a read-only web page of the queue and every endpoint",
+        description="Serve the partner-health dashboard (docs/dashboard.md): the queue, every "
+        "endpoint's health, attempts and dead letters. Read-only; with "
+        "NOTIFYHOOK_DASHBOARD_TOKEN set, every request needs that token.",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port", type=_port, default=8790, help="TCP port (default 8790; 0: any free port)"
+    )
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="read this database (a replica will do) instead of NOTIFYHOOK_DATABASE_URL",
+    )
+    # Standalone: NOTIFYHOOK_DATABASE_URL is not needed when --database-url is given.
+    parser.set_defaults(handler=dashboard_command, standalone=True)
+
+
+def dashboard_command(args: argparse.Namespace) -> int:
+    from notifyhook import logs
+    from notifyhook.dashboard.server import serve, token_from_environment
+    from notifyhook.settings import load_settings, warn_unknown_variables
+
+    given = {"database_url": args.database_url} if args.database_url else {}
+    settings = load_settings(**given)
+    logs.configure(settings.log_format, settings.log_level)
+    warn_unknown_variables()
+    token = token_from_environment()
+    run_async(serve(_url(settings), args.host, args.port, token))
+    return 0
+
+
 # -- argument types ----------------------------------------------------------------
 
 
@@ -478,6 +640,24 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _retry_schedule(text: str) -> list[int]:
+    try:
+        delays = retry.parse_schedule(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    # endpoints.retry_schedule is integer[]: say so rather than round 1.5 s to 2.
+    for position, delay in enumerate(delays, start=1):
+        if delay != int(delay):
+            raise argparse.ArgumentTypeError(
+                f"retry schedule delay {position} must be whole seconds, got {delay:g}"
+            )
+    return [int(delay) for delay in delays]
+
+
+def _retry_schedule_or_default(text: str) -> list[int] | None:
+    return None if text.strip() == "default" else _retry_schedule(text)
+
+
 def _timestamp(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
@@ -485,6 +665,13 @@ def _timestamp(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
     # Without an offset, the operator means their own clock, as journalctl --since does.
     return value if value.tzinfo is not None else value.astimezone()
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text) if text != "0" else 0
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0 to 65535), got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
@@ -19,11 +20,14 @@ class Delivery:
     """1-based number of the attempt about to be made (already counted at claim time)."""
     url: str
     secrets: tuple[str, ...]
-    """Plain `whsec_…` secrets to sign with: the current one first, then the previous while valid."""
+    """Plain `whsec_…` or `whsk_…` secrets to sign with: the current one first, then the
+    previous while valid."""
     headers: dict[str, str]
     timeout_s: float
     body: bytes
     """Exactly the bytes to sign and send (payload merged with the endpoint's extra_fields)."""
+    retry_schedule: tuple[float, ...] | None = None
+    """The endpoint's own retry delays in seconds (endpoints.retry_schedule); None: the global."""
 
 
 class Verdict(enum.Enum):
@@ -52,6 +56,8 @@ class AttemptResult:
     """At most the first 1 KiB of the response body, decoded leniently."""
     retry_after_s: float | None = None
     """The receiver's Retry-After (429/503 only), in seconds from now, uncapped."""
+    attempt_key: uuid.UUID = field(default_factory=uuid.uuid4)
+    """Drawn for each attempt: the database knows a record sent twice by it (attempts.attempt_key)."""
 
 
 DeliveryStatus = Literal["delivered", "pending", "dead"]

@@ -13,6 +13,12 @@ _ATTEMPT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 3
 _BATCH_BUCKETS = (0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
 
 
+CLAIM_BUCKETS_S = (
+    0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0
+)  # fmt: skip
+"""Fine at the low end: a claim normally takes about a millisecond."""
+
+
 class Metrics:
     """The worker's counters, one registry per worker (tests run several in one process)."""
 
@@ -36,6 +42,12 @@ class Metrics:
             "notifyhook_claim_batch_size",
             "Deliveries taken per claim.",
             buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.claim_seconds = Histogram(
+            "notifyhook_claim_duration_seconds",
+            "How long one claim took, round trip to the database included.",
+            buckets=CLAIM_BUCKETS_S,
             registry=r,
         )
         self.notifications = Counter(

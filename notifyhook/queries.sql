@@ -28,7 +28,19 @@ UPDATE notifyhook.config SET max_payload_bytes = %(max_payload_bytes)s
 WHERE max_payload_bytes IS DISTINCT FROM %(max_payload_bytes)s;
 
 -- name: claim_due
-SELECT * FROM notifyhook.claim_due(%(worker)s, %(max_rows)s, %(lease)s, %(endpoint_share)s);
+SELECT * FROM notifyhook.claim_due(
+    %(worker)s, %(max_rows)s, %(lease)s, %(concurrency)s,
+    %(held_endpoints)s::bigint[], %(held_counts)s::integer[], %(held_tenants)s::text[]);
+
+-- name: take_over
+SELECT notifyhook.take_over(%(worker)s, %(max_attempts)s);
+
+-- name: repair_turns
+SELECT notifyhook.repair_turns();
+
+-- name: hold_worker_id
+-- The lock notifyhook.take_over tests, taken again by a claim connection made anew.
+SELECT pg_try_advisory_lock(hashtextextended('notifyhook worker ' || %(worker)s, 0));
 
 -- name: record_outcomes
 -- Casts spell the array types out: a list of all-None values carries no type. The
@@ -40,7 +52,12 @@ SELECT * FROM notifyhook.record_outcomes(
     %(attempt_numbers)b::integer[], %(statuses)b::text[], %(retry_in_s)b::double precision[],
     %(started_ats)b::timestamptz[], %(durations_ms)b::double precision[],
     %(status_codes)b::integer[], %(errors)b::text[], %(excerpts)b::text[], %(gone)b::boolean[],
-    %(disable_after)s, %(retried)s);
+    %(disable_after)s, %(retried)s, %(attempt_keys)b::uuid[]);
+
+-- name: record_rejected_outcome
+SELECT notifyhook.record_rejected_outcome(
+    %(worker)s, %(delivery_id)s, %(attempt)s, %(status)s, %(retry_in_s)s::double precision,
+    %(reason)s, %(attempt_key)s) AS recorded;
 
 -- name: release_claims
 SELECT notifyhook.release_claims(%(worker)s, %(delivery_ids)s::bigint[], %(attempt_numbers)s::integer[]);
@@ -88,9 +105,10 @@ SELECT notifyhook.replay_dead(%(endpoint_id)s, %(since)s);
 
 -- name: add_endpoint
 INSERT INTO notifyhook.endpoints
-    (tenant_id, name, url, secret, event_types, extra_fields, headers, rate_limit, max_in_flight, timeout_ms)
+    (tenant_id, name, url, secret, event_types, extra_fields, headers, rate_limit, max_in_flight, timeout_ms,
+     retry_schedule)
 VALUES (%(tenant_id)s, %(name)s, %(url)s, %(secret)s, %(event_types)s, %(extra_fields)s, %(headers)s,
-        %(rate_limit)s, %(max_in_flight)s, %(timeout_ms)s)
+        %(rate_limit)s, %(max_in_flight)s, %(timeout_ms)s, %(retry_schedule)s::integer[])
 RETURNING id;
 
 -- name: list_endpoints
@@ -102,12 +120,24 @@ ORDER BY id;
 
 -- name: show_endpoint
 SELECT e.id, e.tenant_id, e.name, e.url, e.event_types, e.extra_fields, e.headers, e.enabled,
-       e.disabled_reason, e.rate_limit, e.max_in_flight, e.timeout_ms,
+       e.disabled_reason, e.rate_limit, e.max_in_flight, e.timeout_ms, e.ordered, e.retry_schedule,
        e.previous_secret_expires_at, e.created_at, e.updated_at,
        s.consecutive_failures, s.failing_since, s.last_success_at, s.last_failure_at
 FROM notifyhook.endpoints AS e
 LEFT JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
 WHERE e.id = %(endpoint_id)s;
+
+-- name: endpoint_secrets
+-- For the CLI to tell an endpoint's signature scheme and show ed25519 public keys;
+-- the secrets themselves are never printed. The previous one only while it signs.
+SELECT secret, CASE WHEN previous_secret_expires_at > now() THEN previous_secret END AS previous_secret
+FROM notifyhook.endpoints
+WHERE id = %(endpoint_id)s;
+
+-- name: set_retry_schedule
+UPDATE notifyhook.endpoints SET retry_schedule = %(retry_schedule)s::integer[]
+WHERE id = %(endpoint_id)s
+RETURNING id;
 
 -- name: set_endpoint_enabled
 UPDATE notifyhook.endpoints

@@ -84,6 +84,14 @@ def report_database_lost(what: str, error: BaseException) -> None:
         )
 
 
+def report_refused_outcome(sqlstate: str, reason: str) -> None:
+    """One report per outcome the database refused (the recorder isolated it from its batch)."""
+    with sentry_sdk.new_scope() as scope:
+        scope.fingerprint = ["notifyhook", "outcome-refused", sqlstate]
+        scope.set_tag("sqlstate", sqlstate)
+        sentry_sdk.capture_message(reason, level="error")
+
+
 def report_exception(error: BaseException) -> None:
     """Report an unexpected exception: one that stops the worker, or a bug met in a delivery."""
     sentry_sdk.capture_exception(error)

@@ -24,7 +24,7 @@ from notifyhook import signing
 from notifyhook.delivery import AttemptResult, Delivery, Verdict
 from notifyhook.errors import SecretError
 from notifyhook.retry import parse_retry_after
-from notifyhook.transport import AiohttpTransport
+from notifyhook.transport import AiohttpTransport, MalformedResponse
 
 EXCERPT_BYTES = 1024
 """How much of a response body is read and kept; the rest is never read."""
@@ -66,8 +66,18 @@ class _Refused(OSError):
 
 def refusal_reason(address: IPAddress) -> str | None:
     """What puts `address` off limits ("loopback", "private", …), or None for a public one."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return refusal_reason(address.ipv4_mapped)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return refusal_reason(address.ipv4_mapped)
+        # 6to4 (2002::/16) is routed to the IPv4 address it embeds: 2002:7f00:1:: is
+        # 127.0.0.1 to a host with a 6to4 relay, and the ipaddress module calls it global.
+        if address.sixtofour is not None:
+            embedded = refusal_reason(address.sixtofour)
+            return None if embedded is None else f"{embedded} (6to4)"
+        # Deprecated (RFC 3879), but still routed inside some sites; not "private" to
+        # the ipaddress module.
+        if address.is_site_local:
+            return "site-local"
     # Most specific first: 127/8, 169.254/16 and 0/8 are also "private" to the ipaddress module.
     for reason, applies in (
         ("unspecified", address.is_unspecified),
@@ -187,6 +197,7 @@ class Sender:
             verdict, error = Verdict.RETRY, f"timeout after {delivery.timeout_s}s"
         except (httpx.HTTPError, aiohttp.ClientError, OSError, SecretError) as failure:
             verdict, error = _describe_failure(failure)
+            error = _without_url(error, delivery.url)
         else:
             verdict = _status_verdict(status)
             return AttemptResult(
@@ -264,12 +275,27 @@ def _target(text: str, allow_private_networks: bool) -> _Target:
     except (httpx.InvalidURL, UnicodeError) as error:
         raise _Refused(f"invalid URL: {error}") from None
     if url.scheme not in ("http", "https"):
-        raise _Refused(f"refused: only http and https URLs are delivered, not {text!r}")
+        raise _Refused(f"refused: only http and https URLs are delivered, not {url.scheme!r}")
     if not host:
-        raise _Refused(f"invalid URL: no host in {text!r}")
+        raise _Refused("invalid URL: no host")
+    _check_host_name(url.raw_host.decode("ascii", "replace"))
     if not allow_private_networks:
         _check_literal_host(host)
     return _Target(url, (b"host", url.netloc))
+
+
+_NAME_RULE = "labels of 1 to 63 characters between dots, at most 253 characters in all"
+
+
+def _check_host_name(host: str) -> None:
+    """Refuse a host name that IDNA cannot encode: an empty label or one over 63
+    characters (the codec raises a bare UnicodeError at send time), or a name over 253.
+    The same rule as notifyhook.check_url_host, which refuses such URLs at INSERT."""
+    if ":" in host:  # an IPv6 literal, checked by the URL parser
+        return
+    name = host.removesuffix(".")  # one trailing dot: a fully qualified name
+    if len(name) > 253 or any(not 0 < len(label) <= 63 for label in name.split(".")):
+        raise _Refused(f"invalid URL: a host name has {_NAME_RULE}")
 
 
 def _check_literal_host(host: str) -> None:
@@ -346,8 +372,9 @@ def _describe_failure(failure: BaseException) -> tuple[Verdict, str]:
         return Verdict.PERMANENT, str(refusal)
     if secret_error := _first(causes, SecretError):
         return Verdict.PERMANENT, f"cannot sign: {secret_error}"
-    if bad_url := _first(causes, (httpx.UnsupportedProtocol, aiohttp.InvalidURL)):
-        return Verdict.PERMANENT, f"invalid URL: {bad_url}"
+    if _first(causes, (httpx.UnsupportedProtocol, aiohttp.InvalidURL)):
+        # Not the error's text: aiohttp's is the URL itself.
+        return Verdict.PERMANENT, "invalid URL: the HTTP client cannot send to it"
     if dns_error := _first(causes, (aiohttp.ClientConnectorDNSError, socket.gaierror)):
         return Verdict.RETRY, f"DNS lookup failed for {getattr(dns_error, 'host', 'the host')}"
     if tls_error := _first(causes, ssl.SSLError):
@@ -357,6 +384,8 @@ def _describe_failure(failure: BaseException) -> tuple[Verdict, str]:
             return Verdict.RETRY, _ERRNO_REASONS[cause.errno]
     if _first(causes, aiohttp.ServerDisconnectedError):
         return Verdict.RETRY, "connection closed by the server"
+    if malformed := _first(causes, MalformedResponse):
+        return Verdict.RETRY, str(malformed)
     return Verdict.RETRY, f"network error: {failure or type(failure).__name__}"
 
 
@@ -373,6 +402,18 @@ def _causes(failure: BaseException) -> list[BaseException]:
         causes.append(current)
         current = current.__cause__ or current.__context__
     return causes
+
+
+def _without_url(error: str, url: str) -> str:
+    """`error` without the endpoint's URL, nor its path and query: they may hold tokens, and
+    attempts.error, dead_letters and the log are read by more people than the endpoint's
+    owner. A second line behind the descriptions above, for texts they do not foresee."""
+    if url in error:
+        error = error.replace(url, "<the endpoint's URL>")
+    path_and_query = url.split("://", 1)[-1].partition("/")[2]
+    if len(path_and_query) > 1 and path_and_query in error:
+        error = error.replace(path_and_query, "<path>")
+    return error
 
 
 def _elapsed_ms(start: float) -> float:

@@ -23,8 +23,11 @@ from notifyhook.errors import ConfigurationError
 
 ENV_PREFIX = "NOTIFYHOOK_"
 
-USED_ELSEWHERE = frozenset({"NOTIFYHOOK_TEST_DATABASE_URL", "NOTIFYHOOK_CLUSTER_USER"})
-"""NOTIFYHOOK_* variables that are not settings but are read on purpose (tests, cluster.py)."""
+USED_ELSEWHERE = frozenset(
+    {"NOTIFYHOOK_TEST_DATABASE_URL", "NOTIFYHOOK_CLUSTER_USER", "NOTIFYHOOK_DASHBOARD_TOKEN"}
+)
+"""NOTIFYHOOK_* variables that are not settings but are read on purpose (tests, cluster.py,
+and the dashboard's token, which only `notifyhook dashboard` reads: no worker needs it)."""
 
 log = logging.getLogger("notifyhook.settings")
 
@@ -32,6 +35,19 @@ Seconds = Annotated[float, BeforeValidator(retry.parse_duration)]
 """A duration in seconds: plain seconds (`30`, `1.5`) or a number with s, m, h or d (`5m`)."""
 
 Schedule = Annotated[tuple[float, ...], NoDecode, BeforeValidator(retry.parse_schedule)]
+
+# Bounds on durations (DESIGN §8). PostgreSQL computes with them (now() - DISABLE_AFTER,
+# now() + a retry delay, a lease): a value past what a timestamp can hold makes every
+# statement that uses it fail, which a worker cannot tell from any other refusal.
+HOUR = 3600.0
+DAY = 86400.0
+YEAR = 365.25 * DAY
+MAX_RETRY_DELAY_S = 7 * DAY
+MAX_RETRIES = 100
+MAX_PAYLOAD_LIMIT = 16 * 1024 * 1024
+"""Largest MAX_PAYLOAD_BYTES: a worker holds up to CONCURRENCY bodies at once (and
+PostgreSQL's jsonb its own copy), so 100 MiB times 100 slots would be far past the unit's
+MemoryMax; 16 MiB is already more than any receiver we know of accepts."""
 
 
 def _default_worker_id() -> str:
@@ -62,19 +78,28 @@ class Settings(BaseSettings):
         100, ge=1, le=10_000, description="Most deliveries claimed or recorded in one statement."
     )
     poll_interval: Seconds = Field(
-        5.0, gt=0, description="Seconds between backstop looks at the queue (retries, leases)."
+        5.0,
+        gt=0,
+        le=HOUR,
+        description="Seconds between backstop looks at the queue (retries, leases); at most 1 h.",
     )
     lease: Seconds = Field(
         60.0,
         gt=0,
-        description="Seconds a claimed delivery stays with its worker before others may take it.",
+        le=DAY,
+        description="Seconds a claimed delivery stays with its worker before others may take it; "
+        "at most 1 day.",
     )
     http_timeout: Seconds = Field(
-        10.0, gt=0, description="Seconds one HTTP attempt may take, all included; below LEASE."
+        10.0,
+        gt=0,
+        le=HOUR,
+        description="Seconds one HTTP attempt may take, all included; below LEASE, at most 1 h.",
     )
     retry_schedule: Schedule = Field(
         (30.0, 60.0, 120.0, 240.0, 480.0),
-        description="Seconds to wait before each retry, comma-separated; attempts = retries + 1.",
+        description="Seconds to wait before each retry, comma-separated, each at most 7 days; "
+        "attempts = retries + 1 (at most 101).",
     )
     jitter: float = Field(
         0.1,
@@ -83,18 +108,24 @@ class Settings(BaseSettings):
         description="Fraction by which each retry delay is randomly varied (0.1 = ±10%).",
     )
     shutdown_grace: Seconds = Field(
-        30.0, ge=0, description="Seconds in-flight requests may finish after SIGTERM."
+        30.0,
+        ge=0,
+        le=HOUR,
+        description="Seconds in-flight requests may finish after SIGTERM; at most 1 h.",
     )
     disable_after: Seconds = Field(
-        5 * 86400.0,
+        5 * DAY,
         gt=0,
-        description="Seconds of nothing but failures after which an endpoint is disabled.",
+        le=10 * YEAR,
+        description="Seconds of nothing but failures after which an endpoint is disabled; "
+        "at most 10 years.",
     )
     max_payload_bytes: int = Field(
         262_144,
         ge=1,
-        le=100 * 1024 * 1024,
-        description="Largest event payload, in bytes of JSON text; written to the database by migrate.",
+        le=MAX_PAYLOAD_LIMIT,
+        description="Largest event payload, in bytes of JSON text, at most 16 MiB; written to "
+        "the database by migrate.",
     )
     allow_private_networks: bool = Field(
         False, description="Allow deliveries to loopback, private and link-local addresses."
@@ -113,9 +144,10 @@ class Settings(BaseSettings):
         "INFO", description="Least severe level logged."
     )
     retention: Seconds = Field(
-        30 * 86400.0,
+        30 * DAY,
         gt=0,
-        description="Seconds delivered and dead deliveries are kept before prune.",
+        le=100 * YEAR,
+        description="Seconds delivered and dead deliveries are kept before prune; at most 100 years.",
     )
     secret_key: SecretStr | None = Field(
         None,
@@ -163,6 +195,19 @@ class Settings(BaseSettings):
             from notifyhook.secrets import check_key
 
             check_key(value.get_secret_value())
+        return value
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _bounded_schedule(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) > MAX_RETRIES:
+            raise ValueError(f"at most {MAX_RETRIES} retries, got {len(value)}")
+        for position, delay in enumerate(value, start=1):
+            if delay > MAX_RETRY_DELAY_S:
+                raise ValueError(
+                    f"retry schedule delay {position} must be at most 7 days "
+                    f"({MAX_RETRY_DELAY_S:g}s), got {delay:g}s"
+                )
         return value
 
     @model_validator(mode="after")

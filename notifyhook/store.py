@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
 from importlib import resources
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row
+from psycopg.types.composite import CompositeInfo, register_composite
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -23,13 +25,16 @@ from notifyhook.delivery import Outcome
 Row = tuple[Any, ...]
 
 # Keep a dead TCP peer from hanging a query forever: libpq keepalives notice a
-# vanished server within ~30 s, and connecting gives up after 10 s.
+# vanished server within ~25 s when the connection is idle, tcp_user_timeout when it
+# has data unacknowledged (a blackhole mid-query: without it, ~15 minutes of TCP
+# retransmissions), and connecting gives up after 10 s.
 _CONNECTION_OPTIONS = {
     "connect_timeout": "10",
     "keepalives": "1",
     "keepalives_idle": "10",
     "keepalives_interval": "5",
     "keepalives_count": "3",
+    "tcp_user_timeout": "20000",
     "application_name": "notifyhook",
 }
 
@@ -72,13 +77,36 @@ def check_conninfo(url: str) -> None:
     try:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError as error:
-        # libpq's message may quote the string, password included: keep its gist only.
-        reason = str(error).strip().split(":")[0]
+        # libpq's message quotes the part it stumbled on, which may be the password
+        # (`unexpected spaces found in "pass word"`): say only which kind of mistake.
+        reason = _conninfo_mistake(str(error))
         raise ValueError(f"is not a valid libpq URL or key=value DSN ({reason})") from None
     for name, choices in _CONNINFO_CHOICES.items():
         value = params.get(name)
         if value is not None and value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+# libpq's parse errors, by the start of their message, and what we say instead. Only
+# these fixed texts are printed: each of libpq's quotes part of the string.
+_CONNINFO_MISTAKES = (
+    ("unexpected spaces found", "a space in it; write spaces as %20"),
+    ("end of string reached when looking for matching", "a [ without its ] in the host"),
+    ('missing "=" after', "a key without =value in a key=value DSN"),
+    ("unterminated quoted string", "a quoted value without its closing quote"),
+    ("invalid URI query parameter", "an unknown parameter after ? in the URL"),
+    ("invalid connection option", "an unknown connection option"),
+    ("invalid percent-encoded token", "a % not followed by two hexadecimal digits"),
+    ("forbidden value %00", "an encoded NUL (%00)"),
+    ("invalid integer value", "a number option that is not a number"),
+)
+
+
+def _conninfo_mistake(message: str) -> str:
+    for start, mistake in _CONNINFO_MISTAKES:
+        if message.strip().startswith(start):
+            return mistake
+    return "libpq could not parse it"
 
 
 def redact_conninfo(url: str) -> str:
@@ -103,6 +131,15 @@ def with_dbname(url: str, dbname: str) -> str:
     return make_conninfo(url, dbname=dbname)
 
 
+def read_only(url: str, **settings: object) -> str:
+    """The DSN with every transaction read-only from the first statement (for readers such
+    as the dashboard; on a replica too), and these server settings for the session."""
+    given = str(conninfo_to_dict(url).get("options") or "")
+    mine = {"default_transaction_read_only": "on", **settings}
+    options = " ".join([given, *(f"-c {name}={value}" for name, value in mine.items())])
+    return make_conninfo(url, options=options.strip())
+
+
 async def create_database(admin_url: str, name: str) -> None:
     async with connect(admin_url) as conn:
         await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -113,6 +150,12 @@ async def drop_database(admin_url: str, name: str) -> None:
         await conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+
+
+def with_options(url: str, options: str) -> str:
+    """The DSN with `options` (server settings, `-c name=value`) after the user's own."""
+    own = conninfo_to_dict(url).get("options")
+    return make_conninfo(url, options=f"{own} {options}" if own else options)
 
 
 def connection_string(url: str) -> str:
@@ -170,17 +213,81 @@ async def connect(
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """One row a claim took (the composite type notifyhook.claimed_delivery)."""
+
+    delivery_id: int
+    event_id: UUID
+    endpoint_id: int
+    tenant_id: str
+    attempt: int
+    """1-based number of the attempt about to be made (counted at claim time)."""
+    url: str
+    secret: str
+    previous_secret: str | None
+    """The secret before the last rotation, while it is still signed with."""
+    headers: dict[str, str]
+    timeout_ms: int | None
+    retry_schedule: list[int] | None
+    """The endpoint's own retry delays in seconds; None: the global schedule."""
+    body: str
+    """The exact JSON body to send (payload merged over the endpoint's extra_fields)."""
+    limited: bool
+    """The endpoint is limited fleet-wide (max_in_flight, FIFO, an open circuit): its next
+    row may wait until this one's outcome is recorded."""
+
+
+def _claimed_delivery(*values: Any) -> ClaimedDelivery:
+    return ClaimedDelivery(*values)
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     """What one claim returned: the rows to send now, and when to look again."""
 
-    rows: list[Row]
-    """(delivery_id, event_id, endpoint_id, attempt, url, secret, previous_secret, headers, timeout_ms, body)"""
+    deliveries: list[ClaimedDelivery]
     wake_in_s: float | None
-    """Seconds until a retry falls due or a rate token arrives, if anything waits."""
+    """Seconds until the next endpoint's turn comes (a retry, a rate token), if any."""
     more_due: bool
-    """Due rows were held back by a cap that finishing deliveries will lift."""
-    more_now: bool
-    """An endpoint filled its even split of the claim: more may be claimable at once."""
+    """Rows are due that this claim did not take: claim again when slots free up."""
+    held_back: bool
+    """An endpoint waits for an outcome of its in-flight rows (max_in_flight, its circuit,
+    FIFO order): record outcomes without delay."""
+    passed_by: bool
+    """Work was passed by because its lock was held for a moment: claim again shortly."""
+
+
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """What a worker holds of one endpoint: the claim shares its slots by it."""
+
+    endpoint_id: int
+    tenant_id: str
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Bounds on every statement of a worker's session (DESIGN §8: a claim never waits)."""
+
+    statement_s: float
+    lock_s: float
+
+    def options(self) -> str:
+        """libpq `options`: the session settings, in milliseconds."""
+        return (
+            f"-c statement_timeout={round(self.statement_s * 1000)}"
+            f" -c lock_timeout={round(self.lock_s * 1000)}"
+            f" -c idle_in_transaction_session_timeout={round(self.statement_s * 1000)}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DisabledEndpoint:
+    """An endpoint that record_outcomes disabled (a 410, or failing for too long)."""
+
+    endpoint_id: int
+    disabled_reason: str
 
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
@@ -197,13 +304,37 @@ def _storable(text: str | None) -> str | None:
     return text.replace("\x00", "\ufffd")
 
 
+def _claim_connection(
+    worker: str | None,
+) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
+    """Prepare each claim connection: load notifyhook.claimed_delivery values as
+    ClaimedDelivery, and hold the worker id's advisory lock (see take_over) again after a
+    reconnection, so that a process started later under the same id sees it in use."""
+
+    async def prepare(conn: psycopg.AsyncConnection[Any]) -> None:
+        info = await CompositeInfo.fetch(conn, "notifyhook.claimed_delivery")
+        if info is None:
+            raise psycopg.ProgrammingError("type notifyhook.claimed_delivery does not exist")
+        register_composite(info, conn, _claimed_delivery)
+        if worker is not None:
+            await conn.execute(queries()["hold_worker_id"], {"worker": worker})
+
+    return prepare
+
+
 @asynccontextmanager
-async def _open_pool(url: str, name: str, size: int) -> AsyncIterator[Pool]:
+async def _open_pool(
+    url: str,
+    name: str,
+    size: int,
+    configure: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
+) -> AsyncIterator[Pool]:
     pool: Pool = AsyncConnectionPool(
         connection_string(url),
         min_size=1,
         max_size=size,
         kwargs={"autocommit": True},
+        configure=configure,
         open=False,
         # Fail a checkout after 10 s rather than 30: the loop backs off and retries.
         timeout=10.0,
@@ -234,11 +365,21 @@ class Store:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str, *, size: int = 3) -> AsyncIterator[Store]:
-        """`size` connections at most for recording and the rest, plus one for claims."""
+    async def open(
+        cls,
+        url: str,
+        *,
+        size: int = 3,
+        timeouts: Timeouts | None = None,
+        worker: str | None = None,
+    ) -> AsyncIterator[Store]:
+        """`size` connections at most for recording and the rest, plus one for claims
+        (holding the advisory lock on `worker`, the WORKER_ID, when given)."""
+        if timeouts is not None:
+            url = with_options(url, timeouts.options())
         async with (
             _open_pool(url, "notifyhook", size) as pool,
-            _open_pool(url, "notifyhook-claims", 1) as claims,
+            _open_pool(url, "notifyhook-claims", 1, configure=_claim_connection(worker)) as claims,
         ):
             yield cls(pool, claims)
 
@@ -259,26 +400,46 @@ class Store:
             return await read_schema_version(conn)
 
     async def claim_due(
-        self, worker: str, max_rows: int, lease_s: float, endpoint_share: int
+        self,
+        worker: str,
+        max_rows: int,
+        lease_s: float,
+        concurrency: int,
+        holdings: Sequence[Holding] = (),
     ) -> Claim:
+        """Claim up to `max_rows` due deliveries (sql/functions/claim.sql)."""
+        async with self._claims.connection() as conn:
+            # Binary: psycopg parses a composite array in binary format at about two
+            # thirds of the CPU the text format costs.
+            cursor = conn.cursor(row_factory=class_row(Claim), binary=True)
+            await cursor.execute(
+                self._sql["claim_due"],
+                {
+                    "worker": worker,
+                    "max_rows": max_rows,
+                    "lease": timedelta(seconds=lease_s),
+                    "concurrency": concurrency,
+                    "held_endpoints": [h.endpoint_id for h in holdings],
+                    "held_counts": [h.rows for h in holdings],
+                    "held_tenants": [h.tenant_id for h in holdings],
+                },
+            )
+            claim = await cursor.fetchone()
+        assert claim is not None, "claim_due returns one row"
+        return claim
+
+    async def take_over(self, worker: str, max_attempts: int) -> int | None:
+        """Take back what a dead predecessor with this WORKER_ID still holds.
+
+        The claim connection holds an advisory lock on the worker id for its life, so a
+        worker whose lock was free knows no live process claims under its id: the rows
+        leased to that id are a dead predecessor's, given back now rather than when
+        their leases run out. None when another live session holds the id.
+        """
         rows = await self._fetch(
-            "claim_due",
-            {
-                "worker": worker,
-                "max_rows": max_rows,
-                "lease": timedelta(seconds=lease_s),
-                "endpoint_share": endpoint_share,
-            },
-            pool=self._claims,
+            "take_over", {"worker": worker, "max_attempts": max_attempts}, pool=self._claims
         )
-        # The function always ends with one row of hints, its delivery_id null.
-        hints = rows.pop()
-        return Claim(
-            rows=[row[:10] for row in rows],
-            wake_in_s=hints[10],
-            more_due=bool(hints[11]),
-            more_now=bool(hints[12]),
-        )
+        return None if rows[0][0] is None else int(rows[0][0])
 
     async def record_outcomes(
         self,
@@ -287,7 +448,7 @@ class Store:
         disable_after_s: float,
         *,
         retried: bool = False,
-    ) -> list[tuple[int, str]]:
+    ) -> list[DisabledEndpoint]:
         """Write a batch of outcomes; returns the endpoints it disabled, with why.
 
         `retried`: an earlier call with some of these outcomes ended without an answer
@@ -295,26 +456,48 @@ class Store:
         skips those. False on the normal path, which then searches nothing.
         """
         results = [o.result for o in outcomes]
+        async with (
+            self._pool.connection() as conn,
+            conn.cursor(row_factory=class_row(DisabledEndpoint)) as cursor,
+        ):
+            await cursor.execute(
+                self._sql["record_outcomes"],
+                {
+                    "worker": worker,
+                    "delivery_ids": [o.delivery_id for o in outcomes],
+                    "endpoint_ids": [o.endpoint_id for o in outcomes],
+                    "attempt_numbers": [o.attempt for o in outcomes],
+                    "statuses": [o.status for o in outcomes],
+                    "retry_in_s": [o.retry_in_s for o in outcomes],
+                    "started_ats": [r.started_at for r in results],
+                    "durations_ms": [r.duration_ms for r in results],
+                    "status_codes": [r.status_code for r in results],
+                    "errors": [_storable(r.error) for r in results],
+                    "excerpts": [_storable(r.response_excerpt) for r in results],
+                    "gone": [r.verdict.value == "gone" for r in results],
+                    "attempt_keys": [r.attempt_key for r in results],
+                    "disable_after": timedelta(seconds=disable_after_s),
+                    "retried": retried,
+                },
+            )
+            return await cursor.fetchall()
+
+    async def record_rejected_outcome(self, worker: str, outcome: Outcome, reason: str) -> bool:
+        """Record an outcome the database refused in full: an attempt naming `reason` and
+        the delivery's next state, nothing else. False when the delivery is gone."""
         rows = await self._fetch(
-            "record_outcomes",
+            "record_rejected_outcome",
             {
                 "worker": worker,
-                "delivery_ids": [o.delivery_id for o in outcomes],
-                "endpoint_ids": [o.endpoint_id for o in outcomes],
-                "attempt_numbers": [o.attempt for o in outcomes],
-                "statuses": [o.status for o in outcomes],
-                "retry_in_s": [o.retry_in_s for o in outcomes],
-                "started_ats": [r.started_at for r in results],
-                "durations_ms": [r.duration_ms for r in results],
-                "status_codes": [r.status_code for r in results],
-                "errors": [_storable(r.error) for r in results],
-                "excerpts": [_storable(r.response_excerpt) for r in results],
-                "gone": [r.verdict.value == "gone" for r in results],
-                "disable_after": timedelta(seconds=disable_after_s),
-                "retried": retried,
+                "delivery_id": outcome.delivery_id,
+                "attempt": outcome.attempt,
+                "status": outcome.status,
+                "retry_in_s": outcome.retry_in_s,
+                "reason": reason,
+                "attempt_key": outcome.result.attempt_key,
             },
         )
-        return [(row[0], row[1]) for row in rows]
+        return bool(rows[0][0])
 
     async def release_claims(self, worker: str, held: Sequence[tuple[int, int]]) -> int:
         """Give back (delivery_id, attempt) claims not finished, uncharged."""
@@ -326,6 +509,11 @@ class Store:
                 "attempt_numbers": [attempt for _, attempt in held],
             },
         )
+        return int(rows[0][0])
+
+    async def repair_turns(self) -> int:
+        """Wake endpoints whose due rows have no turn; the number woken."""
+        rows = await self._fetch("repair_turns")
         return int(rows[0][0])
 
     async def reclaim_expired(self, max_attempts: int) -> int:

@@ -30,6 +30,10 @@ _ERROR_MAP: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
 _TRANSFER_ENCODING = "transfer-encoding"
 
 
+class MalformedResponse(httpx.RemoteProtocolError):
+    """The receiver's answer broke HTTP (a bad status line or header); says how, never where."""
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """Sends `httpx.Request`s over an `aiohttp.ClientSession`, as HTTP/1.1.
 
@@ -132,5 +136,22 @@ def _text_headers(request: httpx.Request) -> list[tuple[str, str]]:
 
 
 def _mapped(error: aiohttp.ClientError, request: httpx.Request) -> httpx.TransportError:
+    if type(error) is aiohttp.ClientResponseError:
+        # Its text ends with url='…', the endpoint's whole URL with any token in its
+        # path or query: that must not reach attempts.error or a log (DESIGN §8).
+        return MalformedResponse(malformed_response(error.message), request=request)
     kind = next((to for origin, to in _ERROR_MAP if isinstance(error, origin)), None)
     return (kind or httpx.TransportError)(str(error) or type(error).__name__, request=request)
+
+
+def malformed_response(message: str) -> str:
+    """What aiohttp's parser found wrong, without the bytes it quotes: "Bad status line:
+    Invalid status code", "Invalid header token", "Got more than 8190 bytes when reading"."""
+    problems = []
+    for line in message.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("b'", 'b"', "^")):
+            continue
+        problems.append(line.split(": b'")[0].split(': b"')[0].rstrip(":. "))
+    problem = ": ".join(problems)[:200] or "unreadable"
+    return f"the receiver sent a malformed response ({problem})"

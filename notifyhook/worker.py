@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,21 +16,31 @@ from notifyhook import __version__, reporting, retry, secrets
 from notifyhook.delivery import AttemptResult, Delivery, Outcome, Verdict
 from notifyhook.errors import ConfigurationError, SecretError
 from notifyhook.listener import Listener
+from notifyhook.maintenance import Maintenance, stuck_after_s
 from notifyhook.metrics import Metrics
 from notifyhook.metrics import serve as serve_metrics
 from notifyhook.migrate import check_schema
+from notifyhook.recorder import Recorder
 from notifyhook.sender import Sender
 from notifyhook.settings import Settings
-from notifyhook.store import DatabaseError, Row, Store, connect, is_transient, refusal
+from notifyhook.store import (
+    Claim,
+    ClaimedDelivery,
+    DatabaseError,
+    Holding,
+    Store,
+    Timeouts,
+    connect,
+    is_transient,
+    refusal,
+)
 from notifyhook.systemd import SystemdNotifier
 
 log = logging.getLogger("notifyhook.worker")
 
-PRUNE_EVERY_S = 600.0
-"""How often a worker offers to run retention (one worker of the fleet does)."""
-
-RECORD_PATIENCE_S = 0.005
-"""How long finished attempts may wait for others to share their transaction."""
+PASSED_BY_RETRY_S = 0.002
+"""How soon to claim again when a claim passed work by for a lock held a moment (doubling
+while it stays held, up to a second)."""
 
 SHUTDOWN_DATABASE_S = 10.0
 """After the grace, how long a stopping worker tries to record outcomes and give back
@@ -39,15 +48,18 @@ claims: SHUTDOWN_GRACE plus this stays within the unit's TimeoutStopSec (30 + 10
 
 
 def decide(delivery: Delivery, result: AttemptResult, settings: Settings) -> Outcome:
-    """Map an attempt's result to the delivery's next state (retry schedule, jitter, Retry-After)."""
+    """Map an attempt's result to the delivery's next state (retry schedule, jitter, Retry-After).
+
+    The endpoint's own schedule, when it has one, replaces the global one whole: its
+    delays, its attempt budget and the cap on Retry-After (its longest delay).
+    """
     status: Any = "dead"
     retry_in_s = None
     if result.verdict is Verdict.DELIVERED:
         status = "delivered"
     elif result.verdict is Verdict.RETRY:
-        delay = retry.next_delay(
-            delivery.attempt, settings.retry_schedule, settings.jitter, result.retry_after_s
-        )
+        schedule = delivery.retry_schedule or settings.retry_schedule
+        delay = retry.next_delay(delivery.attempt, schedule, settings.jitter, result.retry_after_s)
         if delay is not None:
             status, retry_in_s = "pending", delay
     return Outcome(delivery.id, delivery.endpoint_id, delivery.attempt, status, retry_in_s, result)
@@ -79,9 +91,6 @@ class Worker:
         self.listener = Listener(
             settings.database_url.get_secret_value(), self._wake_up, metrics.reconnects.inc
         )
-        # No endpoint may hold more than half of this worker's slots, so another
-        # endpoint's fresh events always find a free slot (the claim enforces it).
-        self._endpoint_share = max(1, math.ceil(settings.concurrency / 2))
         # Finishing deliveries trigger a new claim only every few slots, and outcomes
         # are recorded a batch at a time: a claim or a record costs the database
         # about a millisecond however few rows it carries, so one per delivery
@@ -90,14 +99,24 @@ class Worker:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._in_flight: dict[int, tuple[int, asyncio.Task[None]]] = {}
-        self._outcomes: list[Outcome] = []
-        self._outcomes_ready = asyncio.Event()
-        self._recording = asyncio.Lock()
-        self._record_unconfirmed = False
+        # What this worker holds per endpoint: the claim shares slots by it.
+        self._holdings: dict[int, Holding] = {}
+        self._passed_by_streak = 0
+        self.recorder = Recorder(
+            settings,
+            store,
+            metrics,
+            trouble=self._database_trouble,
+            recovered=self._database_recovered,
+            recorded=self._recorded,
+            patient=self._patient,
+        )
+        self.maintenance = Maintenance(settings, store, metrics, wake=self._wake.set)
         self._more_due = False
         # Due rows wait for a cap (max_in_flight, a circuit probe, the endpoint's or
         # tenant's share) that only a recorded outcome lifts: record without delay.
         self._capped = False
+        self._claim_after_record = False
         self._freed_since_claim = 0
         # When to look again without being woken (monotonic seconds): what the last
         # claim said, and the earliest retry this worker scheduled itself; the latter
@@ -114,13 +133,22 @@ class Worker:
     async def run(self) -> None:
         """Run until asked to stop, then finish or give back what is in flight."""
         async with asyncio.TaskGroup() as tasks:
-            recorder = tasks.create_task(self._record_loop(), name="recorder")
+            recorder = tasks.create_task(self.recorder.run(), name="recorder")
+            # Stopped with the claim loop: a stopping worker must not take back leases
+            # (its own outcomes, answered during the grace, are still being recorded).
+            maintenance = [
+                tasks.create_task(self.maintenance.reclaim(), name="reclaim"),
+                tasks.create_task(self.maintenance.retention(), name="retention"),
+            ]
+            # Run through the grace: systemd's watchdog, and /healthz's listener.
             background = [
                 tasks.create_task(self.listener.run(), name="listener"),
-                tasks.create_task(self._tick(), name="tick"),
-                tasks.create_task(self._retention(), name="retention"),
-                recorder,
-                tasks.create_task(self._heartbeat(), name="heartbeat"),
+                tasks.create_task(
+                    self.maintenance.heartbeat(
+                        self._notifier, lambda: self._last_cycle, lambda: len(self._in_flight)
+                    ),
+                    name="heartbeat",
+                ),
             ]
             log.info(
                 "worker %s started: concurrency=%d batch_size=%d lease=%gs",
@@ -129,13 +157,12 @@ class Worker:
                 self.settings.batch_size,
                 self.settings.lease,
             )
+            await self._take_over()
             await self._claim_loop()
             self._notifier.stopping()
-            # The recorder waits out a database outage for as long as it lasts, holding
-            # the recording lock; the shutdown's own flush, which has a deadline, would
-            # wait behind it forever.
-            recorder.cancel()
-            await self._finish_in_flight()
+            for task in maintenance:
+                task.cancel()
+            await self._finish_in_flight(recorder)
             for task in background:
                 task.cancel()
         log.info("worker %s stopped", self.settings.worker_id)
@@ -185,9 +212,14 @@ class Worker:
             if self._stop.is_set() or free <= 0:
                 continue
             asked = min(free, self.settings.batch_size)
+            began = time.perf_counter()
             try:
                 claim = await self._store.claim_due(
-                    self.settings.worker_id, asked, self.settings.lease, self._endpoint_share
+                    self.settings.worker_id,
+                    asked,
+                    self.settings.lease,
+                    self.settings.concurrency,
+                    list(self._holdings.values()),
                 )
             except DatabaseError as error:
                 await self._database_trouble("claim", error, next(delays))
@@ -199,75 +231,119 @@ class Worker:
                 self._ready_sent = True
                 self._notifier.ready()
                 log.info("worker %s ready", self.settings.worker_id)
-            self.metrics.claim_batch.observe(len(claim.rows))
-            for row in claim.rows:
-                self._start(row)
+            taken = len(claim.deliveries)
+            self.metrics.claim_seconds.observe(time.perf_counter() - began)
+            self.metrics.claim_batch.observe(taken)
+            for claimed in claim.deliveries:
+                self._start(claimed)
             self._freed_since_claim = 0
-            self._capped = claim.more_due
-            self._more_due = claim.more_due or len(claim.rows) == asked
-            self._claim_deadline = (
-                time.monotonic() + max(0.005, claim.wake_in_s)
-                if claim.wake_in_s is not None
-                else None
-            )
-            more_now = claim.more_now or len(claim.rows) == asked
-            if more_now and len(self._in_flight) < self.settings.concurrency:
+            self._capped = claim.held_back or self._claim_after_record
+            # An endpoint held back until its in-flight row is recorded (FIFO, its
+            # max_in_flight, its circuit) gets its turn back from that record: claim
+            # again once it is written.
+            self._more_due = claim.more_due or taken == asked or claim.held_back
+            self._claim_deadline = self._next_look(claim)
+            # Claim again at once while claims make progress and rows are left; a claim
+            # that took nothing waits for a slot, a notification or the next turn.
+            if taken and self._more_due and len(self._in_flight) < self.settings.concurrency:
                 self._wake.set()
 
-    def _start(self, row: Row) -> None:
-        delivery_id, attempt = row[0], row[3]
-        task = asyncio.create_task(self._deliver(row), name=f"delivery-{delivery_id}")
-        self._in_flight[delivery_id] = (attempt, task)
+    def _next_look(self, claim: Claim) -> float | None:
+        """When to claim again unwoken (monotonic): at the next turn, or shortly when work
+        was passed by for a lock, backing off while the lock stays held (an operator's
+        open transaction must not make the worker spin)."""
+        wake_in_s = claim.wake_in_s
+        if claim.passed_by:
+            self._passed_by_streak += 1
+            retry_s = min(PASSED_BY_RETRY_S * 2 ** (self._passed_by_streak - 1), 1.0)
+            wake_in_s = retry_s if wake_in_s is None else min(wake_in_s, retry_s)
+        else:
+            self._passed_by_streak = 0
+        if wake_in_s is None:
+            return None
+        return time.monotonic() + max(0.001, wake_in_s)
+
+    async def _take_over(self) -> None:
+        """Take back a dead predecessor's rows (same WORKER_ID) before the first claim."""
+        try:
+            taken = await self._store.take_over(self.settings.worker_id, self.settings.max_attempts)
+        except DatabaseError as error:
+            log.debug("take-over skipped: %s", error)
+            return
+        if taken is None:
+            log.warning(
+                "another live session claims as worker %s (NOTIFYHOOK_WORKER_ID must be "
+                "unique); its rows are left to their leases",
+                self.settings.worker_id,
+            )
+        elif taken:
+            log.warning(
+                "took back %d deliveries a previous worker %s left leased",
+                taken,
+                self.settings.worker_id,
+            )
+
+    def _start(self, claimed: ClaimedDelivery) -> None:
+        task = asyncio.create_task(self._deliver(claimed), name=f"delivery-{claimed.delivery_id}")
+        self._in_flight[claimed.delivery_id] = (claimed.attempt, task)
+        held = self._holdings.get(claimed.endpoint_id)
+        self._holdings[claimed.endpoint_id] = Holding(
+            claimed.endpoint_id, claimed.tenant_id, (held.rows if held else 0) + 1
+        )
         self.metrics.in_flight.set(len(self._in_flight))
+
+    def _release_holding(self, endpoint_id: int) -> None:
+        held = self._holdings[endpoint_id]
+        if held.rows <= 1:
+            del self._holdings[endpoint_id]
+        else:
+            self._holdings[endpoint_id] = Holding(endpoint_id, held.tenant_id, held.rows - 1)
 
     # -- sending -----------------------------------------------------------------
 
-    def _delivery(self, row: Row) -> Delivery:
-        (
-            delivery_id,
-            event_id,
-            endpoint_id,
-            attempt,
-            url,
-            secret,
-            previous,
-            headers,
-            timeout_ms,
-            body,
-        ) = row
-        plain = [secrets.unseal(secret, self._key)]
-        if previous is not None:
-            plain.append(secrets.unseal(previous, self._key))
-        timeout_s = timeout_ms / 1000 if timeout_ms else self.settings.http_timeout
+    def _delivery(self, claimed: ClaimedDelivery, *, sign: bool = True) -> Delivery:
+        """What the sender needs; `sign=False` leaves the secrets out (when they cannot
+        be unsealed, the attempt still needs the rest of the delivery to be recorded)."""
+        plain: list[str] = []
+        if sign:
+            plain.append(secrets.unseal(claimed.secret, self._key))
+            if claimed.previous_secret is not None:
+                plain.append(secrets.unseal(claimed.previous_secret, self._key))
+        timeout_s = claimed.timeout_ms / 1000 if claimed.timeout_ms else self.settings.http_timeout
         return Delivery(
-            id=delivery_id,
-            event_id=str(event_id),
-            endpoint_id=endpoint_id,
-            attempt=attempt,
-            url=url,
+            id=claimed.delivery_id,
+            event_id=str(claimed.event_id),
+            endpoint_id=claimed.endpoint_id,
+            attempt=claimed.attempt,
+            url=claimed.url,
             secrets=tuple(plain),
-            headers=headers,
+            headers=claimed.headers,
             timeout_s=min(timeout_s, self.settings.endpoint_timeout_cap_s),
-            body=body.encode(),
+            body=claimed.body.encode(),
+            retry_schedule=tuple(claimed.retry_schedule) if claimed.retry_schedule else None,
         )
 
-    async def _deliver(self, row: Row) -> None:
+    async def _deliver(self, claimed: ClaimedDelivery) -> None:
         try:
             try:
-                delivery = self._delivery(row)
+                delivery = self._delivery(claimed)
             except SecretError as error:
                 # A worker without the key cannot sign: retry on the schedule, so an
                 # operator who fixes NOTIFYHOOK_SECRET_KEY in time loses nothing.
-                delivery = Delivery(row[0], str(row[1]), row[2], row[3], row[4], (), {}, 0, b"")
+                delivery = self._delivery(claimed, sign=False)
                 result = _unsent(str(error))
             else:
                 result = await self._attempt(delivery)
             outcome = decide(delivery, result, self.settings)
             self._note(delivery, outcome)
-            self._outcomes.append(outcome)
-            self._outcomes_ready.set()
+            if claimed.limited:
+                # Its endpoint's next row waits for this outcome: record it without
+                # waiting for company, and claim again once it is written.
+                self._capped = self._claim_after_record = True
+            self.recorder.add(outcome)
         finally:
-            del self._in_flight[row[0]]
+            del self._in_flight[claimed.delivery_id]
+            self._release_holding(claimed.endpoint_id)
             self.metrics.in_flight.set(len(self._in_flight))
             self._freed_since_claim += 1
             if self._more_due and (
@@ -310,53 +386,22 @@ class Worker:
 
     # -- recording ---------------------------------------------------------------
 
-    async def _record_loop(self) -> None:
-        while True:
-            await self._outcomes_ready.wait()
-            if self._in_flight and not self._capped and len(self._outcomes) < self._refill_at:
-                # Others are about to finish: let a few share the transaction.
-                await asyncio.sleep(RECORD_PATIENCE_S)
-            self._outcomes_ready.clear()
-            await self._flush_outcomes()
+    def _patient(self, buffered: int) -> bool:
+        """Whether finished outcomes may wait a moment for others to share their batch."""
+        return bool(self._in_flight) and not self._capped and buffered < self._refill_at
 
-    async def _flush_outcomes(self) -> None:
-        """Write buffered outcomes in batches; wait out a database outage (rows stay leased)."""
-        # One flush at a time: the shutdown's flush and the recorder's must not both
-        # send the same outcomes.
-        async with self._recording:
-            await self._flush_held_outcomes()
-
-    async def _flush_held_outcomes(self) -> None:
-        delays = retry.reconnect_delays()
-        while self._outcomes:
-            batch = self._outcomes[: self.settings.batch_size]
-            # Until a call's answer arrives, its outcomes may or may not be recorded (a
-            # commit whose answer was lost, a call cut by an error or a cancellation):
-            # the next call, which sends them again, asks the database to skip those.
-            retried = self._record_unconfirmed
-            self._record_unconfirmed = True
-            try:
-                disabled = await self._store.record_outcomes(
-                    self.settings.worker_id, batch, self.settings.disable_after, retried=retried
-                )
-            except DatabaseError as error:
-                await self._database_trouble("record", error, next(delays))
-                continue
-            self._record_unconfirmed = False
-            self._database_recovered()
-            del self._outcomes[: len(batch)]
-            if self._more_due:
-                # A limited endpoint's slot is free only once its outcome is
-                # recorded: a claim that ran before this flush saw it still held.
-                self._wake.set()
-            for endpoint_id, reason in disabled:
-                self.metrics.endpoint_disables.inc()
-                log.warning("endpoint %d disabled: %s", endpoint_id, reason)
+    def _recorded(self) -> None:
+        if self._more_due or self._claim_after_record:
+            # A limited endpoint's slot is free only once its outcome is
+            # recorded: a claim that ran before this flush saw it still held.
+            self._claim_after_record = False
+            self._wake.set()
 
     # -- shutting down -------------------------------------------------------------
 
-    async def _finish_in_flight(self) -> None:
-        """Soft stop: let requests finish within the grace. Hard stop: give the rest back."""
+    async def _finish_in_flight(self, recorder: asyncio.Task[None]) -> None:
+        """Soft stop: let requests finish within the grace, recording their outcomes as
+        they come. Hard stop: give the rest back, record what is left, within a deadline."""
         tasks = [task for _, task in self._in_flight.values()]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
@@ -368,17 +413,22 @@ class Worker:
         await asyncio.gather(
             *(task for _, task in list(self._in_flight.values())), return_exceptions=True
         )
+        # The recorder waits out a database outage for as long as it lasts, holding the
+        # recording lock; the last flush, which has a deadline, would wait behind it
+        # forever. Its call cut short counts as unconfirmed: the last flush sends it again.
+        recorder.cancel()
+        await asyncio.wait([recorder])
         try:
             # Bounded: systemd's TimeoutStopSec must not run out while the database is away.
             async with asyncio.timeout(SHUTDOWN_DATABASE_S):
-                await self._flush_outcomes()
+                await self.recorder.flush()
                 if unfinished:
                     await self._release(unfinished)
         except TimeoutError:
             log.error(
                 "database unavailable: exiting with %d outcomes unrecorded and %d claims held; "
                 "their leases will expire and they will be sent again",
-                len(self._outcomes),
+                len(self.recorder),
                 len(unfinished),
             )
 
@@ -392,57 +442,18 @@ class Worker:
             return
         log.info("gave back %d unfinished deliveries without charging an attempt", released)
 
-    # -- background ------------------------------------------------------------------
-
-    async def _tick(self) -> None:
-        """The backstop: every poll interval, take back expired leases and look at the queue."""
-        while True:
-            await asyncio.sleep(self.settings.poll_interval)
-            try:
-                reclaimed = await self._store.reclaim_expired(self.settings.max_attempts)
-                if reclaimed:
-                    log.warning("took back %d deliveries whose lease expired", reclaimed)
-                self.metrics.set_queue(*await self._store.queue_depth())
-            except DatabaseError as error:
-                log.debug("tick skipped: %s", error)
-            self._wake.set()
-
-    async def _retention(self) -> None:
-        """Every PRUNE_EVERY_S, delete what is older than RETENTION. A task of its own: the
-        first prune of a large history takes long, and must not hold up the tick's reclaim."""
-        while True:
-            await asyncio.sleep(PRUNE_EVERY_S)
-            try:
-                await self._prune()
-            except DatabaseError as error:
-                log.debug("retention skipped: %s", error)
-
-    async def _prune(self) -> None:
-        total = 0
-        while deleted := await self._store.prune_once(self.settings.retention, 500):
-            total += deleted
-        if total:
-            log.info("retention: deleted %d rows older than %gs", total, self.settings.retention)
-
-    async def _heartbeat(self) -> None:
-        """systemd WATCHDOG and STATUS while the claim loop keeps cycling."""
-        interval = self._notifier.watchdog_interval_s or 5.0
-        stuck_after = max(3 * self.settings.poll_interval, 30.0)
-        while True:
-            await asyncio.sleep(min(interval, 5.0))
-            if time.monotonic() - self._last_cycle < stuck_after:
-                self._notifier.watchdog()
-            self._notifier.status(self.metrics.status_line(len(self._in_flight)))
+    # -- the database -------------------------------------------------------------------
 
     async def _database_trouble(self, what: str, error: BaseException, wait: float) -> None:
         if self.database_ok:
-            # Not every failure is an outage: a statement the database refuses (after a
-            # migrate by a newer release, say) fails the same way until this worker is
-            # replaced, and the log must say so rather than blame the connection.
+            # Not every failure is an outage: a statement the database refuses fails the
+            # same way until something changes, and the log must say why it was refused
+            # (its SQLSTATE and message) rather than blame the connection or guess.
+            sqlstate = getattr(error, "sqlstate", None)
             trouble = (
                 "database unavailable"
                 if is_transient(error)
-                else "the database refused it (is this worker older than the schema?)"
+                else f"the database refused the statement with SQLSTATE {sqlstate or 'unknown'}"
             )
             log.warning(
                 "%s failed, %s (%s); retrying",
@@ -467,8 +478,16 @@ class Worker:
         return (
             self.database_ok
             and self.listener.connected
-            and time.monotonic() - self._last_cycle < max(3 * self.settings.poll_interval, 30.0)
+            and time.monotonic() - self._last_cycle < stuck_after_s(self.settings)
         )
+
+
+def session_timeouts(settings: Settings) -> Timeouts:
+    """Every statement ends well within a lease, so a stuck one cannot outlive the claims
+    it records or makes; waiting for a lock (a record behind an operator's transaction)
+    ends sooner still, and the statement is retried."""
+    statement_s = min(settings.lease / 2, 30.0)
+    return Timeouts(statement_s=statement_s, lock_s=min(statement_s, 5.0))
 
 
 async def serve(settings: Settings) -> None:
@@ -476,9 +495,17 @@ async def serve(settings: Settings) -> None:
     reporting.start(settings)
     metrics = Metrics()
     url = settings.database_url.get_secret_value()
-    await _wait_for_schema(url)
+    # A signal while the database is not up yet is a request to stop, not a crash: the
+    # process exits 0, as it does once running (the Worker's own handlers replace these).
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    if not await _unless_stopped(_wait_for_schema(url), stopping):
+        log.info("stopped while waiting for the database")
+        return
     async with (
-        Store.open(url) as store,
+        Store.open(url, timeouts=session_timeouts(settings), worker=settings.worker_id) as store,
         Sender(
             allow_private_networks=settings.allow_private_networks,
             user_agent=f"notifyhook/{__version__}",
@@ -487,6 +514,8 @@ async def serve(settings: Settings) -> None:
     ):
         worker = Worker(settings, store, sender, metrics=metrics)
         worker.install_signal_handlers()
+        if stopping.is_set():  # a signal came after the schema check, before these handlers
+            worker.request_stop()
         runner = None
         if settings.metrics_port is not None:
             runner = await serve_metrics(metrics, settings.metrics_port, lambda: worker.healthy)
@@ -495,6 +524,20 @@ async def serve(settings: Settings) -> None:
         finally:
             if runner is not None:
                 await runner.cleanup()
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stopping: asyncio.Event) -> bool:
+    """Run `work` unless `stopping` is set first; whether it ran to its end."""
+    task = asyncio.create_task(work)
+    stopped = asyncio.create_task(stopping.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()  # its exception, if any (a refused schema or credentials)
+        return True
+    task.cancel()
+    await asyncio.wait({task})
+    return False
 
 
 async def _wait_for_schema(url: str) -> None:

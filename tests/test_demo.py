@@ -51,6 +51,11 @@ def assert_consistent_summary(output: str, events: int) -> None:
     assert figure(output, "HTTP attempts") == int(verified.group(2))
     assert re.search(r"latency, COMMIT to first request: p50 [\d.]+ ms, p95 [\d.]+ ms", output)
     assert "NOT FINISHED" not in output
+    # The retired endpoint's 410 alone alerts twice: a dead letter and a disabled endpoint.
+    alerts = re.search(r"alerts \(NOTIFY\)\s+\d+ \((\d+) dead, (\d+) disabled\)", output)
+    assert alerts, output
+    assert int(alerts.group(1)) >= 1
+    assert int(alerts.group(2)) == 1
     assert "select * from notifyhook.queue_stats" in output
 
 

@@ -131,12 +131,25 @@ def test_a_reserved_header_fails_the_insert_saying_why(db, name):
         ("http://example.com/a\x7fb", "must not contain control characters"),
         ("http://example.com/a\tb", "must not contain white space"),
         ("https://example.com/" + "a" * 8200, "at most 8192 characters"),
+        # IDNA cannot encode these: accepted once, they failed every attempt at send time.
+        ("http://" + "a" * 64 + ".com/", "is not a DNS name"),
+        ("http://a..b.com/", "the host a..b.com is not a DNS name"),
+        ("http://.com/", "the host .com is not a DNS name"),
+        ("http://example.com../", "is not a DNS name"),
+        ("http://" + "a." * 126 + "ab/", "is not a DNS name"),
     ],
 )
 def test_a_url_the_sender_cannot_use_fails_the_insert(db, url, message):
     refused = refusal(db, url=url)
     assert refused is not None
     assert message in refused
+
+
+@pytest.mark.parametrize(
+    "host", ["a" * 64 + ".com", "a..b.com", ".com", "example.com..", "a." * 126 + "ab"]
+)
+def test_the_sender_refuses_the_hosts_the_trigger_refuses(host):
+    assert "labels of 1 to 63 characters" in (sender_parse_error(f"http://{host}/") or "")
 
 
 @pytest.mark.parametrize(
@@ -153,6 +166,9 @@ def test_a_url_the_sender_cannot_use_fails_the_insert(db, url, message):
         "http://xn--bcher-kva.example/",
         "https://hooks.example.com/path/with/ünïcode?q=ä",
         "HTTPS://Example.COM/",
+        "http://" + "a" * 63 + ".com/",
+        "http://example.com./",
+        "http://" + "a." * 126 + "a/",
     ],
 )
 def test_an_ordinary_url_is_accepted(db, url):
@@ -177,6 +193,10 @@ HOSTS = [
     "example.com",
     "EXAMPLE.com",
     "a..b",
+    ".com",
+    "a" * 64 + ".com",
+    "a" * 63 + ".com",
+    "example.com.",
     "h_o~st",
     "xn--bcher-kva.example",
     "bücher.example",

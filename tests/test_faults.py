@@ -35,6 +35,27 @@ def test_sigkill_mid_flight_loses_nothing(db, receiver, start_worker):
     print(f"repeats after SIGKILL: {repeats}")
 
 
+def test_a_worker_restarted_under_the_same_id_takes_its_rows_back_at_once(
+    db, receiver, start_worker
+):
+    # The first answers hang until the kill; a lease of 10 minutes would keep the rows
+    # leased for that long, unless the restarted worker takes them back itself.
+    receiver.sequence("e", Answer(kind="hang"), Answer(kind="hang"), Answer(status=200))
+    add_endpoint(db, "t", "e", receiver.url("e"))
+    doomed = start_worker(worker_id="host:1", lease="600", http_timeout="300")
+    insert_events(db, "t", 2)
+    wait_until(lambda: len(receiver.received("e")) == 2, what="both requests in flight")
+    doomed.signal(signal.SIGKILL)
+    doomed.wait(10)
+    successor = start_worker(worker_id="host:1", lease="600", http_timeout="300")
+    wait_until(lambda: statuses(db) == {"delivered": 2}, what="both delivered by the successor")
+    assert "took back 2 deliveries a previous worker host:1 left leased" in successor.log()
+    expired = scalar(
+        db, "SELECT count(*) FROM notifyhook.attempts WHERE error LIKE 'lease expired%%'"
+    )
+    assert expired == 2
+
+
 def test_four_workers_deliver_each_event_exactly_once(db, receiver, start_worker):
     add_endpoint(db, "t", "a", receiver.url("a"))
     add_endpoint(db, "t", "b", receiver.url("b"))

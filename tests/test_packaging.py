@@ -41,6 +41,12 @@ def test_the_wheel_carries_the_sql_and_finds_it(tmp_path):
     wheel = next((tmp_path / "dist").glob("notifyhook-*.whl"))
     contents = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"notifyhook/sql/{f.name}" for f in migration_files()} | {"notifyhook/queries.sql"}
+    # The dashboard's statements, templates and stylesheet: it loads nothing from elsewhere.
+    expected |= {
+        "notifyhook/dashboard/queries.sql",
+        "notifyhook/dashboard/templates/base.html",
+        "notifyhook/dashboard/static/dashboard.css",
+    }
     assert expected <= contents
 
     target = tmp_path / "installed"

@@ -410,14 +410,28 @@ def test_a_connection_is_reused_after_a_fully_read_answer(status: str, body: byt
     run(scenario())
 
 
-def test_a_malformed_answer_is_a_network_error() -> None:
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "a..b.example", ".example"])
+def test_a_host_idna_cannot_encode_is_refused_not_raised(host: str) -> None:
+    # Written before the endpoints trigger refused it: the IDNA codec raised a bare
+    # UnicodeError out of send(), a stack trace and a Sentry report on every attempt.
+    result = run(send(f"http://{host}/hook"))
+    assert result.verdict is Verdict.PERMANENT
+    assert result.error == (
+        "invalid URL: a host name has labels of 1 to 63 characters between dots, "
+        "at most 253 characters in all"
+    )
+
+
+def test_a_malformed_answer_is_retried_and_described_without_the_url() -> None:
     async def scenario() -> AttemptResult:
         async with raw_server(answering(b"NOT HTTP AT ALL\r\n\r\n")) as (port, _):
-            return await send(f"http://127.0.0.1:{port}/")
+            return await send(f"http://127.0.0.1:{port}/hook/TOKEN?key=TOKEN")
 
     result = run(scenario())
     assert (result.verdict, result.status_code) == (Verdict.RETRY, None)
-    assert (result.error or "").startswith("network error: "), result.error
+    assert result.error == (
+        "the receiver sent a malformed response (Bad status line: Expected HTTP/, RTSP/ or ICE/)"
+    )
 
 
 def test_the_transport_serves_an_httpx_client() -> None:
@@ -647,8 +661,21 @@ def test_urls_other_than_http_are_permanent(url: str) -> None:
         ("93.184.216.34", None),
         ("2606:4700::1", None),
         ("::ffff:93.184.216.34", None),
+        ("fec0::1", "site-local"),
+        ("feff::1", "site-local"),
+        ("2002:7f00:1::", "loopback (6to4)"),
+        ("2002:c0a8:101::1", "private (6to4)"),
+        ("2002:a9fe:a9fe::", "link-local (6to4)"),
+        ("2002:808:808::1", None),
     ],
 )
 def test_address_classifier(address: str, reason: str | None) -> None:
     # Classification only: nothing here connects anywhere.
     assert refusal_reason(ipaddress.ip_address(address)) == reason
+
+
+@pytest.mark.parametrize("host", ["[fec0::1]", "[2002:7f00:1::]"])
+def test_site_local_and_6to4_loopback_literals_are_refused(host: str) -> None:
+    result = run(send(f"http://{host}:9/hook", allow_private_networks=False))
+    assert result.verdict is Verdict.PERMANENT
+    assert (result.error or "").startswith("refused: "), result.error

@@ -195,3 +195,63 @@ def test_known_variables_bring_no_warning(monkeypatch, caplog):
     monkeypatch.setenv("NOTIFYHOOK_CONCURRENCY", "5")
     warn_unknown_variables()
     assert caplog.records == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        # 9999999d: accepted once, then now() - DISABLE_AFTER failed every batch with a
+        # failure in it ("timestamp out of range") and healthy deliveries were resent.
+        ("NOTIFYHOOK_DISABLE_AFTER", "9999999d"),
+        ("NOTIFYHOOK_DISABLE_AFTER", "3700d"),
+        ("NOTIFYHOOK_RETRY_SCHEDULE", "30,8d"),
+        ("NOTIFYHOOK_RETRY_SCHEDULE", ",".join(["1"] * 101)),
+        ("NOTIFYHOOK_LEASE", "2d"),
+        ("NOTIFYHOOK_HTTP_TIMEOUT", "2h"),
+        ("NOTIFYHOOK_POLL_INTERVAL", "2h"),
+        ("NOTIFYHOOK_SHUTDOWN_GRACE", "2h"),
+        ("NOTIFYHOOK_RETENTION", "40000d"),
+        # A worker holds up to CONCURRENCY bodies: 100 MiB each is far past any MemoryMax.
+        ("NOTIFYHOOK_MAX_PAYLOAD_BYTES", str(100 * 1024 * 1024)),
+    ],
+)
+def test_durations_and_sizes_are_bounded(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    if variable == "NOTIFYHOOK_HTTP_TIMEOUT":
+        monkeypatch.setenv("NOTIFYHOOK_LEASE", "1d")
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    assert str(raised.value).startswith(variable), raised.value
+
+
+def test_the_bounds_themselves_are_accepted(monkeypatch):
+    monkeypatch.setenv("NOTIFYHOOK_DISABLE_AFTER", "3650d")
+    monkeypatch.setenv("NOTIFYHOOK_RETRY_SCHEDULE", "7d,7d")
+    monkeypatch.setenv("NOTIFYHOOK_LEASE", "1d")
+    monkeypatch.setenv("NOTIFYHOOK_HTTP_TIMEOUT", "1h")
+    monkeypatch.setenv("NOTIFYHOOK_MAX_PAYLOAD_BYTES", str(16 * 1024 * 1024))
+    settings = load_settings()
+    assert settings.lease == 86400
+    assert settings.retry_schedule == (604800, 604800)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pass word@h/db",
+        "postgresql://u:s3cr3t-pw@[h/db",
+        "host=h password='s3cr3t-pw",
+        "host=h password=s3cr3t-pw s3cr3t-pw",
+        "postgresql://u:s3cr3t%zzpw@h/db",
+        "postgresql://u:p@h/db?s3cr3t-pw=1",
+        "host=h s3cr3t-pw=1",
+    ],
+)
+def test_a_malformed_dsn_is_described_without_any_of_its_text(monkeypatch, url):
+    monkeypatch.setenv("NOTIFYHOOK_DATABASE_URL", url)
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    text = str(raised.value)
+    assert text.startswith("NOTIFYHOOK_DATABASE_URL: is not a valid libpq URL"), text
+    for fragment in ("pass", "word", "s3cr3t", "zz", '"'):
+        assert fragment not in text, text

@@ -293,3 +293,12 @@ def test_verify_finds_headers_in_any_case_and_any_headers_object(secret, headers
 def test_verify_rejects_a_malformed_secret(headers):
     with pytest.raises(SecretError):
         verify("not-a-secret", headers, BODY)
+
+
+@pytest.mark.parametrize("digits", [13, 5000])
+def test_verify_rejects_an_absurdly_long_timestamp_as_a_verification_error(secret, headers, digits):
+    # int() raised ValueError past 4,300 digits: a caller catching VerificationError,
+    # as the contract says, let a 500 out of its endpoint.
+    headers["webhook-timestamp"] = "9" * digits
+    with pytest.raises(VerificationError, match="out of range"):
+        verify(secret, headers, BODY)

@@ -247,3 +247,95 @@ def test_the_worker_refuses_functions_it_was_not_written_against(db, start_worke
     assert worker.wait(30) == 2
     assert "functions/claim.sql differ" in worker.log()
     assert "notifyhook migrate" in worker.log()
+
+
+class RawReceiver:
+    """A socket on 127.0.0.1 that answers every request with the same raw bytes."""
+
+    def __init__(self, answer: bytes) -> None:
+        import socket
+        import threading
+
+        self._answer = answer
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self._socket.settimeout(0.2)
+        self.port = self._socket.getsockname()[1]
+        self.requests = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(5)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        break
+                    request += chunk
+                self.requests += 1
+                connection.sendall(self._answer)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self._socket.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-Bad\x01: v\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\nContent-Length: 2\r\n\r\nok",
+    ],
+    ids=["status-line", "header-byte", "long-header"],
+)
+def test_a_malformed_response_is_recorded_without_the_endpoints_url(db, start_worker, answer):
+    # aiohttp's error for a malformed answer quotes the whole URL, tokens included; it
+    # reached attempts.error, deliveries.last_error, dead_letters and the log.
+    raw = RawReceiver(answer)
+    try:
+        url = f"http://127.0.0.1:{raw.port}/hooks/PATHTOKEN123?token=QUERYTOKEN456"
+        add_endpoint(db, "t", "raw", url)
+        worker = start_worker(retry_schedule="0.1")
+        insert_events(db, "t", 1)
+        wait_until(lambda: statuses(db) == {"dead": 1}, what="the delivery to die")
+        assert raw.requests == 2
+    finally:
+        raw.stop()
+    errors = [row[0] for row in db.execute("SELECT error FROM notifyhook.attempts")]
+    assert len(errors) == 2
+    assert all(e.startswith("the receiver sent a malformed response (") for e in errors), errors
+    recorded = " ".join(
+        [
+            *errors,
+            str(db.execute("SELECT * FROM notifyhook.deliveries").fetchall()),
+            str(db.execute("SELECT * FROM notifyhook.dead_letters").fetchall()),
+        ]
+    )
+    worker.signal(signal.SIGTERM)
+    worker.wait(20)
+    for token in ("PATHTOKEN123", "QUERYTOKEN456"):
+        assert token not in recorded
+        assert token not in worker.log()
+    assert "malformed response" in worker.log()
+
+
+def test_sigterm_while_waiting_for_the_database_exits_zero(database_url, start_worker):
+    import socket
+
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = start_worker(make_conninfo(database_url, host="127.0.0.1", port=str(port)))
+    wait_until(lambda: "database not available" in worker.log(), what="the worker to wait")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(20) == 0, worker.log()
+    assert "stopped while waiting for the database" in worker.log()

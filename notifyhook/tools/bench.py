@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from notifyhook.tools.bench_context import Result, Size
     from notifyhook.tools.scenario import Server
 
-SCENARIO_NAMES = ("backlog", "latency", "idle", "noisy", "ratelimit", "history")
+SCENARIO_NAMES = (
+    "backlog", "latency", "idle", "noisy", "ratelimit", "history", "endpoints", "peer"
+)  # fmt: skip
 """The scenarios, in the order they run: written out here because every `notifyhook` command,
 a worker's start included, builds the parser from this module, and should not import the
 scenarios (and aiohttp) to do so. A test holds them equal to bench_scenarios.SCENARIOS."""

@@ -45,6 +45,7 @@ class Size:
     noisy_fast: int = 1_000
     history: int = 1_000_000
     ceiling: int = 20_000
+    endpoints_backlog: int = 50_000
 
     def scaled(self, factor: float) -> Size:
         def count(n: int) -> int:
@@ -59,6 +60,7 @@ class Size:
             noisy_fast=count(self.noisy_fast),
             history=count(self.history),
             ceiling=count(self.ceiling),
+            endpoints_backlog=count(self.endpoints_backlog),
         )
 
 
@@ -71,6 +73,7 @@ SMALL = Size(
     noisy_fast=200,
     history=10_000,
     ceiling=2_000,
+    endpoints_backlog=2_000,
 )
 """`--small`: a quick smoke run (bench.py's help for the option quotes two of these)."""
 
@@ -138,6 +141,7 @@ class Bench:
                     "rate_limit": None,
                     "max_in_flight": None,
                     "timeout_ms": None,
+                    "retry_schedule": None,
                 }
                 ids.append(int((await fetch_dicts(conn, "add_endpoint", params))[0]["id"]))
         return ids

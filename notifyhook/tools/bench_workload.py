@@ -16,10 +16,11 @@ from notifyhook.tools.scenario import ScenarioError, Server, fetch, statements
 
 
 async def paced_producer(
-    url: str, tenant: str, rate: float, count: int
+    url: str, tenant: str, rate: float, count: int, endpoint_id: int | None = None
 ) -> tuple[dict[str, float], float]:
-    """One event per transaction at `rate`, from enough connections to keep up:
-    {event id: commit time}, and the rate achieved."""
+    """One event per transaction at `rate`, from enough connections to keep up (to one
+    endpoint of the tenant when `endpoint_id` is set): {event id: commit time}, and the
+    rate achieved."""
     connections = max(1, math.ceil(rate / 100))
     committed: dict[str, float] = {}
 
@@ -29,7 +30,7 @@ async def paced_producer(
 
             async def insert(n: int) -> None:
                 event_id, at = await scenario.insert_event(
-                    conn, tenant, "bench.latency", {"n": n * connections + offset}
+                    conn, tenant, "bench.latency", {"n": n * connections + offset}, endpoint_id
                 )
                 committed[event_id] = at
 
@@ -40,11 +41,20 @@ async def paced_producer(
     return committed, sum(rates)
 
 
-async def insert_backlog(url: str, count: int, tenants: Sequence[str]) -> None:
+async def insert_backlog(
+    url: str, count: int, tenants: Sequence[str], endpoint_id: int | None = None
+) -> None:
     async with connect(url) as conn:
         await conn.execute(
-            scenario.statements()["insert_backlog"], {"count": count, "tenants": list(tenants)}
+            scenario.statements()["insert_backlog"],
+            {"count": count, "tenants": list(tenants), "endpoint_id": endpoint_id},
         )
+
+
+async def wal_position(url: str) -> int:
+    """The server's WAL position in bytes: the difference of two is the WAL written between."""
+    async with connect(url) as conn:
+        return int((await fetch(conn, "wal_position"))[0]["wal_bytes"])
 
 
 async def wait_delivered(url: str, count: int, within_s: float) -> None:

@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from notifyhook.errors import NotifyhookError
@@ -62,7 +62,13 @@ class Cluster:
     user (or NOTIFYHOOK_CLUSTER_USER) and every server command runs through runuser.
     """
 
-    def __init__(self, *, fsync: bool = True, max_connections: int = 200) -> None:
+    def __init__(
+        self,
+        *,
+        fsync: bool = True,
+        max_connections: int = 200,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
         self.bindir = find_bindir()
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="notifyhook-pg-"))
@@ -79,6 +85,7 @@ class Cluster:
             "full_page_writes": "on" if fsync else "off",
             "shared_buffers": "128MB",
             "log_min_messages": "warning",
+            **(settings or {}),
         }
 
     @staticmethod
@@ -133,6 +140,40 @@ class Cluster:
     def restart(self, mode: str = "fast") -> None:
         """Restart the server (`fast` or `immediate`), as an operator or a crash would."""
         self.pg_ctl("restart", "-w", "-t", "60", "-m", mode, "-l", str(self.log))
+
+    def start_standby(self) -> Cluster:
+        """A streaming hot standby of this running server, on a port of its own.
+
+        pg_basebackup -R copies the data directory and writes primary_conninfo; the
+        copied postgresql.conf is this one, so the standby's own port and socket
+        directory are appended after it (the last line wins). initdb's pg_hba.conf
+        already trusts replication connections from 127.0.0.1.
+        """
+        standby = Cluster()
+        try:
+            if standby._user is not None:
+                shutil.chown(standby.root, standby._user)
+            standby._run(
+                [
+                    str(self.bindir / "pg_basebackup"),
+                    *("-D", str(standby.data), "-h", "127.0.0.1", "-p", str(self.port)),
+                    *("-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync"),
+                ]
+            )
+            with (standby.data / "postgresql.conf").open("a") as conf:
+                conf.writelines(f"{k} = {v}\n" for k, v in standby._settings_of_place().items())
+            standby.pg_ctl("start", "-w", "-t", "60", "-l", str(standby.log))
+        except BaseException:
+            standby.stop()
+            raise
+        return standby
+
+    def _settings_of_place(self) -> dict[str, str]:
+        return {"port": str(self.port), "unix_socket_directories": f"'{self.root}'"}
+
+    def promote(self) -> None:
+        """Make this standby a primary, waiting until it accepts writes."""
+        self.pg_ctl("promote", "-w", "-t", "60")
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"

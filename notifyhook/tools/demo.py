@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import shutil
 import tempfile
@@ -36,10 +37,13 @@ class DemoEndpoint:
     event_types: tuple[str, ...]
     behaviour: Behaviour
     says: str
+    ordered: bool = False
 
 
 ENDPOINTS = (
-    DemoEndpoint("healthy", ("*",), Behaviour(), "answers 200 to everything"),
+    DemoEndpoint(
+        "healthy", ("*",), Behaviour(), "answers 200 to everything; ordered (FIFO)", ordered=True
+    ),
     DemoEndpoint(
         "flaky",
         ("call.*",),
@@ -137,8 +141,13 @@ async def _add_endpoints(
                 "rate_limit": None,
                 "max_in_flight": None,
                 "timeout_ms": None,
+                "retry_schedule": None,
             }
             ids[endpoint.name] = int((await fetch_dicts(conn, "add_endpoint", params))[0]["id"])
+            if endpoint.ordered:
+                await conn.execute(
+                    statements()["mark_ordered"], {"endpoint_id": ids[endpoint.name]}
+                )
             print(f"  endpoint {endpoint.name:<9} {endpoint.says}", flush=True)
     print(
         f"  receiver on http://127.0.0.1:{receiver.port}/ (pid {receiver.pid}), "
@@ -221,19 +230,23 @@ async def _show(
         flush=True,
     )
     hits: list[Hit] = []
-    async with connect(url) as conn:
+    alerts = Alerts()
+    async with connect(url) as conn, connect(url) as listening:
+        await listening.execute(statements()["listen_alerts"])
         # The display is set up before the producer starts: its imports would hold up the
         # event loop, and with it the producer's reading of the clock after a COMMIT.
         with Progress() as progress:
             producing = asyncio.create_task(producer.run())
+            alerting = asyncio.create_task(alerts.receive(listening))
             try:
-                totals = await _follow(conn, receiver, producer, progress, hits)
+                totals = await _follow(conn, receiver, producer, progress, hits, alerts)
                 await producing
             finally:
                 producing.cancel()
+                alerting.cancel()
         stats = await fetch_dicts(conn, "endpoint_stats")
         dead = await scenario.fetch(conn, "dead_letter_reasons")
-    print_summary(producer.committed, totals, hits, stats, dead, _says(ids))
+    print_summary(producer.committed, totals, hits, stats, dead, _says(ids), alerts.received)
     return 1 if totals["deliveries"] > totals["delivered"] + totals["dead"] else 0
 
 
@@ -243,19 +256,31 @@ async def _follow(
     producer: Producer,
     progress: Progress,
     hits: list[Hit],
+    alerts: Alerts,
 ) -> dict[str, Any]:
     """Refresh the progress until every delivery is delivered or dead (or time runs out)."""
     give_up_at: float | None = None
     while True:
         totals = (await scenario.fetch(conn, "delivery_totals"))[0]
         hits += await asyncio.to_thread(receiver.drain)
-        progress.update(len(producer.committed), totals, hits)
+        progress.update(len(producer.committed), totals, hits, len(alerts.received))
         if producer.done:
             give_up_at = give_up_at or time.monotonic() + 20 + 2 * sum(RETRY_SCHEDULE)
             finished = totals["delivered"] + totals["dead"] == totals["deliveries"]
             if finished or time.monotonic() > give_up_at:
                 return totals
         await asyncio.sleep(0.25)
+
+
+class Alerts:
+    """NOTIFY notifyhook_alerts as a pager would get them, on a connection of its own."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+
+    async def receive(self, listening: scenario.Connection) -> None:
+        async for notification in listening.notifies():
+            self.received.append(json.loads(notification.payload))
 
 
 def _says(ids: dict[str, int]) -> dict[int, Sequence[str]]:

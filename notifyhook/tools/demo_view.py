@@ -45,7 +45,9 @@ class Progress:
         if self._live is not None:
             self._live.__exit__(kind, error, trace)
 
-    def update(self, events: int, totals: Mapping[str, int], hits: Sequence[Hit]) -> None:
+    def update(
+        self, events: int, totals: Mapping[str, int], hits: Sequence[Hit], alerts: int = 0
+    ) -> None:
         now = time.monotonic()
         self._delivered.append((now, totals["delivered"]))
         while len(self._delivered) > 2 and now - self._delivered[0][0] > 1.0:
@@ -53,6 +55,7 @@ class Progress:
         self._requests = len(hits)
         self._verified = sum(1 for h in hits if h.verified)
         figures = self._figures(now, events, totals)
+        figures["alerts"] = str(alerts)
         if self._live is not None:
             self._live.update(self._table(figures))
         elif now - self._last_line >= PLAIN_EVERY_S:
@@ -93,6 +96,7 @@ def print_summary(
     stats: Sequence[Mapping[str, Any]],
     dead: Sequence[Mapping[str, Any]],
     says: Mapping[int, Sequence[str]],
+    alerts: Sequence[Mapping[str, Any]] = (),
 ) -> None:
     verified = sum(1 for h in hits if h.verified)
     first = latency.latencies(committed, latency.first_arrivals(hits))
@@ -116,6 +120,7 @@ def print_summary(
         f"p95 {spread['p95_ms']:.1f} ms, p99 {spread['p99_ms']:.1f} ms, "
         f"max {spread['max_ms']:.1f} ms (over {len(first)} deliveries)",
     ]
+    lines += _alert_lines(alerts, says)
     if unfinished:
         lines.append(f"  NOT FINISHED         {unfinished} deliveries still pending or in flight")
     lines += ["", "  endpoint   delivered  dead  attempts  first request p50/p99 ms  behaviour"]
@@ -137,6 +142,24 @@ def print_summary(
         "  psql \"$NOTIFYHOOK_DATABASE_URL\" -c 'select * from notifyhook.endpoint_stats'",
         "  psql \"$NOTIFYHOOK_DATABASE_URL\" -c 'select * from notifyhook.dead_letters limit 20'",
         "  notifyhook replay --endpoint ID    # dead letters of one endpoint back to the queue",
+        '  psql "$NOTIFYHOOK_DATABASE_URL", then LISTEN notifyhook_alerts;   # alerts as they come',
         "",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _alert_lines(
+    alerts: Sequence[Mapping[str, Any]], says: Mapping[int, Sequence[str]]
+) -> list[str]:
+    """How many alerts came (NOTIFY notifyhook_alerts), and the first of each kind."""
+    kinds = {kind: [a for a in alerts if a.get("kind") == kind] for kind in ("dead", "disabled")}
+    lines = [
+        f"  alerts (NOTIFY)      {len(alerts)}"
+        f" ({len(kinds['dead'])} dead, {len(kinds['disabled'])} disabled)"
+    ]
+    for found in kinds.values():
+        if found:
+            first = found[0]
+            name = says.get(first.get("endpoint_id", 0), ("?",))[0]
+            lines.append(f"    e.g. {first['kind']} at {name}: {first.get('reason', '')[:100]}")
+    return lines

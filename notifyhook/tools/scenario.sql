@@ -17,11 +17,18 @@ RETURNING id::text;
 
 -- name: insert_backlog
 -- `count` events spread over the tenants round-robin, each with a padded payload
--- the size of a typical webhook (about 300 bytes of JSON).
-INSERT INTO notifyhook.events (tenant_id, event_type, payload)
+-- the size of a typical webhook (about 300 bytes of JSON); to one endpoint only
+-- when endpoint_id is set.
+INSERT INTO notifyhook.events (tenant_id, event_type, payload, endpoint_id)
 SELECT (%(tenants)s::text[])[1 + i %% cardinality(%(tenants)s::text[])], 'bench.backlog',
-       jsonb_build_object('i', i, 'call_id', md5(i::text), 'padding', repeat('x', 200))
+       jsonb_build_object('i', i, 'call_id', md5(i::text), 'padding', repeat('x', 200)),
+       %(endpoint_id)s::bigint
 FROM generate_series(1, %(count)s) AS i;
+
+-- name: add_tenant_endpoints
+-- `count` tenants with one endpoint each: the multi-tenant shape (bench `endpoints`).
+INSERT INTO notifyhook.endpoints (tenant_id, name, url, secret)
+SELECT 'tenant-' || n, 'endpoint', %(url)s, %(secret)s FROM generate_series(1, %(count)s) AS n;
 
 -- name: delivery_totals
 -- Where the deliveries stand, for progress and for the summary.
@@ -35,6 +42,11 @@ SELECT
     (SELECT count(*) FROM notifyhook.attempts) AS attempts
 FROM notifyhook.deliveries;
 
+-- name: wal_position
+-- Bytes of WAL the server has written since it was made: two readings bracket what a
+-- step cost (the whole server's WAL, so nothing else may run meanwhile).
+SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS wal_bytes;
+
 -- name: dead_letter_reasons
 SELECT endpoint_id, last_status_code, count(*) AS deliveries
 FROM notifyhook.dead_letters
@@ -43,6 +55,14 @@ ORDER BY endpoint_id;
 
 -- name: endpoint_disabled
 SELECT id, enabled, disabled_reason FROM notifyhook.endpoints ORDER BY id;
+
+-- name: mark_ordered
+-- A FIFO endpoint: one request in flight, in event order (DESIGN §8).
+UPDATE notifyhook.endpoints SET ordered = true WHERE id = %(endpoint_id)s;
+
+-- name: listen_alerts
+-- What a pager would do: dead letters and automatic disables arrive as JSON.
+LISTEN notifyhook_alerts;
 
 -- name: server_facts
 SELECT current_setting('server_version') AS version, pg_backend_pid() AS backend_pid,

@@ -1,107 +1,419 @@
--- Claiming: how a worker takes due deliveries, fairly and within each endpoint's limits.
+-- Claiming: how a worker takes due deliveries, fairly, within each endpoint's limits,
+-- at a cost that follows the rows it takes, never waiting for a lock.
 
 -- Claim up to max_rows due deliveries for `worker`, leasing them for `lease`.
 --
--- Fairness comes first. No endpoint, and no tenant, holds more than
--- endpoint_share of this worker's slots (the worker passes half its
--- concurrency), so another endpoint's or tenant's fresh events always find a
--- free slot however slow a backlog is. Within that, slots are filled level by
--- level: every endpoint's first slot, then every endpoint's second, …, counting
--- the rows this worker already holds, so an endpoint that holds nothing goes
--- before one that holds many, and a fresh endpoint is never queued behind old
--- backlogs. Per endpoint, the number taken is the least of:
---   * endpoint_share minus what this worker already holds of it, and of its tenant;
+-- In one paragraph. Every endpoint has a turn (endpoint_state.turn_at, indexed): when
+-- its oldest row fell due, or when it was last served if it still has rows due, or
+-- when its next row will fall due. A claim (1) folds the wakes producers left
+-- (endpoint_wakes) into the turns, (2) locks the first max_rows endpoints whose turn
+-- has come, in turn order, skipping any row another transaction holds, (3) in a
+-- statement of its own takes each one's rows: at most its fair part, its fleet-wide
+-- limits and an even level of this claim, and (4) gives each one its next turn: now
+-- if it still has rows due, which sends it to the back of the line. So a claim reads
+-- a few index entries per endpoint it serves, whatever the number of endpoints, and
+-- a claim when nothing is due reads the head of one index.
+--
+-- Fair parts, between the endpoints due at this moment only (work-conserving):
+-- a tenant may hold concurrency - reserve slots of this worker divided by the number
+-- of tenants with rows due, and an endpoint its tenant's part divided by the number
+-- of the tenant's endpoints with rows due. One endpoint alone may so hold all but
+-- the reserve (a tenth of the slots); the reserve is kept for endpoints below their
+-- part, so that a fresh event never waits for a slow backlog to free a slot. The
+-- worker says what it holds (held_*), so a predecessor's rows under the same
+-- WORKER_ID are not counted as its own. Per endpoint, the fleet-wide limits are:
 --   * max_in_flight minus the rows the whole fleet holds (`processing`);
---   * 1 minus the rows in flight while its circuit is open (5 or more
---     consecutive failures): a failing endpoint gets one probe at a time;
+--   * one request at a time while its circuit is open (5 or more consecutive
+--     failures), and always for an ordered (FIFO) endpoint, whose head goes first;
 --   * the whole tokens in its rate bucket (rate_limit per second, burst of one
 --     second's worth), shared by every worker through endpoint_state.
 --
--- The fleet-wide limits (max_in_flight, the circuit, the bucket) are read under
--- a lock on the endpoint's endpoint_state row, taken by one statement before the
--- statement that reads and claims: see "Why two statements" below.
+-- Why the rows are taken in a statement of its own. Under READ COMMITTED one
+-- statement reads with one snapshot, taken when it starts. The endpoints' state rows
+-- are locked first; the statement that counts their `processing` rows starts after,
+-- so it sees every claim committed before, and no other claim can take their rows
+-- until this one commits: the fleet-wide counts are exact. Locks are taken with SKIP
+-- LOCKED: an endpoint whose state row an operator, another claim or a record holds
+-- is left for the next claim, and the others are served.
 --
--- Returns the claimed rows, each with the exact body to send (payload merged
--- over the endpoint's extra_fields, built here so the worker never parses JSON
--- it only forwards), then ONE trailing row whose delivery_id is null and which
--- carries two hints for the worker's loop:
---   wake_in_s seconds until something not claimable now becomes claimable (a
---             retry falling due, a rate token arriving), or null; relative, so
---             that the worker's clock need not agree with the database's;
---   more_due  rows are due but held back by a cap that a finishing delivery of
---             this worker may lift: claim again when slots free up;
---   more_now  an endpoint took its even level of this claim, not its cap, and
---             may have more due: claim again at once if slots are free.
---
--- Why two statements. Under READ COMMITTED one statement reads with one
--- snapshot, taken when it starts. Were the lock taken inside the claiming
--- statement, a worker that waited for another's claim to commit would get the
--- lock, yet still count that endpoint's `processing` rows as they were before
--- the other claim: both would send max_in_flight requests (or both a probe).
--- Locking in a statement of its own means the claiming statement, which starts
--- after the lock is granted, sees every claim committed before it. Claims are
--- the only thing that adds `processing` rows, so serializing them per endpoint
--- makes the fleet-wide counts exact. Unlimited endpoints take no lock: workers
--- claim them in parallel with SKIP LOCKED.
--- Dropped first: CREATE OR REPLACE cannot change the columns a function returns.
+-- Who writes turn_at: only a transaction holding the state row's lock (claims,
+-- record_outcomes). Whoever makes a row due without that lock (producers, replays,
+-- released and reclaimed claims, an operator enabling an endpoint) inserts an
+-- endpoint_wakes row, which waits for nobody; a claim that can see the wake also
+-- sees the rows it announces. An endpoint held back by a fleet-wide limit gets no
+-- turn (null) until an outcome of its in-flight rows is recorded.
 DROP FUNCTION IF EXISTS notifyhook.claim_due(text, integer, interval, integer);
+DROP FUNCTION IF EXISTS notifyhook.claim_due(
+    text, integer, interval, integer, bigint[], integer[], text[]);
 CREATE FUNCTION notifyhook.claim_due(
     worker text,
     max_rows integer,
     lease interval,
-    endpoint_share integer
+    concurrency integer,
+    held_endpoints bigint[],
+    held_counts integer[],
+    held_tenants text[]
 ) RETURNS TABLE (
-    delivery_id bigint,
-    event_id uuid,
-    endpoint_id bigint,
-    attempt integer,
-    url text,
-    secret text,
-    previous_secret text,
-    headers jsonb,
-    timeout_ms integer,
-    body text,
+    deliveries notifyhook.claimed_delivery[],
+    -- Seconds until the next turn comes (a retry falling due, a rate token), or null;
+    -- relative, so that the worker's clock need not agree with the database's.
     wake_in_s double precision,
+    -- Rows are due that this claim did not take: claim again when slots free up.
     more_due boolean,
-    more_now boolean
+    -- An endpoint is held back by a fleet-wide limit (max_in_flight, its circuit, FIFO
+    -- order) until an outcome of its in-flight rows is recorded: record without delay.
+    held_back boolean,
+    -- Work was passed by because another transaction held its lock for a moment (a
+    -- record of outcomes, another claim, an operator): claim again shortly.
+    passed_by boolean
 )
 LANGUAGE plpgsql
--- The statements below are planned once per connection and reused: planning them
--- afresh (PostgreSQL's default for the first calls, and whenever it guesses a
--- custom plan is cheaper) costs several times what running them does.
+-- Planned once per connection and reused: planning afresh costs more than running.
 SET plan_cache_mode = force_generic_plan
--- Every read here is meant as a probe of an index (the partial queue indexes, the
--- endpoints' keys). A plan made while the tables looked empty (analysed empty,
--- the worker's first claim before any event) chose sequential scans instead, and
--- being cached, kept them through the next burst: a 20,000-row backlog drained at
--- half speed (claims of 40 rows took 23 ms instead of 8) until autovacuum's next
--- ANALYZE. For the few rows one claim touches, index probes are also the cheaper
--- plan on a warm table: at 50 events/s, COMMIT-to-request p50 fell ~0.2 ms.
+-- Every read here is meant as an index probe. A plan made while the tables looked
+-- empty chose sequential scans, and being cached, kept them through the next burst.
 SET enable_seqscan = off
+-- endpoint_wakes has no index, so with enable_seqscan off its scan is costed at 10^10,
+-- and PostgreSQL compiled the fold statement with JIT at every claim: 200 ms each.
+SET jit = off
 AS $$
 #variable_conflict use_column
 DECLARE
-    -- Consecutive failures at which an endpoint's circuit opens.
     circuit_threshold CONSTANT integer := 5;
-    -- Enabled endpoints with pending rows.
-    busy bigint[];
-    -- Whether any of them has a limit (or an open circuit), so needs its lock.
-    any_limited boolean;
-    -- Those whose endpoint_state row this transaction has locked.
-    guarded bigint[];
-    -- When the rate buckets are read: after the locks, not at transaction start.
+    -- The claim's clock: due means due by now, and the lease runs from now, not from
+    -- the transaction's start.
+    started CONSTANT timestamptz := clock_timestamp();
+    reserve CONSTANT integer := concurrency / 10;
+    held_total CONSTANT integer := coalesce((SELECT sum(n) FROM unnest(held_counts) AS n), 0);
+    folded tid[];
+    due_tenants text[];
+    due_tenant_endpoints integer[];
+    tenant_part integer;
+    capped bigint[];
+    picked bigint[];
     bucket_at timestamptz;
+    claimed notifyhook.claimed_delivery[];
+    finished timestamptz;
 BEGIN
-    -- The claim commits synchronously, like everything else, although a claim lost in
-    -- a crash would only make its rows due again: with synchronous_commit = off for
-    -- it (tried; ~0.2 ms off each claim), a PostgreSQL crash that lost a claim whose
-    -- request was already sent, followed by the death of that worker before it
-    -- recorded, left a request that no attempts row tells of, neither the worker's
-    -- nor reclaim_expired's (there was no lease to expire). The long chaos run found
-    -- it. The audit log's completeness is worth the flush.
+    -- 1. Fold the wakes into the turns. Only wakes whose state row this claim can
+    --    lock are folded (and deleted); the others wait for the next claim.
+    WITH wake AS (
+        SELECT w.ctid AS row_id, w.endpoint_id, w.due_at
+        FROM notifyhook.endpoint_wakes AS w
+        LIMIT 1000
+        FOR UPDATE SKIP LOCKED
+    ), lockable AS (
+        SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
+        WHERE s.endpoint_id IN (SELECT wake.endpoint_id FROM wake)
+        FOR NO KEY UPDATE SKIP LOCKED
+    ), turned AS (
+        UPDATE notifyhook.endpoint_state AS s
+        SET turn_at = least(s.turn_at, m.due_at)
+        FROM (SELECT wake.endpoint_id, min(wake.due_at) AS due_at
+              FROM wake JOIN lockable USING (endpoint_id)
+              GROUP BY wake.endpoint_id) AS m
+        WHERE s.endpoint_id = m.endpoint_id
+    )
+    SELECT array_agg(wake.row_id) INTO folded
+    FROM wake
+    WHERE wake.endpoint_id IN (SELECT lockable.endpoint_id FROM lockable)
+       -- The endpoint was deleted since: nothing to wake.
+       OR NOT EXISTS (SELECT FROM notifyhook.endpoint_state AS s
+                      WHERE s.endpoint_id = wake.endpoint_id);
+    IF folded IS NOT NULL THEN
+        DELETE FROM notifyhook.endpoint_wakes WHERE ctid = ANY (folded);
+    END IF;
+    passed_by := EXISTS (SELECT FROM notifyhook.endpoint_wakes);
 
-    -- Every enabled endpoint with pending rows, by a skip scan of deliveries_pending:
-    -- one index probe per such endpoint, however many rows each has queued.
+    -- 2. Who has rows due, for the fair parts: the first `concurrency` turns (beyond
+    --    that every part is one slot anyway), counted per tenant.
+    SELECT coalesce(array_agg(t.tenant_id), '{}'), coalesce(array_agg(t.endpoints), '{}')
+    INTO due_tenants, due_tenant_endpoints
+    FROM (SELECT e.tenant_id, count(*)::integer AS endpoints
+          FROM (SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
+                WHERE s.turn_at <= started
+                ORDER BY s.turn_at LIMIT concurrency) AS due
+          JOIN notifyhook.endpoints AS e ON e.id = due.endpoint_id AND e.enabled
+          GROUP BY e.tenant_id) AS t;
+    tenant_part := ceil((concurrency - reserve)::numeric / greatest(1, cardinality(due_tenants)));
+
+    -- Endpoints this worker holds its part of are not picked: they keep their turn
+    -- for the other workers.
+    capped := ARRAY(
+        SELECT h.endpoint_id
+        FROM unnest(held_endpoints, held_counts, held_tenants) AS h(endpoint_id, n, tenant_id)
+        LEFT JOIN unnest(due_tenants, due_tenant_endpoints) AS t(tenant_id, endpoints)
+            ON t.tenant_id = h.tenant_id
+        WHERE h.n > 0 AND h.n >= ceil(tenant_part::numeric / coalesce(t.endpoints, 1)));
+
+    picked := ARRAY(
+        SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
+        WHERE s.turn_at <= started AND s.endpoint_id <> ALL (capped)
+        ORDER BY s.turn_at
+        LIMIT max_rows
+        FOR NO KEY UPDATE SKIP LOCKED);
+    IF cardinality(picked) < max_rows THEN
+        -- Fewer endpoints than slots, yet some due and not capped were not taken: their
+        -- state rows were locked.
+        passed_by := passed_by OR EXISTS (
+            SELECT FROM notifyhook.endpoint_state AS s
+            WHERE s.turn_at <= started
+              AND s.endpoint_id <> ALL (capped) AND s.endpoint_id <> ALL (picked));
+    END IF;
+    IF cardinality(picked) = 0 THEN
+        RETURN QUERY SELECT '{}'::notifyhook.claimed_delivery[], notifyhook.next_turn_in_s(started),
+            EXISTS (SELECT FROM notifyhook.endpoint_state AS s WHERE s.turn_at <= started), false,
+            passed_by;
+        RETURN;
+    END IF;
+    bucket_at := clock_timestamp();
+
+    -- 3. Take the rows, in a statement that starts after the locks (see above).
+    WITH candidate AS (
+        SELECT e.id AS endpoint_id, e.tenant_id, e.rate_limit, e.max_in_flight, e.ordered,
+               s.consecutive_failures >= circuit_threshold AS circuit_open,
+               notifyhook.bucket_tokens(e.rate_limit, s.tokens, s.tokens_at, bucket_at) AS tokens,
+               coalesce(h.n, 0) AS mine,
+               -- Counted only where a limit needs it.
+               CASE WHEN e.max_in_flight IS NOT NULL OR e.ordered
+                         OR s.consecutive_failures >= circuit_threshold
+                    THEN (SELECT count(*) FROM notifyhook.deliveries AS d
+                          WHERE d.endpoint_id = e.id AND d.status = 'processing')
+                    ELSE 0 END AS in_flight,
+               ceil(tenant_part::numeric / coalesce(t.endpoints, 1)) AS part,
+               -- The part rounded down: what the reserve may bring an endpoint up to, so
+               -- that the parts of a tenant's endpoints never add up to more than its own.
+               greatest(1, floor(tenant_part::numeric / coalesce(t.endpoints, 1))) AS floor_part
+        FROM unnest(picked) AS p(endpoint_id)
+        JOIN notifyhook.endpoints AS e ON e.id = p.endpoint_id AND e.enabled
+        JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
+        LEFT JOIN unnest(held_endpoints, held_counts) AS h(endpoint_id, n) ON h.endpoint_id = e.id
+        LEFT JOIN unnest(due_tenants, due_tenant_endpoints) AS t(tenant_id, endpoints)
+            ON t.tenant_id = e.tenant_id
+    ),
+    -- What this worker holds per tenant, every endpoint of it counted.
+    tenant_held AS (
+        SELECT h.tenant_id, sum(h.n) AS mine
+        FROM unnest(held_tenants, held_counts) AS h(tenant_id, n)
+        GROUP BY h.tenant_id
+    ),
+    allowance AS (
+        SELECT c.endpoint_id, c.tenant_id, c.mine, c.floor_part, c.ordered,
+               tenant_part - coalesce(t.mine, 0) AS tenant_room,
+               greatest(0, least(
+                   max_rows,
+                   c.part - c.mine,
+                   coalesce(c.max_in_flight - c.in_flight, max_rows),
+                   CASE WHEN c.ordered OR c.circuit_open THEN 1 - c.in_flight ELSE max_rows END,
+                   coalesce(floor(c.tokens)::integer, max_rows)
+               ))::integer AS allowed
+        FROM candidate AS c
+        LEFT JOIN tenant_held AS t ON t.tenant_id = c.tenant_id
+    ),
+    -- How many rows each endpoint takes: up to an even level of slots across the
+    -- picked endpoints (what it holds counted), within what it is allowed.
+    share AS (
+        SELECT a.*,
+               least(a.allowed, greatest(0,
+                   ceil((max_rows + sum(a.mine) OVER ())::numeric / count(*) OVER ())::integer
+                   - a.mine::integer)) AS take
+        FROM allowance AS a
+    ),
+    picked_rows AS (
+        SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room, a.floor_part,
+               -- The slot of this worker's that the row would fill for its endpoint.
+               a.mine + row_number() OVER (PARTITION BY a.endpoint_id
+                                           ORDER BY d.next_attempt_at, d.id) AS slot
+        FROM share AS a
+        CROSS JOIN LATERAL (
+            SELECT d.id, d.next_attempt_at FROM notifyhook.deliveries AS d
+            WHERE d.endpoint_id = a.endpoint_id AND d.status = 'pending'
+              AND d.next_attempt_at <= started AND NOT a.ordered
+            ORDER BY d.next_attempt_at
+            LIMIT a.take
+            FOR UPDATE SKIP LOCKED) AS d
+        WHERE a.take > 0
+        UNION ALL
+        -- A FIFO endpoint sends its head, and only when the head is due: a head waiting
+        -- for its retry holds the rest back.
+        SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room, a.floor_part, a.mine + 1
+        FROM share AS a
+        CROSS JOIN LATERAL (
+            SELECT d.id, d.next_attempt_at FROM notifyhook.deliveries AS d
+            WHERE d.id = notifyhook.fifo_head(a.endpoint_id)
+              AND d.status = 'pending' AND d.next_attempt_at <= started
+            FOR UPDATE SKIP LOCKED) AS d
+        WHERE a.ordered AND a.take > 0
+    ),
+    -- The tenant's part, applied in the same level order across its endpoints, within
+    -- the slots outside the reserve. The reserve brings endpoints up to their part,
+    -- whatever their tenant holds: a slow endpoint's backlog never keeps a sibling's
+    -- fresh events waiting for a slot.
+    ranked AS (
+        SELECT p.*,
+               row_number() OVER (PARTITION BY p.tenant_id
+                                  ORDER BY p.slot, p.next_attempt_at, p.id) AS tenant_turn,
+               row_number() OVER (ORDER BY p.slot, p.next_attempt_at, p.id) AS claim_turn,
+               row_number() OVER (PARTITION BY p.slot <= p.floor_part
+                                  ORDER BY p.slot, p.next_attempt_at, p.id) AS under_turn
+        FROM picked_rows AS p
+    ),
+    chosen AS (
+        SELECT r.id FROM ranked AS r
+        WHERE r.claim_turn <= max_rows
+          AND ((r.tenant_turn <= r.tenant_room
+                AND r.claim_turn <= concurrency - held_total - reserve)
+               OR (r.slot <= r.floor_part AND r.under_turn <= reserve))
+    ),
+    claimed_rows AS (
+        UPDATE notifyhook.deliveries AS d
+        SET status = 'processing', attempts = d.attempts + 1, locked_by = worker,
+            locked_until = started + lease, updated_at = started
+        FROM chosen WHERE d.id = chosen.id
+        RETURNING d.id, d.event_id, d.endpoint_id, d.tenant_id, d.attempts
+    )
+    SELECT array_agg(ROW(c.id, c.event_id, c.endpoint_id, c.tenant_id, c.attempts, e.url,
+                         e.secret,
+                         CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END,
+                         e.headers, e.timeout_ms, e.retry_schedule,
+                         -- The exact body to send, built here so that the worker never
+                         -- parses JSON it only forwards.
+                         (e.extra_fields || ev.payload)::text,
+                         e.max_in_flight IS NOT NULL OR e.ordered
+                             OR s.consecutive_failures >= circuit_threshold
+                     )::notifyhook.claimed_delivery)
+    INTO claimed
+    FROM claimed_rows AS c
+    JOIN notifyhook.endpoints AS e ON e.id = c.endpoint_id
+    JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = c.endpoint_id
+    JOIN notifyhook.events AS ev ON ev.id = c.event_id;
+
+    -- 4. The picked endpoints' next turns (this statement sees the rows just taken),
+    --    and what their buckets have left.
+    WITH taken AS (
+        SELECT c.endpoint_id, count(*) AS n FROM unnest(claimed) AS c GROUP BY c.endpoint_id
+    ), upcoming AS (
+        SELECT s.endpoint_id, e.enabled, e.rate_limit,
+               notifyhook.bucket_tokens(e.rate_limit, s.tokens, s.tokens_at, bucket_at)
+                   - coalesce(t.n, 0) AS tokens_left,
+               CASE WHEN e.ordered
+                    THEN (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+                          WHERE d.id = notifyhook.fifo_head(e.id))
+                    ELSE (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+                          WHERE d.endpoint_id = e.id AND d.status = 'pending'
+                          ORDER BY d.next_attempt_at LIMIT 1) END AS due_at,
+               CASE WHEN e.max_in_flight IS NOT NULL OR e.ordered
+                         OR s.consecutive_failures >= circuit_threshold
+                    THEN (SELECT count(*) FROM notifyhook.deliveries AS d
+                          WHERE d.endpoint_id = e.id AND d.status = 'processing')
+                         >= CASE WHEN e.ordered OR s.consecutive_failures >= circuit_threshold
+                                 THEN 1 ELSE e.max_in_flight END
+                    ELSE false END AS at_limit
+        FROM unnest(picked) AS p(endpoint_id)
+        JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = p.endpoint_id
+        JOIN notifyhook.endpoints AS e ON e.id = p.endpoint_id
+        LEFT JOIN taken AS t ON t.endpoint_id = p.endpoint_id
+    ), turned AS (
+        UPDATE notifyhook.endpoint_state AS s
+        SET tokens = CASE WHEN n.rate_limit IS NULL THEN s.tokens ELSE n.tokens_left END,
+            tokens_at = CASE WHEN n.rate_limit IS NULL THEN s.tokens_at ELSE bucket_at END,
+            turn_at = CASE
+                -- Disabled, nothing pending, or held back until an in-flight row is recorded.
+                WHEN NOT n.enabled OR n.due_at IS NULL OR n.at_limit THEN NULL
+                -- The bucket is empty: the turn comes with the next token.
+                WHEN n.tokens_left < 1
+                    THEN greatest(n.due_at,
+                                  bucket_at + make_interval(secs => (1 - n.tokens_left) / n.rate_limit))
+                WHEN n.due_at > clock_timestamp() THEN n.due_at
+                -- Rows still due: to the back of the line.
+                ELSE clock_timestamp() END
+        FROM upcoming AS n
+        WHERE s.endpoint_id = n.endpoint_id
+    )
+    SELECT coalesce(bool_or(n.at_limit AND n.enabled AND n.due_at IS NOT NULL), false)
+    INTO held_back
+    FROM upcoming AS n;
+
+    finished := clock_timestamp();
+    RETURN QUERY SELECT coalesce(claimed, '{}'), notifyhook.next_turn_in_s(finished),
+        EXISTS (SELECT FROM notifyhook.endpoint_state AS s WHERE s.turn_at <= finished),
+        held_back, passed_by;
+END
+$$;
+
+-- The tokens in a rate bucket at `at`: what was left at tokens_at, plus rate_limit per
+-- second since, at most rate_limit (a burst of one second's worth). Null: no limit.
+CREATE OR REPLACE FUNCTION notifyhook.bucket_tokens(
+    rate_limit integer, tokens double precision, tokens_at timestamptz, at timestamptz
+) RETURNS double precision
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT least(rate_limit::double precision,
+                 coalesce(tokens, rate_limit)
+                 + rate_limit * greatest(0, extract(epoch FROM at - coalesce(tokens_at, at))))
+$$;
+
+-- The head of a FIFO endpoint's queue: its first pending row in events.created_at,
+-- events.id order (deliveries carry both: created_at is the event's). It sorts the
+-- endpoint's pending rows: an ordered endpoint pays for its order, no other does.
+CREATE OR REPLACE FUNCTION notifyhook.fifo_head(endpoint bigint) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT d.id FROM notifyhook.deliveries AS d
+    WHERE d.endpoint_id = endpoint AND d.status = 'pending'
+    ORDER BY d.created_at, d.event_id
+    LIMIT 1
+$$;
+
+-- Seconds from `after` to the earliest turn still to come, or null: the head of one
+-- index. (`after` is a parameter because a volatile clock_timestamp() in the WHERE
+-- clause could not be an index condition.)
+CREATE OR REPLACE FUNCTION notifyhook.next_turn_in_s(after timestamptz) RETURNS double precision
+LANGUAGE sql STABLE AS $$
+    SELECT extract(epoch FROM min(s.turn_at) - after)::double precision
+    FROM notifyhook.endpoint_state AS s
+    WHERE s.turn_at > after
+$$;
+
+-- At a worker's start: take back what a dead predecessor with the same WORKER_ID
+-- (a systemd instance restarted after a crash) still holds, at once rather than when
+-- its leases run out, and leave its rows nobody's share. The worker's claim session
+-- keeps an advisory lock on its id for its whole life: if the lock is free, no live
+-- session claims under this id, so every row leased to it is a dead process's. Its
+-- leases are ended here and reclaim_expired takes the rows back as for any expired
+-- lease (the attempt is recorded, charged: the receiver may have got it). Returns
+-- the number of rows taken back, or null when another live session holds the id.
+CREATE OR REPLACE FUNCTION notifyhook.take_over(worker text, max_attempts integer)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT pg_try_advisory_lock(hashtextextended('notifyhook worker ' || worker, 0)) THEN
+        RETURN NULL;
+    END IF;
+    UPDATE notifyhook.deliveries AS d
+    SET locked_until = now() - interval '1 second'  -- reclaim_expired compares with now()
+    WHERE d.status = 'processing' AND d.locked_by = worker;
+    RETURN notifyhook.reclaim_expired(max_attempts);
+END
+$$;
+
+-- The turns' safety net, run by one worker of the fleet every few minutes: an enabled
+-- endpoint whose first pending row is due before its turn (or that has no turn) gets a
+-- wake. notifyhook's own writers never need it (each leaves a wake or writes the turn
+-- under the state row's lock); a hand-written UPDATE of notifyhook.deliveries does. It
+-- visits every endpoint with a pending row (a skip scan of deliveries_pending), which is
+-- why it runs every few minutes and not in the claim. A wake it leaves for an endpoint
+-- that is rightly waiting (at its max_in_flight, or for a rate token) costs one look.
+-- Returns the number of endpoints woken.
+CREATE OR REPLACE FUNCTION notifyhook.repair_turns() RETURNS integer
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET jit = off
+AS $$
+DECLARE
+    woken integer;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(7305872156748263003) THEN
+        RETURN 0;  -- another worker is at it
+    END IF;
     WITH RECURSIVE queued(endpoint_id) AS (
         (SELECT d.endpoint_id FROM notifyhook.deliveries AS d
          WHERE d.status = 'pending' ORDER BY d.endpoint_id LIMIT 1)
@@ -110,194 +422,20 @@ BEGIN
                 WHERE d.status = 'pending' AND d.endpoint_id > queued.endpoint_id
                 ORDER BY d.endpoint_id LIMIT 1)
         FROM queued WHERE queued.endpoint_id IS NOT NULL
-    )
-    SELECT coalesce(array_agg(e.id), '{}'),
-           coalesce(bool_or(e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL
-                            OR s.consecutive_failures >= circuit_threshold), false)
-    INTO busy, any_limited
-    FROM queued
-    JOIN notifyhook.endpoints AS e ON e.id = queued.endpoint_id
-    JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
-    WHERE e.enabled;
-
-    IF cardinality(busy) = 0 THEN
-        -- Nothing pending at all: no retry to wait for, nothing held back. The hint
-        -- row alone, without starting the statement below (most of a claim's cost).
-        RETURN QUERY SELECT NULL::bigint, NULL::uuid, NULL::bigint, NULL::integer, NULL::text,
-            NULL::text, NULL::text, NULL::jsonb, NULL::integer, NULL::text,
-            NULL::double precision, false, false;
-        RETURN;
-    END IF;
-
-    -- Lock the state rows of the limited endpoints that have rows due, in id order
-    -- (record_outcomes locks in the same order, so two transactions never deadlock).
-    -- Most claims find no limited endpoint and skip this statement.
-    guarded := '{}';
-    IF any_limited THEN
-    guarded := ARRAY(
-        SELECT s.endpoint_id
-        FROM notifyhook.endpoint_state AS s
-        JOIN notifyhook.endpoints AS e ON e.id = s.endpoint_id
-        WHERE s.endpoint_id = ANY (busy)
-          AND (e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL
-               OR s.consecutive_failures >= circuit_threshold)
-          AND (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
-               WHERE d.endpoint_id = s.endpoint_id AND d.status = 'pending'
-               ORDER BY d.next_attempt_at LIMIT 1) <= now()
-        ORDER BY s.endpoint_id
-        FOR UPDATE OF s);
-    END IF;
-    bucket_at := clock_timestamp();
-
-    RETURN QUERY
-    WITH candidate AS (
-        SELECT e.id AS endpoint_id, e.tenant_id, e.rate_limit, e.max_in_flight,
-               s.consecutive_failures, s.tokens, s.tokens_at,
-               e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL
-                   OR s.consecutive_failures >= circuit_threshold AS limited,
-               e.id = ANY (guarded) AS guarded,
-               -- Read off the first entry of deliveries_pending for the endpoint. (An
-               -- EXISTS lets the planner choose a sequential scan in a generic plan.)
+    ), due AS (
+        SELECT q.endpoint_id,
                (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
-                WHERE d.endpoint_id = e.id AND d.status = 'pending'
-                ORDER BY d.next_attempt_at LIMIT 1) <= now() AS has_due,
-               (SELECT min(d.next_attempt_at) FROM notifyhook.deliveries AS d
-                WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at > now()
-               ) AS later_at,
-               flight.total AS in_flight, flight.mine
-        FROM unnest(busy) AS b(endpoint_id)
-        JOIN notifyhook.endpoints AS e ON e.id = b.endpoint_id AND e.enabled
-        JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
-        CROSS JOIN LATERAL (
-            SELECT count(*) AS total, count(*) FILTER (WHERE d.locked_by = worker) AS mine
-            FROM notifyhook.deliveries AS d
-            WHERE d.endpoint_id = e.id AND d.status = 'processing') AS flight
-    ),
-    -- What this worker holds per tenant, every endpoint of it counted (not only the
-    -- candidates): a tenant with many endpoints still gets one share.
-    tenant_held AS (
-        SELECT d.tenant_id, count(*) AS mine FROM notifyhook.deliveries AS d
-        WHERE d.status = 'processing' AND d.locked_by = worker
-        GROUP BY d.tenant_id
-    ),
-    -- The buckets of guarded endpoints only. No FOR UPDATE here: the rows are locked
-    -- since the statement before, so this statement's snapshot has their latest tokens.
-    bucket AS (
-        SELECT c.endpoint_id, c.rate_limit,
-               least(c.rate_limit::double precision,
-                     coalesce(c.tokens, c.rate_limit)
-                     + c.rate_limit * greatest(0, extract(epoch FROM bucket_at
-                                                           - coalesce(c.tokens_at, bucket_at))))
-                   AS tokens
-        FROM candidate AS c
-        WHERE c.rate_limit IS NOT NULL AND c.has_due AND c.guarded
-    ),
-    allowance AS (
-        SELECT c.endpoint_id, c.tenant_id, c.mine,
-               endpoint_share - coalesce(t.mine, 0) AS tenant_room,
-               -- A limited endpoint not locked above (it became limited, by an
-               -- operator or a failure, between the two statements) waits for the
-               -- next claim, which will lock it.
-               CASE WHEN c.limited AND NOT c.guarded THEN 0
-               ELSE greatest(0, least(
-                   max_rows,
-                   endpoint_share - c.mine,
-                   endpoint_share - coalesce(t.mine, 0),
-                   coalesce(c.max_in_flight - c.in_flight, max_rows),
-                   CASE WHEN c.consecutive_failures >= circuit_threshold
-                        THEN 1 - c.in_flight ELSE max_rows END,
-                   coalesce(floor(b.tokens)::integer, max_rows)
-               )) END::integer AS allowed,
-               c.limited AND NOT c.guarded AS unguarded,
-               b.tokens, b.rate_limit
-        FROM candidate AS c
-        LEFT JOIN bucket AS b ON b.endpoint_id = c.endpoint_id
-        LEFT JOIN tenant_held AS t ON t.tenant_id = c.tenant_id
-        WHERE c.has_due
-    ),
-    -- How many rows each endpoint takes in this claim: up to an even level of slots
-    -- across the endpoints with rows due (what it holds counted), within its cap.
-    -- Locking only what the level admits matters: locking every endpoint's whole
-    -- cap and keeping the first max_rows would lock (and write) rows for nothing.
-    -- An endpoint stopped by the level rather than its cap may have more due:
-    -- the worker is told (more_now) and claims again at once.
-    share AS (
-        SELECT a.*,
-               least(a.allowed, greatest(0,
-                   ceil((max_rows + sum(a.mine) OVER ())::numeric / count(*) OVER ())::integer
-                   - a.mine::integer)) AS take
-        FROM allowance AS a
-    ),
-    picked AS (
-        SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room,
-               -- The slot of this worker's that the row would fill for its endpoint.
-               a.mine + row_number() OVER (PARTITION BY d.endpoint_id
-                                           ORDER BY d.next_attempt_at, d.id) AS slot
-        FROM share AS a
-        CROSS JOIN LATERAL (
-            SELECT d.id, d.endpoint_id, d.next_attempt_at FROM notifyhook.deliveries AS d
-            WHERE d.endpoint_id = a.endpoint_id AND d.status = 'pending' AND d.next_attempt_at <= now()
-            ORDER BY d.next_attempt_at
-            LIMIT a.take
-            FOR UPDATE SKIP LOCKED) AS d
-        WHERE a.take > 0
-    ),
-    -- The tenant's cap, applied in the same level order across its endpoints.
-    ranked AS (
-        SELECT p.*, row_number() OVER (PARTITION BY p.tenant_id
-                                       ORDER BY p.slot, p.next_attempt_at, p.id) AS tenant_turn
-        FROM picked AS p
-    ),
-    chosen AS (
-        SELECT r.id FROM ranked AS r
-        WHERE r.tenant_turn <= r.tenant_room
-        ORDER BY r.slot, r.next_attempt_at, r.id
-        LIMIT max_rows
-    ),
-    claimed AS (
-        UPDATE notifyhook.deliveries AS d
-        SET status = 'processing', attempts = d.attempts + 1, locked_by = worker,
-            locked_until = now() + lease, updated_at = now()
-        FROM chosen WHERE d.id = chosen.id
-        RETURNING d.id, d.event_id, d.endpoint_id, d.attempts
-    ),
-    claimed_per_endpoint AS (
-        SELECT claimed.endpoint_id, count(*) AS taken FROM claimed GROUP BY claimed.endpoint_id
-    ),
-    -- Endpoints that used all they were allowed, with the tokens they have left.
-    held_back AS (
-        SELECT a.endpoint_id, a.rate_limit, a.tokens - coalesce(n.taken, 0) AS tokens_left
-        FROM allowance AS a
-        LEFT JOIN claimed_per_endpoint AS n ON n.endpoint_id = a.endpoint_id
-        WHERE coalesce(n.taken, 0) >= a.allowed AND NOT a.unguarded
-    ),
-    spent AS (
-        UPDATE notifyhook.endpoint_state AS s
-        SET tokens = b.tokens - n.taken, tokens_at = bucket_at
-        FROM bucket AS b JOIN claimed_per_endpoint AS n ON n.endpoint_id = b.endpoint_id
-        WHERE s.endpoint_id = b.endpoint_id
+                WHERE d.endpoint_id = q.endpoint_id AND d.status = 'pending'
+                ORDER BY d.next_attempt_at LIMIT 1) AS due_at
+        FROM queued AS q WHERE q.endpoint_id IS NOT NULL
     )
-    SELECT c.id, c.event_id, c.endpoint_id, c.attempts, e.url, e.secret,
-           CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END,
-           e.headers, e.timeout_ms, (e.extra_fields || ev.payload)::text,
-           NULL::double precision, NULL::boolean, NULL::boolean
-    FROM claimed AS c
-    JOIN notifyhook.endpoints AS e ON e.id = c.endpoint_id
-    JOIN notifyhook.events AS ev ON ev.id = c.event_id
-    UNION ALL
-    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-           -- The worker waits at least a few ms, so 0 cannot spin.
-           CASE WHEN EXISTS (SELECT FROM allowance AS a WHERE a.unguarded) THEN 0
-           ELSE extract(epoch FROM least(
-               (SELECT min(c.later_at) FROM candidate AS c) - now(),
-               -- The next token of a bucket that held rows back.
-               (SELECT min(make_interval(secs => (1 - h.tokens_left) / h.rate_limit))
-                FROM held_back AS h WHERE h.tokens_left < 1)))
-           END::double precision,
-           EXISTS (SELECT FROM held_back AS h WHERE coalesce(h.tokens_left, 1) >= 1)
-           OR EXISTS (SELECT FROM ranked AS r WHERE r.tenant_turn > r.tenant_room),
-           EXISTS (SELECT FROM share AS a
-                   JOIN claimed_per_endpoint AS n ON n.endpoint_id = a.endpoint_id
-                   WHERE a.take < a.allowed AND n.taken >= a.take);
+    INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+    SELECT due.endpoint_id, due.due_at
+    FROM due
+    JOIN notifyhook.endpoints AS e ON e.id = due.endpoint_id AND e.enabled
+    JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = due.endpoint_id
+    WHERE due.due_at <= now() AND (s.turn_at IS NULL OR s.turn_at > due.due_at);
+    GET DIAGNOSTICS woken = ROW_COUNT;
+    RETURN woken;
 END
 $$;

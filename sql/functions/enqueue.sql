@@ -17,15 +17,20 @@ DECLARE
 BEGIN
     -- ON CONFLICT waits for a concurrent insert of the same key to commit or
     -- roll back, so two racing callers both get the one id that exists.
-    INSERT INTO notifyhook.events AS e (tenant_id, event_type, payload, idempotency_key, endpoint_id)
-    VALUES (enqueue.tenant_id, enqueue.event_type, enqueue.payload,
-            enqueue.idempotency_key, enqueue.endpoint_id)
-    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING e.id INTO found_id;
-    IF found_id IS NULL THEN
+    LOOP
+        INSERT INTO notifyhook.events AS e (tenant_id, event_type, payload, idempotency_key, endpoint_id)
+        VALUES (enqueue.tenant_id, enqueue.event_type, enqueue.payload,
+                enqueue.idempotency_key, enqueue.endpoint_id)
+        ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING e.id INTO found_id;
+        EXIT WHEN found_id IS NOT NULL;
         SELECT e.id INTO found_id FROM notifyhook.events AS e
         WHERE e.tenant_id = enqueue.tenant_id AND e.idempotency_key = enqueue.idempotency_key;
-    END IF;
+        EXIT WHEN found_id IS NOT NULL;
+        -- (hardening, issue 13) The event that held the key was deleted between the two
+        -- statements (retention): the key is free again, so insert once more rather
+        -- than return NULL.
+    END LOOP;
     RETURN found_id;
 END
 $$;
@@ -37,10 +42,17 @@ LANGUAGE plpgsql AS $$
 DECLARE
     replayed integer;
 BEGIN
-    UPDATE notifyhook.deliveries
-    SET status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
-    WHERE id = ANY (ids) AND status = 'dead';
-    GET DIAGNOSTICS replayed = ROW_COUNT;
+    WITH replayed_rows AS (
+        UPDATE notifyhook.deliveries
+        SET status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+        WHERE id = ANY (ids) AND status = 'dead'
+        RETURNING endpoint_id
+    ), woken AS (
+        -- For the claims: these endpoints have rows due (functions/claim.sql).
+        INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+        SELECT DISTINCT r.endpoint_id, now() FROM replayed_rows AS r
+    )
+    SELECT count(*) INTO replayed FROM replayed_rows;
     IF replayed > 0 THEN
         PERFORM pg_notify('notifyhook', '');
     END IF;

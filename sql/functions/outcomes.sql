@@ -29,6 +29,9 @@ DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
 DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
     text, bigint[], bigint[], integer[], text[], timestamptz[], timestamptz[], double precision[],
     integer[], text[], text[], boolean[], interval, boolean);
+DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
+    text, bigint[], bigint[], integer[], text[], double precision[], timestamptz[],
+    double precision[], integer[], text[], text[], boolean[], interval, boolean);
 CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     worker text,
     delivery_ids bigint[],
@@ -43,7 +46,10 @@ CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     excerpts text[],
     gone boolean[],
     disable_after interval,
-    retried boolean
+    retried boolean,
+    -- Last and optional, so that callers written before it keep working; without
+    -- keys a record sent again cannot be told from the first (0005_attempt_keys.sql).
+    attempt_keys uuid[] DEFAULT NULL
 ) RETURNS TABLE (endpoint_id bigint, disabled_reason text)
 LANGUAGE plpgsql
 -- Planned once per connection and reused (see claim_due).
@@ -52,20 +58,34 @@ AS $$
 DECLARE
     -- Positions (1-based) in the arrays of outcomes recorded by an earlier call.
     recorded integer[] := '{}';
+    -- Positions of the outcomes this call records (hardening: issue 13).
+    kept integer[];
+    -- The batch's endpoints whose state rows this call could lock.
+    locked bigint[];
+    lock_wait text;
 BEGIN
     IF retried THEN
-        -- An attempt is known by its worker, start and duration (reclaim_expired's
-        -- rows have no duration).
+        -- An attempt is known by the key its worker drew for it (0005_attempt_keys.sql).
         recorded := ARRAY(
             SELECT o.n
-            FROM unnest(delivery_ids, attempt_numbers, started_ats, durations_ms)
-                 WITH ORDINALITY AS o(delivery_id, attempt, started_at, duration_ms, n)
+            FROM unnest(attempt_keys) WITH ORDINALITY AS o(attempt_key, n)
             WHERE EXISTS (
-                SELECT FROM notifyhook.attempts AS a
-                WHERE a.delivery_id = o.delivery_id AND a.attempt = o.attempt
-                  AND a.worker = record_outcomes.worker
-                  AND a.started_at = o.started_at AND a.duration_ms = o.duration_ms));
+                SELECT FROM notifyhook.attempts AS a WHERE a.attempt_key = o.attempt_key));
     END IF;
+
+    -- (hardening, issue 13) Lock the deliveries against deletion and leave out those
+    -- already gone: an endpoint deleted meanwhile cascades to its deliveries, and an
+    -- attempts row for one of them would fail the whole batch on its foreign key (the
+    -- snapshot that checks "still there" below cannot see a DELETE committed while
+    -- this transaction waited for its row lock). KEY SHARE does not conflict with the
+    -- worker's own updates, and waits for a DELETE in progress, then skips its rows.
+    kept := ARRAY(
+        SELECT o.n
+        FROM unnest(delivery_ids) WITH ORDINALITY AS o(delivery_id, n)
+        JOIN notifyhook.deliveries AS d ON d.id = o.delivery_id
+        WHERE o.n <> ALL (recorded)
+        ORDER BY d.id
+        FOR KEY SHARE OF d);
 
     WITH batch AS (
         SELECT o.*
@@ -73,7 +93,7 @@ BEGIN
                     started_ats, durations_ms, status_codes, errors, excerpts)
              WITH ORDINALITY AS o(delivery_id, endpoint_id, attempt, status, retry_in_s,
                                   started_at, duration_ms, status_code, error, excerpt, n)
-        WHERE o.n <> ALL (recorded)
+        WHERE o.n = ANY (kept)
     ), settled AS (
         UPDATE notifyhook.deliveries AS d
         SET status = o.status,
@@ -94,30 +114,59 @@ BEGIN
     )
     INSERT INTO notifyhook.attempts
         (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error,
-         response_excerpt, worker)
+         response_excerpt, worker, attempt_key)
     SELECT o.delivery_id, o.endpoint_id, o.attempt, o.started_at, o.duration_ms, o.status_code,
-           o.error, o.excerpt, worker
-    FROM batch AS o
-    -- A delivery deleted meanwhile (its endpoint removed) has nothing left to record.
-    WHERE EXISTS (SELECT FROM notifyhook.deliveries AS d WHERE d.id = o.delivery_id);
+           o.error, o.excerpt, worker, attempt_keys[o.n]
+    FROM batch AS o;
 
     -- Lock the endpoints' state rows in id order: two workers recording for the
     -- same endpoints at once then wait for each other instead of deadlocking.
-    PERFORM FROM notifyhook.endpoint_state AS s
-    WHERE s.endpoint_id = ANY (endpoint_ids)
-    ORDER BY s.endpoint_id
-    FOR UPDATE;
+    --
+    -- A state row held for longer than a moment (an operator's open transaction) is
+    -- not waited for: the outcomes of every other endpoint of the batch must not wait
+    -- with it, or their leases could run out and their webhooks go again (DESIGN §8).
+    -- Claims and other records hold these rows for milliseconds, so half a second
+    -- tells one from the other; then the rows free now are taken and the held ones
+    -- get no health update from this batch, only a wake, so that their turn comes
+    -- back once they are free (functions/claim.sql).
+    lock_wait := current_setting('lock_timeout');
+    BEGIN
+        PERFORM set_config('lock_timeout', '500ms', true);
+        PERFORM FROM notifyhook.endpoint_state AS s
+        WHERE s.endpoint_id = ANY (endpoint_ids)
+        ORDER BY s.endpoint_id
+        FOR UPDATE;
+        locked := endpoint_ids;
+    EXCEPTION WHEN lock_not_available THEN
+        locked := ARRAY(
+            SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
+            WHERE s.endpoint_id = ANY (endpoint_ids)
+            ORDER BY s.endpoint_id
+            FOR UPDATE SKIP LOCKED);
+        INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+        SELECT DISTINCT held.endpoint_id, now()
+        FROM unnest(endpoint_ids) AS held(endpoint_id)
+        WHERE held.endpoint_id <> ALL (locked);
+    END;
+    PERFORM set_config('lock_timeout', lock_wait, true);
 
     -- Health: only failures that began after the endpoint's latest success count,
     -- whichever batch (or worker) recorded that success: a slow timeout recorded
     -- after a quick success began before it, and must not restart the clock at a
     -- time before the success. A success newer than any known resets the count and
     -- the clock, unless failures already counted began after it.
+    --
+    -- (hardening, issue 13) When an attempt began is read on the database's clock:
+    -- now, less the attempt's duration. A worker's started_at is its own clock, and
+    -- a success recorded by a worker an hour fast would have stayed "the latest"
+    -- for an hour, keeping the failure count at 0 and the circuit closed.
     WITH batch AS (
-        SELECT o.*
-        FROM unnest(endpoint_ids, statuses, started_ats) WITH ORDINALITY
-             AS o(endpoint_id, status, started_at, n)
-        WHERE o.n <> ALL (recorded)
+        SELECT o.endpoint_id, o.status,
+               now() - make_interval(secs => greatest(coalesce(o.duration_ms, 0), 0) / 1000)
+                   AS started_at
+        FROM unnest(endpoint_ids, statuses, durations_ms) WITH ORDINALITY
+             AS o(endpoint_id, status, duration_ms, n)
+        WHERE o.n = ANY (kept) AND o.endpoint_id = ANY (locked)
     ), per_endpoint AS (
         SELECT o.endpoint_id,
                max(o.started_at) FILTER (WHERE o.status = 'delivered') AS success_at,
@@ -150,6 +199,22 @@ BEGIN
     FROM health AS h
     WHERE st.endpoint_id = h.endpoint_id;
 
+    -- Turns (functions/claim.sql). The state rows are locked, so turn_at may be
+    -- written here: an endpoint with no turn, or a later one, gets the time its first
+    -- pending row is due. That covers the retries just scheduled, and an endpoint held
+    -- back by max_in_flight, FIFO order or its circuit, which a recorded outcome frees.
+    UPDATE notifyhook.endpoint_state AS st
+    SET turn_at = p.due_at
+    FROM (SELECT s.endpoint_id,
+                 (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+                  WHERE d.endpoint_id = s.endpoint_id AND d.status = 'pending'
+                  ORDER BY d.next_attempt_at LIMIT 1) AS due_at
+          FROM notifyhook.endpoint_state AS s
+          WHERE s.endpoint_id = ANY (locked)
+            AND (s.turn_at IS NULL OR s.turn_at > now())) AS p
+    WHERE st.endpoint_id = p.endpoint_id AND p.due_at IS NOT NULL
+      AND (st.turn_at IS NULL OR st.turn_at > p.due_at);
+
     -- Only a failure can start or prolong a failing streak, or be a 410.
     IF 'delivered' = ALL (statuses) THEN
         RETURN;
@@ -158,7 +223,7 @@ BEGIN
     WITH gone_endpoint AS (
         SELECT DISTINCT o.endpoint_id
         FROM unnest(endpoint_ids, gone) WITH ORDINALITY AS o(endpoint_id, gone, n)
-        WHERE o.gone AND o.n <> ALL (recorded)
+        WHERE o.gone AND o.n = ANY (kept)
     )
     UPDATE notifyhook.endpoints AS e
     SET enabled = false,
@@ -171,11 +236,83 @@ BEGIN
         END
     FROM notifyhook.endpoint_state AS s
     WHERE s.endpoint_id = e.id
-      AND e.id = ANY (endpoint_ids)
+      -- An endpoint row an operator holds is disabled by a later batch instead.
+      AND e.id IN (SELECT x.id FROM notifyhook.endpoints AS x
+                   WHERE x.id = ANY (locked) FOR UPDATE SKIP LOCKED)
       AND e.enabled
       AND (e.id IN (SELECT g.endpoint_id FROM gone_endpoint AS g)
            OR s.failing_since < now() - disable_after)
     RETURNING e.id, e.disabled_reason;
+
+    -- Alerts (features, sql/functions/alerts.sql): one NOTIFY notifyhook_alerts per
+    -- endpoint this call disabled, found by the updated_at the endpoints trigger set
+    -- to this transaction's now(). (Dead letters alert from a trigger on deliveries.)
+    PERFORM notifyhook.send_alert('disabled', e.tenant_id, e.id, NULL, NULL, e.disabled_reason)
+    FROM notifyhook.endpoints AS e
+    WHERE e.id = ANY (endpoint_ids) AND NOT e.enabled AND e.updated_at = now();
+END
+$$;
+
+-- (hardening, issue 13) Record an outcome that record_outcomes could not: the
+-- database refused one of its values (out of range, a constraint, a trigger). The
+-- worker has isolated it from its batch, whose other outcomes are recorded; this
+-- writes only what cannot be refused: an attempts row naming `reason`, without
+-- the outcome's status code, excerpt or times, and the delivery's next state.
+-- An answered delivery stays answered (sending it again would repeat a webhook the
+-- receiver took); a retry waits the outcome's delay if that is sane, else a minute.
+-- The endpoint's health is left as it was. Returns whether the attempt was written
+-- (false: the delivery is gone, or this was recorded by an earlier call whose
+-- answer was lost).
+CREATE OR REPLACE FUNCTION notifyhook.record_rejected_outcome(
+    worker text,
+    delivery_id bigint,
+    attempt integer,
+    status text,
+    retry_in_s double precision,
+    reason text,
+    attempt_key uuid
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    target notifyhook.deliveries%ROWTYPE;
+BEGIN
+    SELECT d.* INTO target FROM notifyhook.deliveries AS d
+    WHERE d.id = record_rejected_outcome.delivery_id
+    FOR NO KEY UPDATE;
+    IF NOT FOUND OR EXISTS (
+        SELECT FROM notifyhook.attempts AS a
+        WHERE a.attempt_key = record_rejected_outcome.attempt_key
+    ) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO notifyhook.attempts
+        (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error, worker,
+         attempt_key)
+    VALUES (target.id, target.endpoint_id, record_rejected_outcome.attempt, now(), NULL, NULL,
+            reason, worker, record_rejected_outcome.attempt_key);
+    IF target.locked_by = worker AND target.attempts = record_rejected_outcome.attempt THEN
+        UPDATE notifyhook.deliveries AS d
+        SET status = CASE WHEN record_rejected_outcome.status IN ('delivered', 'dead')
+                          THEN record_rejected_outcome.status ELSE 'pending' END,
+            -- NaN is larger than any number here, so it takes the minute too.
+            next_attempt_at = now() + CASE WHEN retry_in_s BETWEEN 0 AND 604800
+                                           THEN make_interval(secs => retry_in_s)
+                                           ELSE interval '1 minute' END,
+            locked_by = NULL,
+            locked_until = NULL,
+            last_status_code = NULL,
+            last_error = reason,
+            delivered_at = CASE WHEN record_rejected_outcome.status = 'delivered' THEN now() END,
+            updated_at = now()
+        WHERE d.id = target.id;
+        -- For the claims (functions/claim.sql): the retry just scheduled, or the rows
+        -- this outcome held back (max_in_flight, FIFO), are due from this time.
+        INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+        SELECT target.endpoint_id, min(d.next_attempt_at) FROM notifyhook.deliveries AS d
+        WHERE d.endpoint_id = target.endpoint_id AND d.status = 'pending'
+        HAVING min(d.next_attempt_at) IS NOT NULL;
+    END IF;
+    RETURN true;
 END
 $$;
 
@@ -206,6 +343,10 @@ BEGIN
             next_attempt_at = least(d.next_attempt_at, now()), updated_at = now()
         FROM held WHERE d.id = held.id
         RETURNING d.id
+    ), woken AS (
+        -- For the claims: these endpoints have rows due (functions/claim.sql).
+        INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+        SELECT DISTINCT held.endpoint_id, now() FROM held
     )
     INSERT INTO notifyhook.attempts
         (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error, worker)
@@ -224,27 +365,34 @@ $$;
 -- Take back deliveries whose lease ran out: their worker died, hung or lost the
 -- database. The attempt it was making is recorded as such (the receiver may have
 -- got it: delivery is at-least-once), and the delivery is due again at once, or
--- dead if that was its last attempt. Run by every worker on its timer; SKIP
--- LOCKED lets several do it at once.
+-- dead if that was its last attempt: of the endpoint's own budget (the length of
+-- its retry_schedule + 1) when it has one, else of `max_attempts`, the global
+-- schedule's. Run by every worker on its timer; SKIP LOCKED lets several do it at once.
 CREATE OR REPLACE FUNCTION notifyhook.reclaim_expired(max_attempts integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     reclaimed integer;
 BEGIN
     WITH expired AS (
-        SELECT d.id, d.endpoint_id, d.attempts, d.locked_by, d.updated_at AS claimed_at
+        SELECT d.id, d.endpoint_id, d.attempts, d.locked_by, d.updated_at AS claimed_at,
+               coalesce((SELECT cardinality(e.retry_schedule) + 1 FROM notifyhook.endpoints AS e
+                         WHERE e.id = d.endpoint_id), max_attempts) AS budget
         FROM notifyhook.deliveries AS d
         WHERE d.status = 'processing' AND d.locked_until < now()
-        FOR UPDATE SKIP LOCKED
+        FOR UPDATE OF d SKIP LOCKED
     ), returned AS (
         UPDATE notifyhook.deliveries AS d
-        SET status = CASE WHEN d.attempts >= max_attempts THEN 'dead' ELSE 'pending' END,
+        SET status = CASE WHEN d.attempts >= expired.budget THEN 'dead' ELSE 'pending' END,
             locked_by = NULL, locked_until = NULL, next_attempt_at = now(), updated_at = now(),
             last_status_code = NULL,
             last_error = format('lease expired: worker %s stopped before recording attempt %s',
                                 expired.locked_by, expired.attempts)
         FROM expired WHERE d.id = expired.id
         RETURNING d.id
+    ), woken AS (
+        -- For the claims: these endpoints have rows due or in-flight slots free.
+        INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+        SELECT DISTINCT expired.endpoint_id, now() FROM expired
     )
     INSERT INTO notifyhook.attempts
         (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error, worker)

@@ -31,11 +31,14 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 -- A stored secret is either `whsec_` + base64 of 24 to 64 bytes (Standard
--- Webhooks), or `enc:` + a Fernet token of such a secret written by the CLI with
--- NOTIFYHOOK_SECRET_KEY set (only workers hold the key, so only its shape is checked).
+-- Webhooks, signs v1 with HMAC-SHA256), `whsk_` + base64 of a 32-byte ed25519 seed
+-- (signs v1a; the receiver holds the whpk_ public key), or `enc:` + a Fernet token
+-- of either, written by the CLI with NOTIFYHOOK_SECRET_KEY set (only workers hold
+-- the key, so only its shape is checked).
 CREATE OR REPLACE FUNCTION notifyhook.check_secret(secret text, column_name text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
+    prefix text := substring(secret FROM '^(whsec_|whsk_|whpk_)');
     key_length integer;
 BEGIN
     IF starts_with(secret, 'enc:') THEN
@@ -45,20 +48,70 @@ BEGIN
         END IF;
         RETURN;
     END IF;
-    IF NOT starts_with(secret, 'whsec_') THEN
+    IF prefix = 'whpk_' THEN
         RAISE check_violation USING
-            MESSAGE = format('endpoints.%s must start with whsec_ (Standard Webhooks secret)', column_name),
+            MESSAGE = format('endpoints.%s holds a whpk_ public key, which cannot sign', column_name),
+            HINT = 'Store the whsk_ signing key here; the receiver verifies with the whpk_ key.';
+    END IF;
+    IF prefix IS NULL THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.%s must start with whsec_ (Standard Webhooks secret) '
+                             'or whsk_ (ed25519 signing key)', column_name),
             HINT = 'Leave the column out to get a fresh secret.';
     END IF;
     BEGIN
-        key_length := length(decode(substr(secret, 7), 'base64'));
+        key_length := length(decode(substr(secret, length(prefix) + 1), 'base64'));
     EXCEPTION WHEN invalid_parameter_value THEN
         RAISE check_violation USING
-            MESSAGE = format('endpoints.%s: the part after whsec_ is not valid base64', column_name);
+            MESSAGE = format('endpoints.%s: the part after %s is not valid base64', column_name, prefix);
     END;
-    IF key_length NOT BETWEEN 24 AND 64 THEN
+    IF prefix = 'whsk_' AND key_length <> 32 THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.%s: a whsk_ ed25519 signing key must be base64 of its '
+                             '32-byte seed, got %s bytes', column_name, key_length);
+    END IF;
+    IF prefix = 'whsec_' AND key_length NOT BETWEEN 24 AND 64 THEN
         RAISE check_violation USING
             MESSAGE = format('endpoints.%s: the key must be 24 to 64 bytes, got %s', column_name, key_length);
+    END IF;
+END
+$$;
+
+-- An endpoint's own retry delays, in seconds; null means the global schedule. Its
+-- length + 1 is the endpoint's attempt budget, so the length is bounded, and each
+-- delay is bounded like the global NOTIFYHOOK_RETRY_SCHEDULE's (at most 7 days).
+CREATE OR REPLACE FUNCTION notifyhook.check_retry_schedule(delays integer[]) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    longest_s constant integer := 604800;
+    most_delays constant integer := 20;
+BEGIN
+    IF delays IS NULL THEN
+        RETURN;
+    END IF;
+    IF cardinality(delays) = 0 OR array_ndims(delays) <> 1 THEN
+        RAISE check_violation USING
+            MESSAGE = 'endpoints.retry_schedule must list at least one delay in seconds, '
+                      'or be null for the global schedule',
+            HINT = 'For example {10,60,600}: three retries, four attempts in all.';
+    END IF;
+    IF cardinality(delays) > most_delays THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.retry_schedule has %s delays, more than the %s allowed',
+                             cardinality(delays), most_delays);
+    END IF;
+    IF array_position(delays, NULL) IS NOT NULL THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.retry_schedule delay %s is null', array_position(delays, NULL));
+    END IF;
+    IF EXISTS (SELECT FROM unnest(delays) AS d WHERE d NOT BETWEEN 1 AND longest_s) THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.retry_schedule delay %s is %s s: each delay must be '
+                             'from 1 s to 604800 s (7 days)',
+                             (SELECT n FROM unnest(delays) WITH ORDINALITY AS u(d, n)
+                              WHERE d NOT BETWEEN 1 AND longest_s ORDER BY n LIMIT 1),
+                             (SELECT d FROM unnest(delays) WITH ORDINALITY AS u(d, n)
+                              WHERE d NOT BETWEEN 1 AND longest_s ORDER BY n LIMIT 1));
     END IF;
 END
 $$;
@@ -123,6 +176,17 @@ BEGIN
             MESSAGE = format('endpoints.url has a malformed host: %L', left(url, 200)),
             HINT = CASE WHEN host ~ '[][]' THEN 'An IPv6 address goes in brackets: http://[2001:db8::1]/'
                         ELSE 'A host name has letters, digits, ''-'', ''.'', ''_'' and ''~'' only.' END;
+    END IF;
+    -- (hardening, issue 13) What IDNA can encode, as the sender checks it
+    -- (_check_host_name in notifyhook/sender.py): no empty label (`a..b.com`,
+    -- `.com`), none over 63 characters, 253 in all; one trailing dot is a fully
+    -- qualified name. Accepted here, such a host failed every attempt at send time.
+    IF length(regexp_replace(host, '\.$', '')) > 253
+       OR EXISTS (SELECT FROM unnest(string_to_array(regexp_replace(host, '\.$', ''), '.')) AS l(label)
+                  WHERE length(l.label) NOT BETWEEN 1 AND 63) THEN
+        RAISE check_violation USING
+            MESSAGE = format('endpoints.url: the host %s is not a DNS name', left(host, 100)),
+            HINT = 'A host name has labels of 1 to 63 characters between dots, at most 253 characters in all.';
     END IF;
 END
 $$;

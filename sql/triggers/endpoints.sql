@@ -42,6 +42,9 @@ BEGIN
     IF inserting OR NEW.headers IS DISTINCT FROM OLD.headers THEN
         PERFORM notifyhook.check_headers(NEW.headers);
     END IF;
+    IF inserting OR NEW.retry_schedule IS DISTINCT FROM OLD.retry_schedule THEN
+        PERFORM notifyhook.check_retry_schedule(NEW.retry_schedule);
+    END IF;
     IF NOT NEW.enabled AND NEW.disabled_reason IS NULL THEN
         NEW.disabled_reason := 'disabled by an operator';
     ELSIF NEW.enabled THEN
@@ -65,18 +68,28 @@ CREATE TRIGGER endpoints_validate
 CREATE OR REPLACE FUNCTION notifyhook.resume_endpoint() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE notifyhook.endpoint_state
-    SET consecutive_failures = 0, failing_since = NULL
-    WHERE endpoint_id = NEW.id;
+    IF NOT OLD.enabled THEN
+        UPDATE notifyhook.endpoint_state
+        SET consecutive_failures = 0, failing_since = NULL
+        WHERE endpoint_id = NEW.id;
+    END IF;
+    -- For the claims (functions/claim.sql): this endpoint may have rows due, or room
+    -- for more in flight.
+    INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at) VALUES (NEW.id, now());
     PERFORM pg_notify('notifyhook', '');
     RETURN NULL;
 END
 $$;
 
+-- Also when a limit is raised or lifted, or FIFO order turned off: rows held back
+-- may be sendable now.
 DROP TRIGGER IF EXISTS endpoints_resume ON notifyhook.endpoints;
 CREATE TRIGGER endpoints_resume
-    AFTER UPDATE OF enabled ON notifyhook.endpoints
-    FOR EACH ROW WHEN (NOT OLD.enabled AND NEW.enabled)
+    AFTER UPDATE OF enabled, max_in_flight, rate_limit, ordered ON notifyhook.endpoints
+    FOR EACH ROW WHEN (NEW.enabled AND (NOT OLD.enabled
+                                        OR OLD.max_in_flight IS DISTINCT FROM NEW.max_in_flight
+                                        OR OLD.rate_limit IS DISTINCT FROM NEW.rate_limit
+                                        OR OLD.ordered IS DISTINCT FROM NEW.ordered))
     EXECUTE FUNCTION notifyhook.resume_endpoint();
 
 -- AFTER INSERT: every endpoint has its state row from the start, so that the

@@ -56,22 +56,30 @@ CREATE TRIGGER events_validate
 -- AFTER INSERT, once per statement: one delivery per (event, matching endpoint),
 -- disabled endpoints included (their deliveries wait), and a single NOTIFY for the
 -- whole statement, so a 10,000-row INSERT costs one notification. The payload is
--- constant: it is only a hint to look at the table, which is the truth.
+-- constant: it is only a hint to look at the table, which is the truth. One wake per
+-- endpoint tells the claims which endpoints have rows due (functions/claim.sql); an
+-- INSERT of wakes waits for no other transaction, so producers never queue behind
+-- each other or behind a claim.
 CREATE OR REPLACE FUNCTION notifyhook.fan_out_events() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    created bigint;
+    woken bigint;
 BEGIN
-    INSERT INTO notifyhook.deliveries (event_id, tenant_id, endpoint_id, created_at, next_attempt_at)
-    SELECT event.id, event.tenant_id, endpoint.id, event.created_at, event.created_at
-    FROM new_events AS event
-    JOIN notifyhook.endpoints AS endpoint ON endpoint.tenant_id = event.tenant_id
-    WHERE CASE WHEN event.endpoint_id IS NULL
-               THEN notifyhook.event_type_matches(endpoint.event_types, event.event_type)
-               ELSE endpoint.id = event.endpoint_id
-          END;
-    GET DIAGNOSTICS created = ROW_COUNT;
-    IF created > 0 THEN
+    WITH created AS (
+        INSERT INTO notifyhook.deliveries (event_id, tenant_id, endpoint_id, created_at, next_attempt_at)
+        SELECT event.id, event.tenant_id, endpoint.id, event.created_at, event.created_at
+        FROM new_events AS event
+        JOIN notifyhook.endpoints AS endpoint ON endpoint.tenant_id = event.tenant_id
+        WHERE CASE WHEN event.endpoint_id IS NULL
+                   THEN notifyhook.event_type_matches(endpoint.event_types, event.event_type)
+                   ELSE endpoint.id = event.endpoint_id
+              END
+        RETURNING endpoint_id, next_attempt_at
+    )
+    INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+    SELECT created.endpoint_id, min(created.next_attempt_at) FROM created GROUP BY created.endpoint_id;
+    GET DIAGNOSTICS woken = ROW_COUNT;
+    IF woken > 0 THEN
         PERFORM pg_notify('notifyhook', '');
     END IF;
     RETURN NULL;

@@ -1,4 +1,4 @@
-"""`python -m tests.chaos [--long]`: a chaos run outside pytest, printing its summary."""
+"""`python -m tests.chaos [--long | --failover]`: a chaos run outside pytest, printing its summary."""
 
 from __future__ import annotations
 
@@ -9,19 +9,23 @@ import tempfile
 from pathlib import Path
 
 from .checks import judge, report
-from .plan import CI, LONG
+from .plan import CI, FAILOVER, LONG
 from .run import run
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
-    parser.add_argument("--long", action="store_true", help="the long run (default: the CI run)")
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--long", action="store_true", help="the long run (default: the CI run)")
+    runs.add_argument(
+        "--failover", action="store_true", help="the primary crashes, its standby is promoted"
+    )
     parser.add_argument("--seconds", type=float, help="how long the producer enqueues")
     parser.add_argument("--rate", type=float, help="events per second")
     parser.add_argument("--workers", type=int, help="worker processes")
     parser.add_argument("--seed", type=int, help="seed of the kills and the event types")
     args = parser.parse_args()
-    config = LONG if args.long else CI
+    config = LONG if args.long else FAILOVER if args.failover else CI
     changes = {
         name: value
         for name in ("seconds", "rate", "workers", "seed")

@@ -53,6 +53,7 @@ def judge(observed: Observed) -> Verdict:
     lost = sum(len(d.lost) for d in deliveries.values())
     if duplicates > lost:
         failures.append(f"{duplicates} duplicates, more than the {lost} claims lost by kills")
+    failures += _check_failover(observed, duplicates)
     failures += _check_signatures_and_retry_after(observed)
     return Verdict(
         _summary(observed, deliveries, duplicates, lost),
@@ -196,6 +197,20 @@ def _check_audit_log(deliveries: dict[Key, Delivery]) -> list[str]:
     return failures
 
 
+def _check_failover(observed: Observed, duplicates: int) -> list[str]:
+    """A promoted synchronous standby has every claim the workers saw committed: only the
+    requests in flight at that moment (and those of killed workers) may be sent twice."""
+    failovers = [f for f in observed.faults if f.action == "failover"]
+    if not failovers:
+        return []
+    bound = sum(f.count or 0 for f in observed.faults if f.action in ("failover", "SIGKILL"))
+    if duplicates > bound:
+        return [
+            f"{duplicates} duplicates, more than the {bound} requests in flight at the failover"
+        ]
+    return []
+
+
 def _check_signatures_and_retry_after(observed: Observed) -> list[str]:
     failures = []
     unverified = [a for a in observed.arrivals if a.verified is not True]
@@ -246,6 +261,7 @@ def _summary(
         ("pending (410 endpoint)", str(statuses["pending"])),
         ("kills", str(len(kills))),
         ("restarts", ", ".join(f.action.removeprefix("restart ") for f in restarts)),
+        ("failovers", "; ".join(f.detail for f in observed.faults if f.action == "failover")),
         ("connection cuts", f"{len(cuts)} ({sum(f.count or 0 for f in cuts)} connections)"),
         ("requests seen", str(len(observed.arrivals))),
         ("attempts recorded", f"{recorded} (+{lost} written off by reclaim_expired)"),

@@ -49,8 +49,8 @@ class Config:
     rate: float
     """Events per second."""
     workers: int
-    kill_every: tuple[float, float]
-    """A random worker is SIGKILLed after a random pause in this range (seconds)."""
+    kill_every: tuple[float, float] | None
+    """A random worker is SIGKILLed after a random pause in this range (seconds); None: never."""
     restarts: tuple[str, ...]
     """PostgreSQL restart modes, spread over the run."""
     terminations: int
@@ -59,6 +59,8 @@ class Config:
     """A receiver's fault bursts repeat every this many requests to it."""
     drain_timeout: float
     seed: int = 7
+    failover_at: float | None = None
+    """With a synchronous standby: when the primary is stopped hard and the standby promoted."""
 
 
 CI = Config(
@@ -71,6 +73,19 @@ CI = Config(
     terminations=3,
     burst_period=60,
     drain_timeout=90,
+)
+
+FAILOVER = Config(
+    name="failover",
+    seconds=16,
+    rate=20,
+    workers=2,
+    kill_every=None,
+    restarts=(),
+    terminations=0,
+    burst_period=60,
+    drain_timeout=60,
+    failover_at=8,
 )
 
 LONG = Config(
@@ -192,16 +207,19 @@ class Step:
 
     at: float
     action: str
-    """kill, terminate, or restart-fast / restart-immediate."""
+    """kill, terminate, restart-fast / restart-immediate, or failover."""
 
 
 def timeline(config: Config, rng: random.Random) -> list[Step]:
     """Kills every few seconds; restarts and connection cuts spread evenly over the run."""
     steps: list[Step] = []
-    at = rng.uniform(*config.kill_every)
-    while at < config.seconds:
-        steps.append(Step(at, "kill"))
-        at += rng.uniform(*config.kill_every)
+    if config.kill_every is not None:
+        at = rng.uniform(*config.kill_every)
+        while at < config.seconds:
+            steps.append(Step(at, "kill"))
+            at += rng.uniform(*config.kill_every)
+    if config.failover_at is not None:
+        steps.append(Step(config.failover_at, "failover"))
     for index, mode in enumerate(config.restarts):
         steps.append(
             Step(config.seconds * (index + 1) / (len(config.restarts) + 1), f"restart-{mode}")

@@ -6,6 +6,8 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ FROM notifyhook.deliveries AS d JOIN notifyhook.endpoints AS e ON e.id = d.endpo
 IN_FLIGHT = (
     "SELECT count(*) FROM notifyhook.deliveries WHERE status = 'processing' AND locked_by = %s"
 )
+PROCESSING = "SELECT count(*) FROM notifyhook.deliveries WHERE status = 'processing'"
+SYNCHRONOUS = "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
 TERMINATE = (
     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
     "WHERE application_name = 'notifyhook' AND pid <> pg_backend_pid()"
@@ -48,7 +52,8 @@ class Fault:
     action: str
     detail: str
     count: int | None = None
-    """kill: the victim's claims in flight; terminate: connections cut."""
+    """kill: the victim's claims in flight; terminate: connections cut; failover: deliveries
+    in flight on the primary just before it stopped."""
 
 
 @dataclass
@@ -110,8 +115,8 @@ def run(config: Config, workdir: Path, say: Any = print) -> Observed:
     """Run the scenario described by `config`; worker logs go to `workdir`."""
     rng = random.Random(config.seed)
     began = time.monotonic()
-    with Cluster() as cluster:
-        url = cluster.url()
+    with _servers(config) as (cluster, standby):
+        url = _database_url(cluster, standby)
         asyncio.run(_migrate(url))
         receiver = Receiver().start_in_thread()
         fleet = Fleet(url, workdir, config.workers)
@@ -120,12 +125,12 @@ def run(config: Config, workdir: Path, say: Any = print) -> Observed:
             plans = {plan.name: plan for plan in endpoints(config)}
             endpoint_ids = _create_endpoints(url, receiver, plans)
             fleet.start()
-            say(f"chaos[{config.name}]: PostgreSQL on port {cluster.port}, logs in {workdir}")
+            say(f"chaos[{config.name}]: PostgreSQL at {url}, logs in {workdir}")
             _wait_until_ready(fleet, workdir)
             origin = time.monotonic()
             producer = Producer(url, config.rate, config.seconds, config.seed, origin)
             producer.start()
-            faults = _unleash(config, rng, cluster, fleet, origin, say)
+            faults = _unleash(config, rng, (cluster, standby), fleet, origin, say)
             producer.join(config.seconds + 60)
             if producer.failure is not None:
                 raise producer.failure
@@ -159,6 +164,41 @@ def run(config: Config, workdir: Path, say: Any = print) -> Observed:
                 producer.join(10)
             fleet.kill_all()
             receiver.stop_thread()
+
+
+@contextmanager
+def _servers(config: Config) -> Iterator[tuple[Cluster, Cluster | None]]:
+    """The primary, and for a failover run its synchronous streaming standby.
+
+    fsync is off (failover here is a process stop, not a power cut: the page cache
+    survives), but synchronous_commit stays on: a commit returns only once the
+    standby has the WAL, which is what makes the failover lose nothing.
+    """
+    if config.failover_at is None:
+        with Cluster() as cluster:
+            yield cluster, None
+        return
+    with Cluster(fsync=False, settings={"synchronous_commit": "on"}) as primary:
+        standby = primary.start_standby()
+        try:
+            with connect(primary.url()) as conn:
+                conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+                conn.execute("SELECT pg_reload_conf()")
+                if not wait_for(lambda: conn.execute(SYNCHRONOUS).fetchone() == (1,), 30):
+                    raise RuntimeError("the standby did not become synchronous")
+            yield primary, standby
+        finally:
+            standby.stop()
+
+
+def _database_url(cluster: Cluster, standby: Cluster | None) -> str:
+    """The workers' DATABASE_URL: with a standby, both hosts, and only a writable one will do."""
+    if standby is None:
+        return cluster.url()
+    return (
+        f"postgresql://postgres@127.0.0.1:{cluster.port},127.0.0.1:{standby.port}/postgres"
+        "?target_session_attrs=read-write"
+    )
 
 
 async def _migrate(url: str) -> None:
@@ -196,24 +236,33 @@ def _create_endpoints(
 def _unleash(
     config: Config,
     rng: random.Random,
-    cluster: Cluster,
+    servers: tuple[Cluster, Cluster | None],
     fleet: Fleet,
     start: float,
     say: Any,
 ) -> list[Fault]:
     """Play the timeline of faults against the fleet and the server."""
-    url = cluster.url()
+    url = _database_url(*servers)
     faults = []
     for step in timeline(config, rng):
         time.sleep(max(0.0, start + step.at - time.monotonic()))
-        fault = _inflict(step, url, rng, cluster, fleet)
+        fault = _inflict(step, url, rng, servers, fleet)
         fault.at = time.monotonic() - start
         faults.append(fault)
         say(f"  {fault.at:6.1f}s  {fault.action:<18} {fault.detail}")
     return faults
 
 
-def _inflict(step: Step, url: str, rng: random.Random, cluster: Cluster, fleet: Fleet) -> Fault:
+def _inflict(
+    step: Step,
+    url: str,
+    rng: random.Random,
+    servers: tuple[Cluster, Cluster | None],
+    fleet: Fleet,
+) -> Fault:
+    cluster, standby = servers
+    if step.action == "failover" and standby is not None:
+        return _fail_over(step, cluster, standby)
     if step.action == "kill":
         victim = rng.choice(fleet.live)
         rows = query(url, IN_FLIGHT, [victim.worker_id])
@@ -228,6 +277,20 @@ def _inflict(step: Step, url: str, rng: random.Random, cluster: Cluster, fleet: 
     started = time.monotonic()
     cluster.restart(mode)
     return Fault(step.at, f"restart {mode}", f"took {time.monotonic() - started:.1f}s")
+
+
+def _fail_over(step: Step, primary: Cluster, standby: Cluster) -> Fault:
+    """Stop the primary as a crash would (no shutdown checkpoint, connections cut), then
+    promote the standby, as an operator or a failover manager would."""
+    rows = query(primary.url(), PROCESSING)
+    in_flight = int(rows[0][0]) if rows else None
+    started = time.monotonic()
+    primary.pg_ctl("stop", "-m", "immediate", "-w")
+    standby.promote()
+    took = time.monotonic() - started
+    return Fault(
+        step.at, "failover", f"{in_flight} in flight; standby promoted in {took:.1f}s", in_flight
+    )
 
 
 def _settled(url: str, expected: int) -> bool:

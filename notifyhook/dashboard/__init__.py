@@ -1,0 +1,1 @@
+"""`notifyhook dashboard`: a read-only web page of the queue and every endpoint's health."""

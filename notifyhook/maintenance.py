@@ -1,0 +1,119 @@
+"""The worker's housekeeping: take back expired leases, sample the queue, prune old rows, tell systemd it lives."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from notifyhook.metrics import Metrics
+from notifyhook.settings import Settings
+from notifyhook.store import DatabaseError, Store
+from notifyhook.systemd import SystemdNotifier
+
+log = logging.getLogger("notifyhook.maintenance")
+
+PRUNE_EVERY_S = 600.0
+"""How often a worker offers to run retention (one worker of the fleet does)."""
+
+REPAIR_EVERY_S = 60.0
+"""How often a worker offers to wake endpoints whose due rows have no turn (one worker of
+the fleet does; nothing of notifyhook's own needs it, a hand-written UPDATE may)."""
+
+PRUNE_BATCH = 500
+"""Rows deleted per retention statement: each holds its locks only briefly."""
+
+
+class Maintenance:
+    """The jobs a worker runs beside its claim loop, each a loop of its own.
+
+    The claim loop is woken (`wake`) after every reclaim, since rows taken back are due
+    at once. Only `heartbeat` runs through a shutdown: a stopping worker takes back
+    nobody's leases and prunes nothing.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        metrics: Metrics,
+        *,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._metrics = metrics
+        self._wake = wake
+        self._repaired_at = time.monotonic()
+
+    async def reclaim(self) -> None:
+        """Every poll interval, take back expired leases and sample the queue's gauges."""
+        while True:
+            await asyncio.sleep(self._settings.poll_interval)
+            try:
+                await self.reclaim_once()
+            except DatabaseError as error:
+                log.debug("reclaim skipped: %s", error)
+            self._wake()
+
+    async def reclaim_once(self) -> int:
+        """One pass: the deliveries taken back."""
+        reclaimed = await self._store.reclaim_expired(self._settings.max_attempts)
+        if reclaimed:
+            log.warning("took back %d deliveries whose lease expired", reclaimed)
+        self._metrics.set_queue(*await self._store.queue_depth())
+        if time.monotonic() - self._repaired_at >= REPAIR_EVERY_S:
+            self._repaired_at = time.monotonic()
+            await self.repair_turns()
+        return reclaimed
+
+    async def repair_turns(self) -> int:
+        """Wake the endpoints whose due rows have no turn (sql/functions/claim.sql)."""
+        woken = await self._store.repair_turns()
+        if woken:
+            log.warning(
+                "woke %d endpoints whose due rows had no turn (rows made due by hand?)", woken
+            )
+        return woken
+
+    async def retention(self) -> None:
+        """Every PRUNE_EVERY_S, delete what is older than RETENTION. A loop of its own: the
+        first prune of a large history takes long, and must not hold up reclaim."""
+        while True:
+            await asyncio.sleep(PRUNE_EVERY_S)
+            try:
+                await self.prune()
+            except DatabaseError as error:
+                log.debug("retention skipped: %s", error)
+
+    async def prune(self) -> int:
+        """Delete finished rows older than RETENTION, in batches; the rows deleted (0 when
+        another worker holds the prune lock)."""
+        total = 0
+        while deleted := await self._store.prune_once(self._settings.retention, PRUNE_BATCH):
+            total += deleted
+        if total:
+            log.info("retention: deleted %d rows older than %gs", total, self._settings.retention)
+        return total
+
+    async def heartbeat(
+        self,
+        notifier: SystemdNotifier,
+        last_cycle: Callable[[], float],
+        in_flight: Callable[[], int],
+    ) -> None:
+        """systemd WATCHDOG and STATUS while the claim loop keeps cycling (`last_cycle`,
+        monotonic seconds)."""
+        interval = notifier.watchdog_interval_s or 5.0
+        stuck_after = stuck_after_s(self._settings)
+        while True:
+            await asyncio.sleep(min(interval, 5.0))
+            if time.monotonic() - last_cycle() < stuck_after:
+                notifier.watchdog()
+            notifier.status(self._metrics.status_line(in_flight()))
+
+
+def stuck_after_s(settings: Settings) -> float:
+    """How long the claim loop may go without a cycle before the worker counts as stuck."""
+    return max(3 * settings.poll_interval, 30.0)

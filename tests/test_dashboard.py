@@ -1,0 +1,298 @@
+"""`notifyhook dashboard` over HTTP: a real server process on 127.0.0.1, real deliveries by a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import re
+import subprocess
+import sys
+
+import httpx
+import psycopg
+import pytest
+from dashboard_support import (
+    HOSTILE_ANSWER,
+    HOSTILE_NAME,
+    TOKEN,
+    URL_TOKEN,
+    Dashboard,
+    populate,
+)
+
+from notifyhook.dashboard import charts
+from notifyhook.dashboard.app import SECURITY_HEADERS
+from notifyhook.dashboard.auth import COOKIE
+from notifyhook.dashboard.data import MinuteCount, open_reader
+
+CSP = SECURITY_HEADERS["Content-Security-Policy"]
+
+
+@pytest.fixture
+def dashboard(database_url, tmp_path):
+    started: list[Dashboard] = []
+
+    def start(*args: str, token: str | None = None, **kwargs) -> Dashboard:
+        running = Dashboard(tmp_path, "--database-url", database_url, *args, token=token, **kwargs)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+def get(url: str, **kwargs) -> httpx.Response:
+    return httpx.get(url, timeout=10, **kwargs)
+
+
+def test_the_pages_show_the_queue_every_endpoint_and_a_deliverys_story(
+    db, receiver, start_worker, dashboard
+):
+    scene = populate(db, receiver, start_worker)
+    site = dashboard()
+
+    page = get(site.url + "/")
+    assert page.status_code == 200, site.log()
+    text = page.text
+    # The queue: gone's second delivery (if any) waits paused; nothing is due.
+    assert re.search(r'id="queue-due">0<', text)
+    # Every endpoint, its host but never its URL's query, nor any secret.
+    for name in ("crm", "flaky", "billing", "gone"):
+        assert f'/endpoints/{scene.__dict__[name]}">{name}</a>' in text
+    assert f"127.0.0.1:{receiver.port}" in text
+    assert URL_TOKEN not in text
+    assert not any(secret in text for secret in scene.secrets)
+    # The 410 endpoint is disabled, saying why; the 503 one is failing with its circuit open.
+    gone_row = _row(text, scene.gone)
+    assert "state-disabled" in gone_row
+    assert "no: 410 Gone received at" in gone_row
+    billing_row = _row(text, scene.billing)
+    assert 'class="endpoint state-failing"' in billing_row
+    assert "open (6 failures)" in billing_row
+    assert "HTTP 503" in billing_row
+    assert "0.0%" in billing_row  # success over 1 h
+    assert "state-healthy" in _row(text, scene.crm)
+    assert "100.0%" in _row(text, scene.crm)
+    # A chart with bars of each outcome seen: deliveries, HTTP errors, a dropped connection.
+    for outcome in ("delivered", "http_error", "no_answer"):
+        assert f'<rect class="bar {outcome}"' in text
+
+    # The tenant filter.
+    globex = get(site.url + "/", params={"tenant": "globex"}).text
+    assert "billing</a>" in globex
+    assert "crm</a>" not in globex
+
+    # One endpoint: its attempts, each linking to its delivery, and its dead letters.
+    billing = get(f"{site.url}/endpoints/{scene.billing}").text
+    assert billing.count('<tr class="attempt http_error">') == 6
+    assert '<rect class="bar http_error"' in billing
+    assert 'id="dead"' in billing
+    assert billing.count("/deliveries/") >= 2
+
+    # One delivery's whole story.
+    story = get(f"{site.url}/deliveries/{scene.hostile_delivery}").text
+    assert story.count('<li class="attempt http_error">') == 3
+    assert '<span class="status status-dead">dead</span>' in story
+
+    dead = get(site.url + "/dead-letters").text
+    assert f'/deliveries/{scene.hostile_delivery}"' in dead
+    assert "HTTP 503" in dead
+
+
+def _row(page: str, endpoint_id: int) -> str:
+    start = page.index(f'id="endpoint-{endpoint_id}"')
+    return page[page.rindex("<tr", 0, start) : page.index("</tr>", start)]
+
+
+def test_hostile_names_and_answers_are_escaped(db, receiver, start_worker, dashboard):
+    scene = populate(db, receiver, start_worker)
+    site = dashboard()
+    pages = [
+        get(site.url + "/").text,
+        get(f"{site.url}/endpoints/{scene.hostile}").text,
+        get(f"{site.url}/deliveries/{scene.hostile_delivery}").text,
+        get(site.url + "/dead-letters").text,
+    ]
+    for text in pages:
+        assert "<script>alert" not in text
+        assert "<img src=x" not in text
+        assert "<script" not in text.lower()
+    # Shown as text: escaped in the markup, the very characters once unescaped.
+    for text in pages[:2]:
+        assert "&lt;script&gt;alert(" in text
+        assert HOSTILE_NAME in html.unescape(text)
+    for text in pages[1:3]:  # the endpoint's attempts, the delivery's story
+        assert "&lt;img src=x onerror=alert(1)&gt;" in text
+        assert HOSTILE_ANSWER in html.unescape(text)
+
+
+def test_every_answer_carries_a_strict_content_security_policy(db, dashboard):
+    site = dashboard(token=TOKEN)
+    answers = [
+        get(site.url + "/login"),
+        get(site.url + "/static/dashboard.css"),
+        get(site.url + "/"),  # 401
+        get(site.url + "/deliveries/1", headers={"Authorization": f"Bearer {TOKEN}"}),  # 404
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 401, 404]
+    for answer in answers:
+        assert answer.headers["Content-Security-Policy"] == CSP
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    assert answers[1].headers["Content-Type"].startswith("text/css")
+    for directive in (
+        "default-src 'none'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ):
+        assert directive in CSP
+    assert "script-src" not in CSP  # no script at all, so none may run
+
+
+def test_the_token_is_needed_by_bearer_or_login_cookie(db, dashboard):
+    site = dashboard(token=TOKEN)
+
+    refused = get(site.url + "/")
+    assert refused.status_code == 401
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (
+        get(site.url + "/", headers={"Authorization": "Bearer wrong-token-wrong-token"}).status_code
+        == 401
+    )
+    assert get(site.url + "/", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert (
+        get(site.url + "/dead-letters", headers={"Authorization": f"Bearer {TOKEN}"}).status_code
+        == 200
+    )
+
+    browser = get(site.url + "/dead-letters?tenant=a", headers={"Accept": "text/html"})
+    assert browser.status_code == 303
+    location = httpx.URL(browser.headers["Location"])
+    assert location.path == "/login"
+    assert location.params["next"] == "/dead-letters?tenant=a"
+
+    wrong = httpx.post(site.url + "/login", data={"token": "nope", "next": "/"}, timeout=10)
+    assert wrong.status_code == 401
+    assert "That is not the token." in wrong.text
+    assert COOKIE not in wrong.headers.get("Set-Cookie", "")
+
+    right = httpx.post(
+        site.url + "/login", data={"token": TOKEN, "next": "/dead-letters"}, timeout=10
+    )
+    assert right.status_code == 303
+    assert right.headers["Location"] == "/dead-letters"
+    cookie = right.headers["Set-Cookie"]
+    assert cookie.startswith(f"{COOKIE}=")
+    assert "HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie
+    assert TOKEN not in cookie
+    assert "Secure" not in cookie  # plain HTTP: a Secure cookie would never come back
+    proxied = httpx.post(
+        site.url + "/login",
+        data={"token": TOKEN},
+        headers={"X-Forwarded-Proto": "https"},
+        timeout=10,
+    )
+    assert "Secure" in proxied.headers["Set-Cookie"]
+    with httpx.Client(base_url=site.url, cookies=right.cookies, timeout=10) as client:
+        assert client.get("/").status_code == 200
+        assert client.get("/dead-letters").status_code == 200
+    forged = get(site.url + "/", cookies={COOKIE: TOKEN})
+    assert forged.status_code == 401
+
+    # After logging in, only a path of this site: never another host.
+    elsewhere = httpx.post(
+        site.url + "/login", data={"token": TOKEN, "next": "//evil.example/"}, timeout=10
+    )
+    assert elsewhere.headers["Location"] == "/"
+
+
+def test_without_a_token_it_binds_to_loopback_and_needs_none(database_url, db, tmp_path):
+    site = Dashboard(tmp_path, env={"NOTIFYHOOK_DATABASE_URL": database_url})
+    try:
+        assert site.url.startswith("http://127.0.0.1:")
+        assert get(site.url + "/").status_code == 200
+        assert get(site.url + "/deliveries/999").status_code == 404
+        assert get(site.url + "/endpoints/99999999999999999999").status_code == 404
+    finally:
+        site.stop()
+
+
+def test_a_wrong_setting_or_schema_exits_2_saying_which(database_url, server):
+    short = _run_dashboard(
+        ["--database-url", database_url], {"NOTIFYHOOK_DASHBOARD_TOKEN": "short"}
+    )
+    assert short.returncode == 2
+    assert "NOTIFYHOOK_DASHBOARD_TOKEN must be at least 16 characters" in short.stderr
+
+    no_url = _run_dashboard([], {})
+    assert no_url.returncode == 2
+    assert "NOTIFYHOOK_DATABASE_URL is required" in no_url.stderr
+
+    unmigrated = _run_dashboard(["--database-url", server.admin_url], {})
+    assert unmigrated.returncode == 2
+    assert "run `notifyhook migrate` first" in unmigrated.stderr
+
+
+def test_a_database_gone_after_start_is_a_503_page_naming_no_host(database_url, server, dashboard):
+    site = dashboard()
+    name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    with psycopg.connect(server.admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    page = get(site.url + "/")
+    assert page.status_code == 503
+    assert "The database could not be read." in page.text
+    assert "127.0.0.1" not in page.text
+    assert name not in page.text
+    assert page.headers["Content-Security-Policy"] == CSP
+    assert "the database could not be read" in site.log()
+
+
+def test_help_needs_no_database_and_a_bad_port_is_usage():
+    shown = _run_dashboard(["--help"], {})
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: notifyhook dashboard")
+    assert "NOTIFYHOOK_DASHBOARD_TOKEN" in shown.stdout
+    assert "--database-url" in shown.stdout
+    bad = _run_dashboard(["--port", "70000"], {})
+    assert bad.returncode == 2
+    assert "must be a TCP port" in bad.stderr
+
+
+def _run_dashboard(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "notifyhook", "dashboard", "--port", "0", *args],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_its_connection_is_read_only(database_url):
+    async def write() -> None:
+        async with open_reader(database_url) as reader:
+            await reader._conn.execute("INSERT INTO notifyhook.config DEFAULT VALUES")
+
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        asyncio.run(write())
+
+
+def test_chart_bars_stack_by_outcome_in_the_minute_they_happened():
+    chart = charts.per_minute(
+        [MinuteCount(0, delivered=30, http_error=10, no_answer=0), MinuteCount(59, 1, 0, 1)]
+    )
+    assert chart.peak == 50
+    assert chart.total == 42
+    now = [bar for bar in chart.bars if bar.x > chart.width / 2]
+    oldest = [bar for bar in chart.bars if bar.x < chart.width / 2]
+    assert [bar.outcome for bar in now] == ["delivered", "http_error"]
+    assert [bar.outcome for bar in oldest] == ["delivered", "no_answer"]
+    plot = chart.plot_bottom - chart.top
+    assert now[0].height == pytest.approx(plot * 30 / 50)
+    assert now[1].y + now[1].height == pytest.approx(now[0].y)  # stacked
+    assert now[0].title == "this minute: 30 delivered, 10 HTTP error, 0 no answer"
+    assert charts.per_minute([]).bars == []

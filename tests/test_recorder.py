@@ -1,0 +1,232 @@
+"""The recorder in-process, against the test's real database: batches, refused outcomes, clocks.
+
+Deliveries are arranged as a claim leaves them (processing, attempt charged, leased to
+the worker), then outcomes are handed to a Recorder built on a real Store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from conftest import add_endpoint, scalar
+
+from notifyhook.delivery import AttemptResult, Outcome, Verdict
+from notifyhook.metrics import Metrics
+from notifyhook.recorder import Recorder
+from notifyhook.settings import Settings
+from notifyhook.store import Store
+
+WORKER = "w"
+
+
+def leased(db, endpoint: int, count: int) -> list[int]:
+    """`count` deliveries to `endpoint`, as a claim by WORKER leaves them."""
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload, endpoint_id) "
+        "SELECT 't', 'x', jsonb_build_object('n', n), %s FROM generate_series(1, %s) AS n",
+        [endpoint, count],
+    )
+    return [
+        row[0]
+        for row in db.execute(
+            "UPDATE notifyhook.deliveries SET status = 'processing', attempts = 1, "
+            "locked_by = %s, locked_until = now() + interval '1 minute' "
+            "WHERE endpoint_id = %s AND status = 'pending' RETURNING id",
+            [WORKER, endpoint],
+        ).fetchall()
+    ]
+
+
+def outcome(
+    delivery: int,
+    endpoint: int,
+    status: str = "delivered",
+    *,
+    code: int | None = 200,
+    excerpt: str = "ok",
+    retry_in_s: float | None = None,
+    started_at: datetime | None = None,
+    duration_ms: float = 12.0,
+) -> Outcome:
+    verdict = Verdict.DELIVERED if status == "delivered" else Verdict.RETRY
+    result = AttemptResult(
+        verdict,
+        started_at or datetime.now(UTC),
+        duration_ms,
+        status_code=code,
+        error=None if verdict is Verdict.DELIVERED else f"HTTP {code}",
+        response_excerpt=excerpt,
+    )
+    return Outcome(delivery, endpoint, 1, status, retry_in_s, result)  # type: ignore[arg-type]
+
+
+def record(database_url: str, outcomes: list[Outcome], **settings: str) -> list[str]:
+    """Record `outcomes` through a Recorder; returns the database troubles it met."""
+    troubles: list[str] = []
+
+    async def trouble(what: str, error: BaseException, wait: float) -> None:
+        troubles.append(f"{what}: {str(error).splitlines()[0]}")
+        if len(troubles) > 3:
+            raise AssertionError(f"the recorder keeps retrying: {troubles}")
+        await asyncio.sleep(wait)
+
+    async def run() -> None:
+        config = Settings(database_url=database_url, worker_id=WORKER, **settings)  # type: ignore[arg-type]
+        async with Store.open(database_url) as store:
+            recorder = Recorder(config, store, Metrics(), trouble=trouble, recovered=lambda: None)
+            for item in outcomes:
+                recorder.add(item)
+            async with asyncio.timeout(30):
+                await recorder.flush()
+            assert len(recorder) == 0
+
+    asyncio.run(run())
+    return troubles
+
+
+def states(db) -> dict[int, tuple[str, str | None]]:
+    return {
+        row[0]: (row[1], row[2])
+        for row in db.execute("SELECT id, status, locked_by FROM notifyhook.deliveries")
+    }
+
+
+def test_a_batch_is_recorded_in_one_go(db, database_url):
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    ids = leased(db, endpoint, 5)
+    assert record(database_url, [outcome(d, endpoint) for d in ids]) == []
+    assert set(states(db).values()) == {("delivered", None)}
+    assert scalar(db, "SELECT count(*) FROM notifyhook.attempts WHERE error IS NULL") == 5
+
+
+def test_an_outcome_the_database_refuses_is_isolated_and_the_rest_recorded(db, database_url):
+    # A value the database refuses for one outcome of the batch: a constraint of the
+    # operator's, here; a timestamp or interval out of range did the same.
+    db.execute(
+        "ALTER TABLE notifyhook.attempts ADD CONSTRAINT no_poison "
+        "CHECK (response_excerpt IS DISTINCT FROM 'poison')"
+    )
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    ids = leased(db, endpoint, 9)
+    poisoned, huge_delay = ids[4], ids[7]
+    outcomes = [
+        outcome(d, endpoint, excerpt="poison" if d == poisoned else "ok")
+        if d != huge_delay
+        # now() + make_interval(secs => 1e300) is out of range.
+        else outcome(d, endpoint, "pending", code=503, retry_in_s=1e300)
+        for d in ids
+    ]
+    assert record(database_url, outcomes) == []
+    found = states(db)
+    assert found[poisoned] == ("delivered", None)  # it was answered: never sent again
+    assert found[huge_delay] == ("pending", None)
+    assert all(found[d] == ("delivered", None) for d in ids if d not in (poisoned, huge_delay))
+    rows = db.execute(
+        "SELECT delivery_id, count(*), max(error) FROM notifyhook.attempts GROUP BY delivery_id"
+    ).fetchall()
+    assert {row[0] for row in rows} == set(ids)
+    assert all(count == 1 for _, count, _ in rows)
+    errors = {delivery: error for delivery, _, error in rows if error}
+    assert set(errors) == {poisoned, huge_delay}
+    assert "no_poison" in errors[poisoned]
+    assert errors[poisoned].startswith("the database refused to record this attempt's outcome")
+    assert "out of range" in errors[huge_delay]
+    due_in = scalar(
+        db,
+        "SELECT extract(epoch FROM next_attempt_at - now()) FROM notifyhook.deliveries "
+        "WHERE id = %s",
+        [huge_delay],
+    )
+    assert 0 < due_in <= 60
+    # ... and the claims are told when (the scheduler's wake).
+    assert scalar(
+        db,
+        "SELECT bool_or(due_at = (SELECT next_attempt_at FROM notifyhook.deliveries WHERE id = %s)) "
+        "FROM notifyhook.endpoint_wakes WHERE endpoint_id = %s",
+        [huge_delay, endpoint],
+    )
+
+
+def test_an_outcome_refused_even_bare_is_dropped_without_holding_up_the_others(
+    db, database_url, caplog
+):
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    ids = leased(db, endpoint, 4)
+    doomed = ids[1]
+    db.execute(
+        f"""CREATE FUNCTION public.refuse_one() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN
+            IF NEW.delivery_id = {doomed} THEN RAISE EXCEPTION 'no attempts for this one'; END IF;
+            RETURN NEW;
+        END $$"""
+    )
+    db.execute(
+        "CREATE TRIGGER refuse_one BEFORE INSERT ON notifyhook.attempts "
+        "FOR EACH ROW EXECUTE FUNCTION public.refuse_one()"
+    )
+    assert record(database_url, [outcome(d, endpoint) for d in ids]) == []
+    found = states(db)
+    assert found[doomed] == ("processing", WORKER)  # its lease will bring it back
+    assert all(found[d] == ("delivered", None) for d in ids if d != doomed)
+    assert "dropped" in caplog.text
+
+
+def test_outcomes_of_a_deleted_endpoint_are_skipped(db, database_url):
+    gone = add_endpoint(db, "t", "gone", "http://127.0.0.1:9/gone")
+    kept = add_endpoint(db, "t", "kept", "http://127.0.0.1:9/kept")
+    gone_ids, kept_ids = leased(db, gone, 2), leased(db, kept, 2)
+    db.execute("DELETE FROM notifyhook.endpoints WHERE id = %s", [gone])
+    outcomes = [outcome(d, gone) for d in gone_ids] + [outcome(d, kept) for d in kept_ids]
+    assert record(database_url, outcomes) == []
+    assert states(db) == {d: ("delivered", None) for d in kept_ids}
+
+
+@pytest.mark.parametrize("fast_by", [timedelta(hours=1), timedelta(hours=-1)])
+def test_endpoint_health_reads_the_database_clock_not_the_workers(db, database_url, fast_by):
+    # A worker an hour fast records a success "in the future"; the failures recorded
+    # after it, by workers with right clocks, must still count (and the other way round).
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    ids = leased(db, endpoint, 4)
+    skewed = datetime.now(UTC) + fast_by
+    record(database_url, [outcome(ids[0], endpoint, started_at=skewed)])
+    for delivery in ids[1:]:
+        record(database_url, [outcome(delivery, endpoint, "pending", code=503, retry_in_s=30)])
+    failures, failing_since, last_success = db.execute(
+        "SELECT consecutive_failures, failing_since, last_success_at "
+        "FROM notifyhook.endpoint_state WHERE endpoint_id = %s",
+        [endpoint],
+    ).fetchone()
+    assert failures == 3
+    now = scalar(db, "SELECT now()")
+    assert abs((failing_since - now).total_seconds()) < 600
+    assert abs((last_success - now).total_seconds()) < 600
+
+
+def test_a_record_sent_again_knows_each_attempt_by_its_key(db, database_url):
+    # Two attempts of one delivery by one worker, with the same attempt number, start and
+    # duration (a claim given back uncharged, then taken again): the first record's
+    # answer is lost, so both are sent again with retried. Matching by worker, start and
+    # duration took the second for the first and dropped it; the attempt key tells them
+    # apart, and still skips the one already recorded.
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    (delivery,) = leased(db, endpoint, 1)
+    started_at = datetime.now(UTC)
+    first = outcome(delivery, endpoint, "pending", code=503, retry_in_s=0, started_at=started_at)
+    second = outcome(delivery, endpoint, "delivered", started_at=started_at)
+
+    async def run() -> None:
+        async with Store.open(database_url) as store:
+            await store.record_outcomes(WORKER, [first], 86400)
+            db.execute(
+                "UPDATE notifyhook.deliveries SET status = 'processing', locked_by = %s, "
+                "locked_until = now() + interval '1 minute'",
+                [WORKER],
+            )
+            await store.record_outcomes(WORKER, [first, second], 86400, retried=True)
+
+    asyncio.run(run())
+    rows = db.execute("SELECT status_code FROM notifyhook.attempts ORDER BY status_code").fetchall()
+    assert rows == [(200,), (503,)]
+    assert states(db) == {delivery: ("delivered", None)}

@@ -1,0 +1,135 @@
+"""Recording never resends (DESIGN §8): a real worker, a real PostgreSQL, a real receiver.
+
+A recorded 200 is never followed by another request for the same delivery, except after
+a worker crash: not when the database refuses one outcome of a batch, not when the
+worker stops gracefully, not when an endpoint is deleted while its answers come in.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+
+import psycopg
+import pytest
+from conftest import add_endpoint, scalar, wait_until
+from test_worker import insert_events, statuses
+
+from notifyhook.tools.receiver import Answer
+
+pytestmark = pytest.mark.slow
+
+
+def attempts_per_delivery(db) -> Counter[int]:
+    return Counter(
+        row[0] for row in db.execute("SELECT delivery_id FROM notifyhook.attempts").fetchall()
+    )
+
+
+def test_an_outcome_the_database_refuses_blocks_nothing_and_nothing_is_resent(
+    db, receiver, start_worker
+):
+    # One endpoint's answer carries a value the database refuses (here a constraint of
+    # the operator's; in the issue, a DISABLE_AFTER that overflowed a timestamp): the
+    # batches it shares with healthy deliveries must still be recorded, once.
+    db.execute(
+        "ALTER TABLE notifyhook.attempts ADD CONSTRAINT no_poison "
+        "CHECK (response_excerpt IS DISTINCT FROM 'poison')"
+    )
+    receiver.sequence("poison", Answer(kind="slow", seconds=0.3, body=b"poison"))
+    receiver.sequence("a", Answer(kind="slow", seconds=0.3))
+    receiver.sequence("b", Answer(kind="slow", seconds=0.3))
+    for name in ("poison", "a", "b"):
+        add_endpoint(db, "t", name, receiver.url(name))
+    worker = start_worker(lease="3", http_timeout="2")
+    insert_events(db, "t", 10)
+    wait_until(
+        lambda: statuses(db) == {"delivered": 30}, timeout=30, what="every delivery recorded"
+    )
+    arrivals = Counter((a.path, a.webhook_id) for a in receiver.received())
+    assert len(arrivals) == 30
+    assert set(arrivals.values()) == {1}, "a delivery was sent twice"
+    assert set(attempts_per_delivery(db).values()) == {1}
+    refused = db.execute(
+        "SELECT a.error FROM notifyhook.attempts AS a "
+        "JOIN notifyhook.endpoints AS e ON e.id = a.endpoint_id WHERE e.name = 'poison'"
+    ).fetchall()
+    assert len(refused) == 10
+    assert all("no_poison" in error for (error,) in refused)
+    assert scalar(db, "SELECT count(*) FROM notifyhook.attempts WHERE error IS NULL") == 20
+    log = worker.log()
+    assert "refused" in log
+    assert "took back" not in log
+
+
+def test_what_answers_during_the_shutdown_grace_is_recorded_as_answered(db, receiver, start_worker):
+    # The issue's timing: A answers 200 after 4.5 s; B, claimed later, hangs until its
+    # 5.4 s timeout; SIGTERM just after B is claimed. A's lease (6 s) ends before B's
+    # timeout: its outcome must be recorded while the worker waits for B, not after.
+    receiver.sequence("a", Answer(kind="slow", seconds=4.5))
+    receiver.sequence("b", Answer(kind="hang", seconds=30))
+    a = add_endpoint(db, "t", "a", receiver.url("a"))
+    b = add_endpoint(db, "t", "b", receiver.url("b"), timeout_ms=5400)
+    worker = start_worker(lease="6", http_timeout="5", shutdown_grace="10")
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload, endpoint_id) "
+        "VALUES ('t', 'x', '{}', %s)",
+        [a],
+    )
+    wait_until(lambda: receiver.received("a"), what="A's request")
+    # B is claimed well after A, so that A's lease ends before B's timeout does.
+    time.sleep(1.5)
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload, endpoint_id) "
+        "VALUES ('t', 'x', '{}', %s)",
+        [b],
+    )
+    wait_until(lambda: receiver.received("b"), what="B's request")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.log()
+    state = dict(
+        db.execute(
+            "SELECT endpoint_id, status FROM notifyhook.deliveries WHERE endpoint_id IN (%s, %s)",
+            [a, b],
+        ).fetchall()
+    )
+    assert state[a] == "delivered", worker.log()
+    assert state[b] == "pending"  # timed out: a retry, on the schedule
+    assert scalar(db, "SELECT count(*) FROM notifyhook.attempts WHERE endpoint_id = %s", [a]) == 1
+    start_worker(lease="6", http_timeout="5")
+    # The next worker sends B again, and never A.
+    wait_until(lambda: len(receiver.received("b")) == 2, timeout=30, what="B's retry")
+    assert len(receiver.received("a")) == 1
+
+
+def test_deleting_an_endpoint_while_its_answers_are_recorded(
+    db, database_url, receiver, start_worker
+):
+    # The endpoint is deleted by a transaction that commits while the worker's record
+    # waits for the rows it locks: the record must skip the vanished deliveries (not
+    # fail on the attempts foreign key) and record the rest of its batch.
+    receiver.sequence("doomed", Answer(kind="slow", seconds=1.0))
+    receiver.sequence("kept", Answer(kind="slow", seconds=1.0))
+    doomed = add_endpoint(db, "t", "doomed", receiver.url("doomed"))
+    add_endpoint(db, "t", "kept", receiver.url("kept"))
+    worker = start_worker()
+    insert_events(db, "t", 3)
+    wait_until(lambda: len(receiver.received()) == 6, what="six requests in flight")
+    with psycopg.connect(database_url) as deleting:
+        deleting.execute("DELETE FROM notifyhook.endpoints WHERE id = %s", [doomed])
+        wait_until(
+            lambda: scalar(
+                db,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'notifyhook' AND wait_event_type = 'Lock'",
+            ),
+            what="the record to wait for the deleted rows",
+        )
+        deleting.commit()
+    wait_until(lambda: statuses(db) == {"delivered": 3}, what="the kept endpoint's deliveries")
+    assert len(receiver.received("kept")) == 3
+    assert set(attempts_per_delivery(db).values()) == {1}
+    log = worker.log()
+    assert "refused" not in log
+    assert "foreign key" not in log
