@@ -71,7 +71,11 @@ def test_metrics_count_what_the_worker_did(db, receiver, start_worker):
     def settled() -> Samples | None:
         samples = scrape(port)
         done = sample(samples, "notifyhook_attempt_duration_seconds_count") == 10
-        return samples if done and sample(samples, "notifyhook_in_flight") == 0 else None
+        # The disable is counted once its record returns, a moment after the row's
+        # state is visible to this test.
+        recorded = (sample(samples, "notifyhook_endpoint_disables_total") or 0) >= 1
+        idle = sample(samples, "notifyhook_in_flight") == 0
+        return samples if done and recorded and idle else None
 
     samples = wait_until(settled, what="the metrics to count ten attempts")
     assert sample(samples, "notifyhook_deliveries_total", outcome="delivered") == 7
