@@ -245,6 +245,7 @@ def test_an_endpoint_failing_too_long_is_disabled_then_resumed(
     }
 
 
+@pytest.mark.slow
 def test_a_success_resets_the_failing_clock(db, receiver, start_worker):
     # 503 until the test lets exactly one request through, then 503 again.
     let_through = {"one": False}

@@ -184,6 +184,7 @@ def enqueue(rig: Rig, text: str, via_enqueue: bool) -> str:
     return str(rig.db.execute(ENQUEUE if via_enqueue else INSERT, [text]).fetchone()[0])
 
 
+@pytest.mark.slow
 @settings(database=None, max_examples=50, deadline=None)
 @given(case=cases())
 def test_what_arrives_is_the_payload_over_the_extra_fields_as_signed(rig, case):

@@ -193,6 +193,7 @@ def receive(sock: socket.socket, seen: list[str]) -> list[str]:
     return seen
 
 
+@pytest.mark.slow
 def test_the_worker_tells_systemd_ready_status_watchdog_and_stopping(
     db, receiver, start_worker, notify_socket
 ):

@@ -43,6 +43,7 @@ def replicated(own_cluster: Cluster) -> Iterator[tuple[str, str]]:
             standby.stop()
 
 
+@pytest.mark.slow
 def test_stats_on_a_hot_standby_show_the_primary_figures(replicated):
     primary_url, standby_url = replicated
     on_primary = json.loads(ok(primary_url, "stats", "--json"))
@@ -58,6 +59,7 @@ def test_stats_on_a_hot_standby_show_the_primary_figures(replicated):
     assert "hooks" in table
 
 
+@pytest.mark.slow
 def test_stats_need_no_environment_url_when_given_one(replicated):
     _, standby_url = replicated
     assert json.loads(ok(None, "stats", "--json", "--database-url", standby_url))["endpoints"]
