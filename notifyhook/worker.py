@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -20,11 +19,11 @@ from notifyhook.maintenance import Maintenance, stuck_after_s
 from notifyhook.metrics import Metrics
 from notifyhook.metrics import serve as serve_metrics
 from notifyhook.migrate import check_schema
+from notifyhook.pacing import Pacing
 from notifyhook.recorder import Recorder
 from notifyhook.sender import Sender
 from notifyhook.settings import Settings
 from notifyhook.store import (
-    Claim,
     ClaimedDelivery,
     DatabaseError,
     Holding,
@@ -37,10 +36,6 @@ from notifyhook.store import (
 from notifyhook.systemd import SystemdNotifier
 
 log = logging.getLogger("notifyhook.worker")
-
-PASSED_BY_RETRY_S = 0.002
-"""How soon to claim again when a claim passed work by for a lock held a moment (doubling
-while it stays held, up to a second)."""
 
 SHUTDOWN_DATABASE_S = 10.0
 """After the grace, how long a stopping worker tries to record outcomes and give back
@@ -91,38 +86,21 @@ class Worker:
         self.listener = Listener(
             settings.database_url.get_secret_value(), self._wake_up, metrics.reconnects.inc
         )
-        # Finishing deliveries trigger a new claim only every few slots, and outcomes
-        # are recorded a batch at a time: a claim or a record costs the database
-        # about a millisecond however few rows it carries, so one per delivery
-        # would cost more than the deliveries themselves.
-        self._refill_at = max(1, min(settings.batch_size, settings.concurrency) // 4)
-        self._wake = asyncio.Event()
+        self.pacing = Pacing(settings.batch_size, settings.concurrency)
         self._stop = asyncio.Event()
         self._in_flight: dict[int, tuple[int, asyncio.Task[None]]] = {}
         # What this worker holds per endpoint: the claim shares slots by it.
         self._holdings: dict[int, Holding] = {}
-        self._passed_by_streak = 0
         self.recorder = Recorder(
             settings,
             store,
             metrics,
             trouble=self._database_trouble,
             recovered=self._database_recovered,
-            recorded=self._recorded,
-            patient=self._patient,
+            recorded=self.pacing.recorded,
+            patient=lambda buffered: self.pacing.patient(buffered, len(self._in_flight)),
         )
-        self.maintenance = Maintenance(settings, store, metrics, wake=self._wake.set)
-        self._more_due = False
-        # Due rows wait for a cap (max_in_flight, a circuit probe, the endpoint's or
-        # tenant's share) that only a recorded outcome lifts: record without delay.
-        self._capped = False
-        self._claim_after_record = False
-        self._freed_since_claim = 0
-        # When to look again without being woken (monotonic seconds): what the last
-        # claim said, and the earliest retry this worker scheduled itself; the latter
-        # is kept apart because a claim may run before that retry is recorded.
-        self._claim_deadline: float | None = None
-        self._retry_deadline: float | None = None
+        self.maintenance = Maintenance(settings, store, metrics, wake=self.pacing.wake.set)
         self._last_cycle = time.monotonic()
         self.database_ok = True
         self._signals = 0
@@ -185,29 +163,19 @@ class Worker:
             self.settings.shutdown_grace,
         )
         self._stop.set()
-        self._wake.set()
+        self.pacing.wake.set()
 
     # -- claiming ----------------------------------------------------------------
 
     def _wake_up(self) -> None:
         self.metrics.notifications.inc()
-        self._wake.set()
-
-    async def _wait_for_work(self) -> None:
-        now = time.monotonic()
-        if self._retry_deadline is not None and self._retry_deadline <= now:
-            self._retry_deadline = None
-        deadlines = [d for d in (self._claim_deadline, self._retry_deadline) if d is not None]
-        timeout = max(0.0, min(deadlines) - now) if deadlines else None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        self._wake.clear()
-        self._last_cycle = time.monotonic()
+        self.pacing.wake.set()
 
     async def _claim_loop(self) -> None:
         delays = retry.reconnect_delays()
         while not self._stop.is_set():
-            await self._wait_for_work()
+            await self.pacing.wait()
+            self._last_cycle = time.monotonic()
             free = self.settings.concurrency - len(self._in_flight)
             if self._stop.is_set() or free <= 0:
                 continue
@@ -231,37 +199,11 @@ class Worker:
                 self._ready_sent = True
                 self._notifier.ready()
                 log.info("worker %s ready", self.settings.worker_id)
-            taken = len(claim.deliveries)
             self.metrics.claim_seconds.observe(time.perf_counter() - began)
-            self.metrics.claim_batch.observe(taken)
+            self.metrics.claim_batch.observe(len(claim.deliveries))
             for claimed in claim.deliveries:
                 self._start(claimed)
-            self._freed_since_claim = 0
-            self._capped = claim.held_back or self._claim_after_record
-            # An endpoint held back until its in-flight row is recorded (FIFO, its
-            # max_in_flight, its circuit) gets its turn back from that record: claim
-            # again once it is written.
-            self._more_due = claim.more_due or taken == asked or claim.held_back
-            self._claim_deadline = self._next_look(claim)
-            # Claim again at once while claims make progress and rows are left; a claim
-            # that took nothing waits for a slot, a notification or the next turn.
-            if taken and self._more_due and len(self._in_flight) < self.settings.concurrency:
-                self._wake.set()
-
-    def _next_look(self, claim: Claim) -> float | None:
-        """When to claim again unwoken (monotonic): at the next turn, or shortly when work
-        was passed by for a lock, backing off while the lock stays held (an operator's
-        open transaction must not make the worker spin)."""
-        wake_in_s = claim.wake_in_s
-        if claim.passed_by:
-            self._passed_by_streak += 1
-            retry_s = min(PASSED_BY_RETRY_S * 2 ** (self._passed_by_streak - 1), 1.0)
-            wake_in_s = retry_s if wake_in_s is None else min(wake_in_s, retry_s)
-        else:
-            self._passed_by_streak = 0
-        if wake_in_s is None:
-            return None
-        return time.monotonic() + max(0.001, wake_in_s)
+            self.pacing.claimed(claim, asked, len(self._in_flight))
 
     async def _take_over(self) -> None:
         """Take back a dead predecessor's rows (same WORKER_ID) before the first claim."""
@@ -337,19 +279,13 @@ class Worker:
             outcome = decide(delivery, result, self.settings)
             self._note(delivery, outcome)
             if claimed.limited:
-                # Its endpoint's next row waits for this outcome: record it without
-                # waiting for company, and claim again once it is written.
-                self._capped = self._claim_after_record = True
+                self.pacing.limited()
             self.recorder.add(outcome)
         finally:
             del self._in_flight[claimed.delivery_id]
             self._release_holding(claimed.endpoint_id)
             self.metrics.in_flight.set(len(self._in_flight))
-            self._freed_since_claim += 1
-            if self._more_due and (
-                self._freed_since_claim >= self._refill_at or not self._in_flight
-            ):
-                self._wake.set()
+            self.pacing.freed(len(self._in_flight))
 
     async def _attempt(self, delivery: Delivery) -> AttemptResult:
         try:
@@ -374,28 +310,7 @@ class Worker:
                 result.error,
             )
         elif outcome.retry_in_s is not None:
-            deadline = time.monotonic() + outcome.retry_in_s
-            if self._retry_deadline is None or deadline < self._retry_deadline:
-                earliest = min(d for d in (deadline, self._claim_deadline) if d is not None)
-                self._retry_deadline = deadline
-                if earliest == deadline:
-                    # The claim loop waits with a timeout computed before this
-                    # retry existed: wake it to look again (rare: later retries
-                    # of the same run fall due later).
-                    self._wake.set()
-
-    # -- recording ---------------------------------------------------------------
-
-    def _patient(self, buffered: int) -> bool:
-        """Whether finished outcomes may wait a moment for others to share their batch."""
-        return bool(self._in_flight) and not self._capped and buffered < self._refill_at
-
-    def _recorded(self) -> None:
-        if self._more_due or self._claim_after_record:
-            # A limited endpoint's slot is free only once its outcome is
-            # recorded: a claim that ran before this flush saw it still held.
-            self._claim_after_record = False
-            self._wake.set()
+            self.pacing.scheduled_retry(outcome.retry_in_s)
 
     # -- shutting down -------------------------------------------------------------
 
@@ -465,7 +380,7 @@ class Worker:
             reporting.report_database_lost(what, error)
         self.database_ok = False
         await asyncio.sleep(wait)
-        self._wake.set()
+        self.pacing.wake.set()
 
     def _database_recovered(self) -> None:
         if not self.database_ok:
