@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -76,7 +76,10 @@ class Worker:
         *,
         metrics: Metrics,
         notifier: SystemdNotifier | None = None,
+        recorded: Callable[[], None] | None = None,
     ) -> None:
+        """`recorded` is called after each batch of outcomes is written: a test signal
+        (River's), so that an in-process test waits for the worker, not for time."""
         self.settings = settings
         self._store = store
         self._sender = sender
@@ -97,7 +100,7 @@ class Worker:
             metrics,
             trouble=self._database_trouble,
             recovered=self._database_recovered,
-            recorded=self.pacing.recorded,
+            recorded=self._recorded,
             patient=lambda buffered: self.pacing.patient(buffered, len(self._in_flight)),
         )
         self.maintenance = Maintenance(settings, store, metrics, wake=self.pacing.wake.set)
@@ -105,6 +108,7 @@ class Worker:
         self.database_ok = True
         self._signals = 0
         self._ready_sent = False
+        self._on_recorded = recorded
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -311,6 +315,13 @@ class Worker:
             )
         elif outcome.retry_in_s is not None:
             self.pacing.scheduled_retry(outcome.retry_in_s)
+
+    # -- recording -----------------------------------------------------------------
+
+    def _recorded(self) -> None:
+        self.pacing.recorded()
+        if self._on_recorded is not None:
+            self._on_recorded()
 
     # -- shutting down -------------------------------------------------------------
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +18,7 @@ from psycopg.conninfo import make_conninfo
 from notifyhook.migrate import migrate
 from notifyhook.tools.cluster import Cluster, find_bindir
 from notifyhook.tools.receiver import Receiver
+from notifyhook.tools.workers import WorkerProcess, WorkerThread
 
 TEMPLATE = f"notifyhook_template_{os.getpid()}"
 _numbers = itertools.count()
@@ -165,66 +164,50 @@ def add_endpoint(
 
 
 WORKER_DEFAULTS = {
-    "NOTIFYHOOK_ALLOW_PRIVATE_NETWORKS": "true",
-    "NOTIFYHOOK_POLL_INTERVAL": "0.5",
-    "NOTIFYHOOK_RETRY_SCHEDULE": "0.2,0.4",
-    "NOTIFYHOOK_JITTER": "0",
-    "NOTIFYHOOK_LEASE": "10",
-    "NOTIFYHOOK_HTTP_TIMEOUT": "2",
-    "NOTIFYHOOK_SHUTDOWN_GRACE": "5",
-    "NOTIFYHOOK_LOG_LEVEL": "DEBUG",
+    "allow_private_networks": "true",
+    "poll_interval": "0.5",
+    "retry_schedule": "0.2,0.4",
+    "jitter": "0",
+    "lease": "10",
+    "http_timeout": "2",
+    "shutdown_grace": "5",
+    "log_level": "DEBUG",
 }
-
-
-class WorkerProcess:
-    """A real `notifyhook worker` process; its log goes to a file the test can read."""
-
-    def __init__(self, database_url: str, log_path: Path, **settings: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
-        env.update(WORKER_DEFAULTS)
-        env["NOTIFYHOOK_DATABASE_URL"] = database_url
-        env.update({f"NOTIFYHOOK_{k.upper()}": str(v) for k, v in settings.items()})
-        self.worker_id = env.get("NOTIFYHOOK_WORKER_ID", "")
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "notifyhook", "worker"],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        try:
-            return self.process.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self._log.close()
+"""Settings of the tests' workers, in process or not: short retries, a short poll."""
 
 
 @pytest.fixture
 def start_worker(database_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start worker processes on the test's database; all are killed at the end."""
+    """Start `notifyhook worker` processes on the test's database; all are killed at the end.
+
+    For what only a process shows: signals, exit codes, its log, its command line. The
+    worker's behaviour is tested in process (`run_worker`)."""
     started: list[WorkerProcess] = []
 
     def start(url: str | None = None, **settings: str) -> WorkerProcess:
-        settings.setdefault("worker_id", f"test-worker-{len(started) + 1}")
+        worker_id = settings.pop("worker_id", f"test-worker-{len(started) + 1}")
         worker = WorkerProcess(
-            url or database_url, tmp_path / f"worker-{len(started) + 1}.log", **settings
+            url or database_url, worker_id, tmp_path, {**WORKER_DEFAULTS, **settings}
         )
         started.append(worker)
         return worker
+
+    yield start
+    for worker in started:
+        worker.kill()
+
+
+@pytest.fixture
+def run_worker(database_url: str) -> Iterator[Callable[..., WorkerThread]]:
+    """Start Workers in this process on the test's database; all are killed at the end
+    (and a worker that failed fails the test)."""
+    started: list[WorkerThread] = []
+
+    def start(url: str | None = None, **settings: str) -> WorkerThread:
+        worker_id = settings.pop("worker_id", f"test-worker-{len(started) + 1}")
+        worker = WorkerThread(url or database_url, worker_id, {**WORKER_DEFAULTS, **settings})
+        started.append(worker)
+        return worker.start()
 
     yield start
     for worker in started:

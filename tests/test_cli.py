@@ -433,7 +433,7 @@ def test_endpoint_commands_on_a_missing_endpoint_exit_1(database_url):
 
 
 def test_disable_keeps_deliveries_pending_and_enable_sends_them(
-    db, database_url, receiver, start_worker
+    db, database_url, receiver, run_worker
 ):
     endpoint_id, _ = add_through_cli(database_url, "paused", receiver.url("paused"))
     add_endpoint(db, "t", "live", receiver.url("live"))
@@ -442,10 +442,10 @@ def test_disable_keeps_deliveries_pending_and_enable_sends_them(
     row = endpoint_row(db, endpoint_id)
     assert (row["enabled"], row["disabled_reason"]) == (False, "maintenance")
 
-    start_worker()
+    worker = run_worker()
     ok(database_url, "send", "--tenant", "t", "--type", "call.completed", "--data", '{"n": 1}')
-    wait_until(lambda: receiver.received("live"), what="the live endpoint's delivery")
-    wait_until(lambda: statuses(db) == {"delivered": 1, "pending": 1}, what="the outcome")
+    worker.wait_recorded(lambda: receiver.received("live"), what="the live endpoint's delivery")
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 1, "pending": 1}, what="the outcome")
     assert (
         scalar(
             db, "SELECT attempts FROM notifyhook.deliveries WHERE endpoint_id = %s", [endpoint_id]
@@ -458,7 +458,7 @@ def test_disable_keeps_deliveries_pending_and_enable_sends_them(
         ok(database_url, "endpoint", "enable", str(endpoint_id)).strip()
         == f"endpoint {endpoint_id} enabled"
     )
-    wait_until(lambda: statuses(db) == {"delivered": 2}, what="the waiting delivery")
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 2}, what="the waiting delivery")
     assert endpoint_row(db, endpoint_id)["disabled_reason"] is None
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -13,12 +12,13 @@ from typing import Any
 import psycopg
 import pytest
 import standardwebhooks
-from conftest import TEMPLATE, WorkerProcess, add_endpoint, wait_until, with_dbname
+from conftest import TEMPLATE, WORKER_DEFAULTS, add_endpoint, wait_until, with_dbname
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from psycopg import errors
 
 from notifyhook.tools.receiver import Arrival, Receiver
+from notifyhook.tools.workers import WorkerProcess
 
 LIMIT = 262144
 PAD_KEY = "~pad"
@@ -150,13 +150,17 @@ def rig(server, tmp_path_factory) -> Iterator[Rig]:
                 ).fetchone()[0]
                 receiver.trust(endpoint, secret)
                 endpoints[endpoint] = (endpoint_id, secret)
+            # A process: a worker in this one would use the random module while hypothesis
+            # draws examples, which hypothesis refuses.
             worker = WorkerProcess(
-                url, tmp_path_factory.mktemp("fuzz") / "worker.log", log_level="INFO"
+                url,
+                "fuzz",
+                tmp_path_factory.mktemp("fuzz"),
+                {**WORKER_DEFAULTS, "log_level": "INFO"},
             )
             wait_until(lambda: "ready" in worker.log(), timeout=30, what="the worker")
             yield Rig(db, receiver, endpoints)
-            worker.signal(signal.SIGTERM)
-            assert worker.wait(20) == 0, worker.log()
+            assert worker.stop(20) == 0, worker.log()
     finally:
         if worker is not None:
             worker.kill()
