@@ -59,9 +59,9 @@ class Hit:
 #
 # A bare HTTP/1.1 server on asyncio.Protocol rather than aiohttp's: the receiver shares the
 # bench machine's two cores with the worker and PostgreSQL it measures, and aiohttp's server
-# spent over three times its CPU per request (docs/performance.md). It speaks only what the workers' client
-# sends: keep-alive, bodies with a Content-Length, one request at a time per connection
-# (several in one read are still answered in order).
+# spent over three times its CPU per request (docs/performance.md). It speaks only what
+# the workers' client sends: keep-alive, bodies with a Content-Length, one request at a
+# time per connection (several in one read are still answered in order).
 #
 # Answering needs only the request's framing and its path (and for first-fails its
 # webhook-id); the signature is checked afterwards, for many requests in one go (see
