@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import os
 import subprocess
 import time
@@ -13,15 +11,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
+from databases import Databases, migrate_database
 
-from notifyhook.migrate import migrate
 from notifyhook.tools.cluster import Cluster, find_bindir
 from notifyhook.tools.receiver import Receiver
 from notifyhook.tools.workers import WorkerProcess, WorkerThread
-
-TEMPLATE = f"notifyhook_template_{os.getpid()}"
-_numbers = itertools.count()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
@@ -38,12 +32,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
         time.sleep(0.02)
 
 
-def with_dbname(url: str, dbname: str) -> str:
-    return make_conninfo(url, dbname=dbname)
-
-
 class Server:
-    """The PostgreSQL the suite runs against: our own cluster, or NOTIFYHOOK_TEST_DATABASE_URL."""
+    """The PostgreSQL the suite runs against: our own cluster, or NOTIFYHOOK_TEST_DATABASE_URL;
+    and the fresh databases made in it for the tests."""
 
     def __init__(self) -> None:
         self.cluster: Cluster | None = None
@@ -53,64 +44,39 @@ class Server:
         else:
             self.cluster = Cluster(fsync=False, max_connections=300).start()
             self.admin_url = self.cluster.url()
+        self.databases = Databases(self.admin_url)
 
     def stop(self) -> None:
-        if self.cluster is not None:
-            self.cluster.stop()
+        try:
+            self.databases.stop()
+        finally:
+            if self.cluster is not None:
+                self.cluster.stop()
 
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     running = Server()
     try:
-        _create_template(running.admin_url)
+        running.databases.start()
         yield running
     finally:
-        with psycopg.connect(running.admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
         running.stop()
-
-
-def _create_template(admin_url: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
-
-    async def apply() -> None:
-        async with await psycopg.AsyncConnection.connect(
-            with_dbname(admin_url, TEMPLATE), autocommit=True
-        ) as conn:
-            await migrate(conn, max_payload_bytes=262144)
-
-    asyncio.run(apply())
 
 
 @pytest.fixture
 def own_cluster() -> Iterator[Cluster]:
     """A migrated PostgreSQL of the test's own, which it may stop, restart or crash."""
     with Cluster(fsync=False) as cluster:
-
-        async def setup() -> None:
-            async with await psycopg.AsyncConnection.connect(
-                cluster.url(), autocommit=True
-            ) as conn:
-                await migrate(conn, max_payload_bytes=262144)
-
-        asyncio.run(setup())
+        migrate_database(cluster.url())
         yield cluster
 
 
 @pytest.fixture
 def database_url(server: Server) -> Iterator[str]:
     """A fresh, migrated database of its own for each test."""
-    name = f"notifyhook_test_{os.getpid()}_{next(_numbers)}"
-    with psycopg.connect(server.admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
-    try:
-        yield with_dbname(server.admin_url, name)
-    finally:
-        with psycopg.connect(server.admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with server.databases.fresh() as url:
+        yield url
 
 
 @pytest.fixture

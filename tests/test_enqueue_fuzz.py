@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -12,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 import standardwebhooks
-from conftest import TEMPLATE, WORKER_DEFAULTS, add_endpoint, wait_until, with_dbname
+from conftest import WORKER_DEFAULTS, add_endpoint, wait_until
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from psycopg import errors
@@ -134,10 +133,11 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(server, tmp_path_factory) -> Iterator[Rig]:
-    name = f"notifyhook_fuzz_{os.getpid()}"
-    with psycopg.connect(server.admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
-    url = with_dbname(server.admin_url, name)
+    with server.databases.fresh() as url:
+        yield from _rig(url, tmp_path_factory)
+
+
+def _rig(url: str, tmp_path_factory) -> Iterator[Rig]:
     receiver = Receiver().start_in_thread()
     worker = None
     try:
@@ -165,8 +165,6 @@ def rig(server, tmp_path_factory) -> Iterator[Rig]:
         if worker is not None:
             worker.kill()
         receiver.stop_thread()
-        with psycopg.connect(server.admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def padded(rig: Rig, case: dict[str, Any]) -> tuple[str, int | None]:

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import email.utils
 import json
-import os
 import re
 import time
 from datetime import UTC, datetime, timedelta
@@ -17,7 +16,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import TEMPLATE, with_dbname
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -296,15 +294,11 @@ def subscriptions(draw: Any) -> tuple[list[str], str]:
 @pytest.fixture(scope="module")
 def module_db(server) -> Any:
     """One migrated database for the module: hypothesis runs many examples per test."""
-    name = f"notifyhook_properties_{os.getpid()}"
-    with psycopg.connect(server.admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
-    try:
-        with psycopg.connect(with_dbname(server.admin_url, name), autocommit=True) as conn:
-            yield conn
-    finally:
-        with psycopg.connect(server.admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with (
+        server.databases.fresh() as url,
+        psycopg.connect(url, autocommit=True) as conn,
+    ):
+        yield conn
 
 
 MATCH_ALL = """

@@ -10,7 +10,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import add_endpoint, psql, scalar, with_dbname
+from conftest import add_endpoint, psql, scalar
+from databases import with_dbname
 
 from notifyhook.migrate import code_schema_version, migration_files
 

@@ -7,7 +7,8 @@ import signal
 
 import pytest
 import standardwebhooks
-from conftest import add_endpoint, psql, scalar, wait_until, with_dbname
+from conftest import add_endpoint, psql, scalar, wait_until
+from databases import with_dbname
 from psycopg.conninfo import make_conninfo
 
 from notifyhook.tools.receiver import Answer
