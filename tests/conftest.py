@@ -178,3 +178,18 @@ def run_worker(database_url: str) -> Iterator[Callable[..., WorkerThread]]:
     yield start
     for worker in started:
         worker.kill()
+
+
+SUMMARY = "summary"
+"""A test's `record_property(SUMMARY, text)`: printed at the end of the run. The
+property travels with the test's report, so an xdist process's summary reaches the
+terminal, where a print of the process's own is dropped."""
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.getreports(outcome):
+            for name, text in report.user_properties:
+                if name == SUMMARY:
+                    terminalreporter.write_sep("-", f"{report.nodeid} ({outcome})")
+                    terminalreporter.write_line(text)

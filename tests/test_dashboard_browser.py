@@ -25,7 +25,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from notifyhook.dashboard.auth import COOKIE
 
-pytestmark = pytest.mark.browser
+# A browser is seconds of CPU a page on two cores: end to end, out of the inner loop.
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 SCREENSHOTS = Path(__file__).parent / "artifacts" / "screenshots"
 RED = "rgba(198, 40, 40, 1)"  # --bad in dashboard.css

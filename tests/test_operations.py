@@ -162,6 +162,7 @@ def test_metrics_sample_the_queue_and_count_reconnects(db, receiver, start_worke
     )
 
 
+@pytest.mark.slow
 def test_healthz_follows_the_database(own_cluster: Cluster, start_worker):
     port = free_port()
     start_worker(own_cluster.url(), metrics_port=str(port))
