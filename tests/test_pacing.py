@@ -68,6 +68,14 @@ def test_a_claim_that_filled_every_slot_waits_for_a_slot(pacing):
     assert not pacing.wake.is_set()
 
 
+def test_a_claim_that_took_fewer_than_it_asked_waits_even_with_rows_due(pacing):
+    # It took all its parts, limits and locks allowed: claiming again at once would come
+    # back empty. Slots freeing up, a notification or the next turn wake the loop.
+    pacing.claimed(claim(4, more_due=True), asked=10, in_flight=4)
+    assert pacing.more_due
+    assert not pacing.wake.is_set()
+
+
 def test_a_short_claim_with_nothing_left_leaves_the_loop_to_the_next_turn(pacing, clock):
     pacing.claimed(claim(3, wake_in_s=2.5), asked=10, in_flight=3)
     assert not pacing.more_due
