@@ -1,4 +1,6 @@
-"""The worker end to end: a real worker process, a real PostgreSQL, a real receiver on 127.0.0.1."""
+"""The worker against a real PostgreSQL and a real receiver on 127.0.0.1: in-process
+(`run_worker`) for what it does, a real process (`start_worker`) for signals, exit codes,
+start-up refusals and its log."""
 
 from __future__ import annotations
 
