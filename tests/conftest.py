@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from databases import Databases, migrate_database
 
 from notifyhook.tools.cluster import Cluster, find_bindir
 from notifyhook.tools.receiver import Receiver
-from notifyhook.tools.workers import WorkerProcess, WorkerThread
+from notifyhook.tools.workers import WorkerProcess, WorkerThread, notifyhook_environment
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
@@ -84,6 +85,32 @@ def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection to the test's database, for arranging and checking."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         yield conn
+
+
+def environment(database_url: str | None, /, **settings: str) -> dict[str, str]:
+    """A `notifyhook` command's environment: no NOTIFYHOOK_* variable of ours, these
+    settings, and buffered output, as in a terminal pipeline or a systemd unit."""
+    env = notifyhook_environment(database_url, settings)
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+def run_cli(
+    database_url: str | None, /, *args: str, check: bool = False, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    """`notifyhook ARGS…` as an operator runs it, a process, with these settings; bounded
+    in time. `check`: fail the test unless it exits 0."""
+    result = subprocess.run(
+        [sys.executable, "-m", "notifyhook", *args],
+        env=environment(database_url, **settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if check:
+        assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result
 
 
 def psql_binary() -> str:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import add_endpoint, scalar, wait_until
+from conftest import add_endpoint, environment, run_cli, scalar, wait_until
 from cryptography.fernet import Fernet
 from test_worker import insert_events, statuses
 
@@ -20,30 +20,7 @@ from notifyhook.tools.cluster import free_port
 from notifyhook.tools.receiver import Answer
 
 COMMAND = [sys.executable, "-m", "notifyhook"]
-
-
-def environment(database_url: str | None, /, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
-    # Buffered output, as in a terminal pipeline or a systemd unit.
-    env.pop("PYTHONUNBUFFERED", None)
-    if database_url is not None:
-        env["NOTIFYHOOK_DATABASE_URL"] = database_url
-    env.update({f"NOTIFYHOOK_{k.upper()}": v for k, v in settings.items()})
-    return env
-
-
-def run(
-    database_url: str | None, /, *args: str, **settings: str
-) -> subprocess.CompletedProcess[str]:
-    """`notifyhook ARGS…` with these NOTIFYHOOK_* settings; bounded in time."""
-    return subprocess.run(
-        [*COMMAND, *args],
-        env=environment(database_url, **settings),
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
+run = run_cli
 
 
 def ok(database_url: str, /, *args: str, **settings: str) -> str:

@@ -5,38 +5,18 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import psycopg
 import pytest
 import standardwebhooks
-from conftest import add_endpoint, scalar, wait_until
+from conftest import add_endpoint, run_cli, scalar, wait_until
 from cryptography.fernet import Fernet
 from test_worker import insert_events, statuses
 
 from notifyhook.tools.receiver import Answer, Arrival
-
-
-def run_cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """The real console script, as an operator runs it."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
-    environment["NOTIFYHOOK_DATABASE_URL"] = url
-    environment.update({f"NOTIFYHOOK_{k.upper()}": v for k, v in env.items()})
-    result = subprocess.run(
-        [sys.executable, "-m", "notifyhook", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 def printed_secret(output: str) -> str:
@@ -233,7 +213,7 @@ def test_an_endpoint_failing_too_long_is_disabled_then_resumed(
         if how == "sql":
             db.execute("UPDATE notifyhook.endpoints SET enabled = true WHERE id = %s", [down])
         else:
-            run_cli(database_url, "endpoint", "enable", str(down))
+            run_cli(database_url, "endpoint", "enable", str(down), check=True)
         assert next(listening.notifies(timeout=10, stop_after=1)).channel == "notifyhook"
     worker.wait_recorded(
         lambda: statuses(db) == {"delivered": 11}, what="the waiting deliveries sent"
@@ -369,7 +349,9 @@ def test_rotate_secret_signs_with_both_during_the_grace_then_the_new_one(
     endpoint = add_endpoint(db, "t", "rotating", receiver.url("rotating"))
     old = scalar(db, "SELECT secret FROM notifyhook.endpoints WHERE id = %s", [endpoint])
     worker = run_worker()
-    rotated = run_cli(database_url, "endpoint", "rotate-secret", str(endpoint), "--grace", "3s")
+    rotated = run_cli(
+        database_url, "endpoint", "rotate-secret", str(endpoint), "--grace", "3s", check=True
+    )
     new = printed_secret(rotated.stdout)
     assert new != old
     insert_events(db, "t", 1)
@@ -415,6 +397,7 @@ def add_sealed_endpoint(database_url, receiver, key: str):
         "sealed",
         "--url",
         receiver.url("sealed"),
+        check=True,
         secret_key=key,
     )
 

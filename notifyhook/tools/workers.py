@@ -32,15 +32,20 @@ class WorkerError(NotifyhookError):
     """A worker of the harness died or was not ready in time."""
 
 
-def worker_environment(url: str, worker_id: str, settings: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment without its NOTIFYHOOK_* variables, then `settings`
-    (names with or without the prefix, any case), the database and the worker id."""
+def notifyhook_environment(url: str | None, settings: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without its NOTIFYHOOK_* variables, then the database
+    when given, then `settings` (names with or without the prefix, any case)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
+    if url is not None:
+        env["NOTIFYHOOK_DATABASE_URL"] = url
     for key, value in settings.items():
         env[f"NOTIFYHOOK_{key.upper().removeprefix('NOTIFYHOOK_')}"] = str(value)
-    env["NOTIFYHOOK_DATABASE_URL"] = url
-    env["NOTIFYHOOK_WORKER_ID"] = worker_id
     return env
+
+
+def worker_environment(url: str, worker_id: str, settings: Mapping[str, str]) -> dict[str, str]:
+    """A worker's environment: `notifyhook_environment` and its worker id."""
+    return {**notifyhook_environment(url, settings), "NOTIFYHOOK_WORKER_ID": worker_id}
 
 
 class WorkerProcess:
