@@ -104,10 +104,8 @@ def assert_no_alert(driver: WebDriver) -> None:
         driver.switch_to.alert  # noqa: B018 (the property raises when there is none)
 
 
-def test_the_overview_shows_health_states_and_a_chart(
-    browser, db, receiver, start_worker, dashboard
-):
-    scene = populate(db, receiver, start_worker)
+def test_the_overview_shows_health_states_and_a_chart(browser, db, receiver, run_worker, dashboard):
+    scene = populate(db, receiver, run_worker)
     site = dashboard()
     browser.delete_all_cookies()
     browser.get(site.url + "/")
@@ -149,8 +147,8 @@ def test_the_overview_shows_health_states_and_a_chart(
     assert "crm" not in names
 
 
-def test_hostile_text_is_shown_as_text(browser, db, receiver, start_worker, dashboard):
-    scene = populate(db, receiver, start_worker)
+def test_hostile_text_is_shown_as_text(browser, db, receiver, run_worker, dashboard):
+    scene = populate(db, receiver, run_worker)
     site = dashboard()
     browser.delete_all_cookies()
     browser.get(f"{site.url}/endpoints/{scene.hostile}")
