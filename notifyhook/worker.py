@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -430,6 +431,20 @@ async def serve(settings: Settings) -> None:
     if not await _unless_stopped(_wait_for_schema(url), stopping):
         log.info("stopped while waiting for the database")
         return
+    async with open_worker(settings, metrics) as worker:
+        worker.install_signal_handlers()
+        if stopping.is_set():  # a signal came after the schema check, before these handlers
+            worker.request_stop()
+        await worker.run()
+
+
+@contextlib.asynccontextmanager
+async def open_worker(
+    settings: Settings, metrics: Metrics, *, recorded: Callable[[], None] | None = None
+) -> AsyncIterator[Worker]:
+    """A Worker with its store, its sender and, on METRICS_PORT, /metrics and /healthz:
+    what `notifyhook worker` runs, and what the tests run in-process."""
+    url = settings.database_url.get_secret_value()
     async with (
         Store.open(url, timeouts=session_timeouts(settings), worker=settings.worker_id) as store,
         Sender(
@@ -438,15 +453,12 @@ async def serve(settings: Settings) -> None:
             max_connections=settings.concurrency,
         ) as sender,
     ):
-        worker = Worker(settings, store, sender, metrics=metrics)
-        worker.install_signal_handlers()
-        if stopping.is_set():  # a signal came after the schema check, before these handlers
-            worker.request_stop()
+        worker = Worker(settings, store, sender, metrics=metrics, recorded=recorded)
         runner = None
         if settings.metrics_port is not None:
             runner = await serve_metrics(metrics, settings.metrics_port, lambda: worker.healthy)
         try:
-            await worker.run()
+            yield worker
         finally:
             if runner is not None:
                 await runner.cleanup()

@@ -16,14 +16,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from notifyhook import __version__
 from notifyhook.errors import NotifyhookError
 from notifyhook.metrics import Metrics
-from notifyhook.sender import Sender
 from notifyhook.settings import Settings
-from notifyhook.store import Store
 from notifyhook.tools import usage
-from notifyhook.worker import Worker, session_timeouts
+from notifyhook.worker import Worker, open_worker
 
 log = logging.getLogger("notifyhook.tools.workers")
 
@@ -216,24 +213,12 @@ class WorkerThread:
                 self._recorded.notify_all()
 
     async def _run(self) -> None:
-        url = self.settings.database_url.get_secret_value()
-        async with (
-            Store.open(
-                url, timeouts=session_timeouts(self.settings), worker=self.worker_id
-            ) as store,
-            Sender(
-                allow_private_networks=self.settings.allow_private_networks,
-                user_agent=f"notifyhook/{__version__}",
-                max_connections=self.settings.concurrency,
-            ) as sender,
-        ):
-            self.worker = Worker(
-                self.settings, store, sender, metrics=self.metrics, recorded=self._on_recorded
-            )
+        async with open_worker(self.settings, self.metrics, recorded=self._on_recorded) as worker:
+            self.worker = worker
             self._loop = asyncio.get_running_loop()
             self._task = asyncio.current_task()
             self._started.set()
-            await self.worker.run()
+            await worker.run()
 
     def _on_recorded(self) -> None:
         with self._recorded:
