@@ -5,6 +5,7 @@ start-up refusals and its log."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 
 import pytest
@@ -302,16 +303,17 @@ class RawReceiver:
     ],
     ids=["status-line", "header-byte", "long-header"],
 )
-def test_a_malformed_response_is_recorded_without_the_endpoints_url(db, start_worker, answer):
+def test_a_malformed_response_is_recorded_without_the_endpoints_url(db, run_worker, caplog, answer):
     # aiohttp's error for a malformed answer quotes the whole URL, tokens included; it
     # reached attempts.error, deliveries.last_error, dead_letters and the log.
     raw = RawReceiver(answer)
     try:
         url = f"http://127.0.0.1:{raw.port}/hooks/PATHTOKEN123?token=QUERYTOKEN456"
         add_endpoint(db, "t", "raw", url)
-        worker = start_worker(retry_schedule="0.1")
+        caplog.set_level(logging.DEBUG, logger="notifyhook")
+        worker = run_worker(retry_schedule="0.1")
         insert_events(db, "t", 1)
-        wait_until(lambda: statuses(db) == {"dead": 1}, what="the delivery to die")
+        worker.wait_recorded(lambda: statuses(db) == {"dead": 1}, what="the delivery to die")
         assert raw.requests == 2
     finally:
         raw.stop()
@@ -325,12 +327,11 @@ def test_a_malformed_response_is_recorded_without_the_endpoints_url(db, start_wo
             str(db.execute("SELECT * FROM notifyhook.dead_letters").fetchall()),
         ]
     )
-    worker.signal(signal.SIGTERM)
-    worker.wait(20)
+    worker.stop()
     for token in ("PATHTOKEN123", "QUERYTOKEN456"):
         assert token not in recorded
-        assert token not in worker.log()
-    assert "malformed response" in worker.log()
+        assert token not in caplog.text
+    assert "malformed response" in caplog.text
 
 
 def test_sigterm_while_waiting_for_the_database_exits_zero(database_url, start_worker):
