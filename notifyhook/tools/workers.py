@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -246,6 +248,17 @@ class WorkerThread:
             with self._recorded:
                 self._recorded.wait_for(functools.partial(self._moved, seen), min(left, 0.25))
 
+    def _where(self) -> str:
+        """The worker thread's stack and its loop's tasks: why it did not stop."""
+        frame = sys._current_frames().get(self._thread.ident or 0)
+        stack = "".join(traceback.format_stack(frame)) if frame else "(gone)\n"
+        tasks = ""
+        if self._loop is not None:
+            # Read from another thread: a diagnosis, not state to act on.
+            with contextlib.suppress(RuntimeError):
+                tasks = "\n".join(repr(task) for task in asyncio.all_tasks(self._loop))
+        return stack + tasks
+
     def _moved(self, seen: int) -> bool:
         return self.batches_recorded != seen or not self._thread.is_alive()
 
@@ -266,11 +279,25 @@ class WorkerThread:
         self._killed = True
         if self._loop is not None and self._task is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._task.cancel)
+            self._thread.join(timeout / 3)
+            if self._thread.is_alive():
+                # Once seen under load (a full run, not since): a cancellation absorbed
+                # on the way out. Cancel everything left on the loop once more; what
+                # still hangs then is reported with the thread's stack.
+                log.warning("worker %s still stopping:\n%s", self.worker_id, self._where())
+                self._loop.call_soon_threadsafe(self._cancel_all)
         self._join(timeout)
+
+    def _cancel_all(self) -> None:
+        for task in asyncio.all_tasks():
+            task.cancel()
 
     def _join(self, timeout: float) -> None:
         self._thread.join(timeout)
         if self._thread.is_alive():
-            raise WorkerError(f"worker {self.worker_id} did not stop within {timeout:g}s")
+            raise WorkerError(
+                f"worker {self.worker_id} did not stop within {timeout:g}s; its thread is at:\n"
+                + self._where()
+            )
         if self.error is not None:
             raise WorkerError(f"worker {self.worker_id} failed: {self.error!r}") from self.error
