@@ -43,24 +43,6 @@ SHUTDOWN_DATABASE_S = 10.0
 claims: SHUTDOWN_GRACE plus this stays within the unit's TimeoutStopSec (30 + 10 < 45)."""
 
 
-def decide(delivery: Delivery, result: AttemptResult, settings: Settings) -> Outcome:
-    """Map an attempt's result to the delivery's next state (retry schedule, jitter, Retry-After).
-
-    The endpoint's own schedule, when it has one, replaces the global one whole: its
-    delays, its attempt budget and the cap on Retry-After (its longest delay).
-    """
-    status: Any = "dead"
-    retry_in_s = None
-    if result.verdict is Verdict.DELIVERED:
-        status = "delivered"
-    elif result.verdict is Verdict.RETRY:
-        schedule = delivery.retry_schedule or settings.retry_schedule
-        delay = retry.next_delay(delivery.attempt, schedule, settings.jitter, result.retry_after_s)
-        if delay is not None:
-            status, retry_in_s = "pending", delay
-    return Outcome(delivery.id, delivery.endpoint_id, delivery.attempt, status, retry_in_s, result)
-
-
 def _unsent(error: str) -> AttemptResult:
     """An attempt that ended on our side, before an answer: retried on the schedule."""
     return AttemptResult(Verdict.RETRY, datetime.now(UTC), 0.0, error=error)
@@ -281,7 +263,7 @@ class Worker:
                 result = _unsent(str(error))
             else:
                 result = await self._attempt(delivery)
-            outcome = decide(delivery, result, self.settings)
+            outcome = retry.decide(delivery, result, self.settings)
             self._note(delivery, outcome)
             if claimed.limited:
                 self.pacing.limited()

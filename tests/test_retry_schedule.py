@@ -13,9 +13,9 @@ from test_cli import ok, one_line_error, run, usage_error
 from test_worker import statuses
 
 from notifyhook.delivery import AttemptResult, Delivery, Verdict
+from notifyhook.retry import decide
 from notifyhook.settings import Settings
 from notifyhook.tools.receiver import Answer
-from notifyhook.worker import decide
 
 # --- the database's checks ---------------------------------------------------------------
 
