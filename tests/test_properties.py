@@ -22,12 +22,11 @@ from hypothesis import strategies as st
 from notifyhook import __version__
 from notifyhook.delivery import AttemptResult, Delivery, Verdict
 from notifyhook.errors import VerificationError
-from notifyhook.retry import parse_retry_after
+from notifyhook.retry import decide, parse_retry_after
 from notifyhook.sender import Sender, _status_verdict
 from notifyhook.settings import Settings
 from notifyhook.signing import decode_secret, generate_secret, verify, webhook_headers
 from notifyhook.tools.receiver import Answer
-from notifyhook.worker import decide
 
 # No example database: tests must not leave files in the tree.
 quick = settings(database=None, max_examples=50, deadline=None)
