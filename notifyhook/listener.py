@@ -29,7 +29,6 @@ class Listener:
         self._wake = wake
         self._on_reconnect = on_reconnect
         self.connected = False
-        self.notifications = 0
 
     async def run(self) -> None:
         delays = retry.reconnect_delays()
@@ -46,7 +45,6 @@ class Listener:
                     delays = retry.reconnect_delays()
                     self._wake()
                     async for _ in conn.notifies():
-                        self.notifications += 1
                         self._wake()
             except psycopg.OperationalError as error:
                 self.connected = False

@@ -25,9 +25,15 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.attempts = Counter(
+            "notifyhook_attempts",
+            "HTTP attempts, by the delivery state each led to (pending: a retry is scheduled).",
+            ["outcome"],
+            registry=r,
+        )
         self.deliveries = Counter(
             "notifyhook_deliveries",
-            "Attempts by the delivery state they led to.",
+            "Deliveries this worker finished, by their final state.",
             ["outcome"],
             registry=r,
         )
@@ -88,21 +94,29 @@ class Metrics:
             "Age of the oldest due delivery of an enabled endpoint.",
             registry=r,
         )
-        self._outcome_children = {
-            name: self.deliveries.labels(outcome=name) for name in ("delivered", "pending", "dead")
+        self._attempt_children = {
+            name: self.attempts.labels(outcome=name) for name in ("delivered", "pending", "dead")
+        }
+        self._finished_children = {
+            name: self.deliveries.labels(outcome=name) for name in ("delivered", "dead")
         }
         self._rate_window: list[tuple[float, int]] = [(time.monotonic(), 0)]
         self._delivered = 0
+        self._pending_due = 0
 
     def observe_attempt(self, outcome: str, duration_ms: float) -> None:
-        self._outcome_children[outcome].inc()
+        """One attempt and the state it led its delivery to: delivered, pending, dead."""
+        self._attempt_children[outcome].inc()
         self.attempt_seconds.observe(duration_ms / 1000)
+        if outcome in self._finished_children:
+            self._finished_children[outcome].inc()
         if outcome == "delivered":
             self._delivered += 1
 
     def set_queue(
         self, pending_due: int, processing: int, oldest_due_age_s: float, pending_paused: int
     ) -> None:
+        self._pending_due = pending_due
         self.queue_pending_due.set(pending_due)
         self.queue_processing.set(processing)
         self.queue_oldest_due_age.set(oldest_due_age_s)
@@ -114,8 +128,7 @@ class Metrics:
         then, delivered_then = self._rate_window[-1]
         self._rate_window = [(now, self._delivered)]
         rate = (self._delivered - delivered_then) / max(now - then, 1e-6)
-        due = int(self.queue_pending_due._value.get())
-        return f"delivering {rate:.0f}/s, {in_flight} in flight, {due} due"
+        return f"delivering {rate:.0f}/s, {in_flight} in flight, {self._pending_due} due"
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

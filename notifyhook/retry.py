@@ -1,4 +1,4 @@
-"""The retry schedule: backoff with jitter, Retry-After, and parsing durations and schedules."""
+"""The retry schedule: backoff with jitter, Retry-After, the decision after an attempt, and parsing durations and schedules."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ import random
 import re
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from notifyhook.delivery import AttemptResult, Delivery, Outcome, Verdict
+
+if TYPE_CHECKING:
+    from notifyhook.settings import Settings
 
 DEFAULT_SCHEDULE: tuple[float, ...] = (30.0, 60.0, 120.0, 240.0, 480.0)
 DEFAULT_JITTER = 0.1
@@ -123,3 +129,21 @@ def reconnect_delays(first: float = 0.1, longest: float = 10.0) -> Iterator[floa
     while True:
         yield delay * random.uniform(0.75, 1.25)
         delay = min(delay * 2, longest)
+
+
+def decide(delivery: Delivery, result: AttemptResult, settings: Settings) -> Outcome:
+    """Map an attempt's result to the delivery's next state (retry schedule, jitter, Retry-After).
+
+    The endpoint's own schedule, when it has one, replaces the global one whole: its
+    delays, its attempt budget and the cap on Retry-After (its longest delay).
+    """
+    status: Any = "dead"
+    retry_in_s = None
+    if result.verdict is Verdict.DELIVERED:
+        status = "delivered"
+    elif result.verdict is Verdict.RETRY:
+        schedule = delivery.retry_schedule or settings.retry_schedule
+        delay = next_delay(delivery.attempt, schedule, settings.jitter, result.retry_after_s)
+        if delay is not None:
+            status, retry_in_s = "pending", delay
+    return Outcome(delivery.id, delivery.endpoint_id, delivery.attempt, status, retry_in_s, result)

@@ -210,7 +210,7 @@ class Sender:
         ]
         # stream= rather than content=: httpx then takes the headers as they are instead
         # of merging its own in (Host and Content-Length, given above), which is most of
-        # what a Request costs (26 us with content= and a dict of headers, 5 us like this).
+        # what a Request costs (docs/performance.md, "Costs the code's comments refer to").
         return httpx.Request("POST", target.url, headers=headers, stream=httpx.ByteStream(body))
 
     async def _exchange(
@@ -240,7 +240,7 @@ class Sender:
         excerpt = body[:EXCERPT_BYTES].decode("utf-8", errors="replace")
         status = response.status_code
         # Only 429 and 503 carry a meaningful Retry-After, and a lookup in httpx.Headers
-        # (~2.5 us) is not free.
+        # is not free.
         retry_after = (
             response.headers.get("retry-after") if status in _RETRY_AFTER_STATUSES else None
         )
@@ -327,8 +327,7 @@ _cached_endpoint_headers = functools.lru_cache(maxsize=4096)(_checked_endpoint_h
 async def _read_excerpt(response: httpx.Response, into: bytearray) -> None:
     # Stop at the limit: a 10 MB answer must cost neither the memory nor the time to read it.
     # The transport's stream itself, not aiter_raw(): the same raw bytes, without the
-    # re-chunking and state keeping aiter_raw adds (~5 us a send, a third of what httpx
-    # costs in all).
+    # re-chunking and state keeping aiter_raw adds (a third of what httpx costs a send).
     stream = response.stream
     assert isinstance(stream, httpx.AsyncByteStream)  # what an async transport returns
     async for chunk in stream:

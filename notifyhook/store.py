@@ -383,11 +383,6 @@ class Store:
         ):
             yield cls(pool, claims)
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        async with self._pool.connection() as conn:
-            yield conn
-
     async def _fetch(
         self, name: str, params: Mapping[str, Any] | None = None, *, pool: Pool | None = None
     ) -> list[Row]:

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,11 +20,11 @@ from notifyhook.maintenance import Maintenance, stuck_after_s
 from notifyhook.metrics import Metrics
 from notifyhook.metrics import serve as serve_metrics
 from notifyhook.migrate import check_schema
+from notifyhook.pacing import Pacing
 from notifyhook.recorder import Recorder
 from notifyhook.sender import Sender
 from notifyhook.settings import Settings
 from notifyhook.store import (
-    Claim,
     ClaimedDelivery,
     DatabaseError,
     Holding,
@@ -38,31 +38,9 @@ from notifyhook.systemd import SystemdNotifier
 
 log = logging.getLogger("notifyhook.worker")
 
-PASSED_BY_RETRY_S = 0.002
-"""How soon to claim again when a claim passed work by for a lock held a moment (doubling
-while it stays held, up to a second)."""
-
 SHUTDOWN_DATABASE_S = 10.0
 """After the grace, how long a stopping worker tries to record outcomes and give back
 claims: SHUTDOWN_GRACE plus this stays within the unit's TimeoutStopSec (30 + 10 < 45)."""
-
-
-def decide(delivery: Delivery, result: AttemptResult, settings: Settings) -> Outcome:
-    """Map an attempt's result to the delivery's next state (retry schedule, jitter, Retry-After).
-
-    The endpoint's own schedule, when it has one, replaces the global one whole: its
-    delays, its attempt budget and the cap on Retry-After (its longest delay).
-    """
-    status: Any = "dead"
-    retry_in_s = None
-    if result.verdict is Verdict.DELIVERED:
-        status = "delivered"
-    elif result.verdict is Verdict.RETRY:
-        schedule = delivery.retry_schedule or settings.retry_schedule
-        delay = retry.next_delay(delivery.attempt, schedule, settings.jitter, result.retry_after_s)
-        if delay is not None:
-            status, retry_in_s = "pending", delay
-    return Outcome(delivery.id, delivery.endpoint_id, delivery.attempt, status, retry_in_s, result)
 
 
 def _unsent(error: str) -> AttemptResult:
@@ -81,7 +59,10 @@ class Worker:
         *,
         metrics: Metrics,
         notifier: SystemdNotifier | None = None,
+        recorded: Callable[[], None] | None = None,
     ) -> None:
+        """`recorded` is called after each batch of outcomes is written: a test signal
+        (River's), so that an in-process test waits for the worker, not for time."""
         self.settings = settings
         self._store = store
         self._sender = sender
@@ -91,17 +72,11 @@ class Worker:
         self.listener = Listener(
             settings.database_url.get_secret_value(), self._wake_up, metrics.reconnects.inc
         )
-        # Finishing deliveries trigger a new claim only every few slots, and outcomes
-        # are recorded a batch at a time: a claim or a record costs the database
-        # about a millisecond however few rows it carries, so one per delivery
-        # would cost more than the deliveries themselves.
-        self._refill_at = max(1, min(settings.batch_size, settings.concurrency) // 4)
-        self._wake = asyncio.Event()
+        self.pacing = Pacing(settings.batch_size, settings.concurrency)
         self._stop = asyncio.Event()
         self._in_flight: dict[int, tuple[int, asyncio.Task[None]]] = {}
         # What this worker holds per endpoint: the claim shares slots by it.
         self._holdings: dict[int, Holding] = {}
-        self._passed_by_streak = 0
         self.recorder = Recorder(
             settings,
             store,
@@ -109,24 +84,14 @@ class Worker:
             trouble=self._database_trouble,
             recovered=self._database_recovered,
             recorded=self._recorded,
-            patient=self._patient,
+            patient=lambda buffered: self.pacing.patient(buffered, len(self._in_flight)),
         )
-        self.maintenance = Maintenance(settings, store, metrics, wake=self._wake.set)
-        self._more_due = False
-        # Due rows wait for a cap (max_in_flight, a circuit probe, the endpoint's or
-        # tenant's share) that only a recorded outcome lifts: record without delay.
-        self._capped = False
-        self._claim_after_record = False
-        self._freed_since_claim = 0
-        # When to look again without being woken (monotonic seconds): what the last
-        # claim said, and the earliest retry this worker scheduled itself; the latter
-        # is kept apart because a claim may run before that retry is recorded.
-        self._claim_deadline: float | None = None
-        self._retry_deadline: float | None = None
+        self.maintenance = Maintenance(settings, store, metrics, wake=self.pacing.wake.set)
         self._last_cycle = time.monotonic()
         self.database_ok = True
         self._signals = 0
         self._ready_sent = False
+        self._on_recorded = recorded
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -185,29 +150,19 @@ class Worker:
             self.settings.shutdown_grace,
         )
         self._stop.set()
-        self._wake.set()
+        self.pacing.wake.set()
 
     # -- claiming ----------------------------------------------------------------
 
     def _wake_up(self) -> None:
         self.metrics.notifications.inc()
-        self._wake.set()
-
-    async def _wait_for_work(self) -> None:
-        now = time.monotonic()
-        if self._retry_deadline is not None and self._retry_deadline <= now:
-            self._retry_deadline = None
-        deadlines = [d for d in (self._claim_deadline, self._retry_deadline) if d is not None]
-        timeout = max(0.0, min(deadlines) - now) if deadlines else None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        self._wake.clear()
-        self._last_cycle = time.monotonic()
+        self.pacing.wake.set()
 
     async def _claim_loop(self) -> None:
         delays = retry.reconnect_delays()
         while not self._stop.is_set():
-            await self._wait_for_work()
+            await self.pacing.wait()
+            self._last_cycle = time.monotonic()
             free = self.settings.concurrency - len(self._in_flight)
             if self._stop.is_set() or free <= 0:
                 continue
@@ -231,44 +186,11 @@ class Worker:
                 self._ready_sent = True
                 self._notifier.ready()
                 log.info("worker %s ready", self.settings.worker_id)
-            taken = len(claim.deliveries)
             self.metrics.claim_seconds.observe(time.perf_counter() - began)
-            self.metrics.claim_batch.observe(taken)
+            self.metrics.claim_batch.observe(len(claim.deliveries))
             for claimed in claim.deliveries:
                 self._start(claimed)
-            self._freed_since_claim = 0
-            self._capped = claim.held_back or self._claim_after_record
-            # An endpoint held back until its in-flight row is recorded (FIFO, its
-            # max_in_flight, its circuit) gets its turn back from that record: claim
-            # again once it is written.
-            self._more_due = claim.more_due or taken == asked or claim.held_back
-            self._claim_deadline = self._next_look(claim)
-            # Claim again at once only when this claim was cut short by the rows asked
-            # for and rows are left. One that took fewer took all it could (the rest
-            # wait for parts, limits or locks): the next claim waits for slots to free
-            # up, a notification or the next turn. (Claiming again at once after a lone
-            # endpoint took its part came back empty every time: half of all claims.)
-            if (
-                taken == asked
-                and self._more_due
-                and len(self._in_flight) < self.settings.concurrency
-            ):
-                self._wake.set()
-
-    def _next_look(self, claim: Claim) -> float | None:
-        """When to claim again unwoken (monotonic): at the next turn, or shortly when work
-        was passed by for a lock, backing off while the lock stays held (an operator's
-        open transaction must not make the worker spin)."""
-        wake_in_s = claim.wake_in_s
-        if claim.passed_by:
-            self._passed_by_streak += 1
-            retry_s = min(PASSED_BY_RETRY_S * 2 ** (self._passed_by_streak - 1), 1.0)
-            wake_in_s = retry_s if wake_in_s is None else min(wake_in_s, retry_s)
-        else:
-            self._passed_by_streak = 0
-        if wake_in_s is None:
-            return None
-        return time.monotonic() + max(0.001, wake_in_s)
+            self.pacing.claimed(claim, asked, len(self._in_flight))
 
     async def _take_over(self) -> None:
         """Take back a dead predecessor's rows (same WORKER_ID) before the first claim."""
@@ -341,22 +263,16 @@ class Worker:
                 result = _unsent(str(error))
             else:
                 result = await self._attempt(delivery)
-            outcome = decide(delivery, result, self.settings)
+            outcome = retry.decide(delivery, result, self.settings)
             self._note(delivery, outcome)
             if claimed.limited:
-                # Its endpoint's next row waits for this outcome: record it without
-                # waiting for company, and claim again once it is written.
-                self._capped = self._claim_after_record = True
+                self.pacing.limited()
             self.recorder.add(outcome)
         finally:
             del self._in_flight[claimed.delivery_id]
             self._release_holding(claimed.endpoint_id)
             self.metrics.in_flight.set(len(self._in_flight))
-            self._freed_since_claim += 1
-            if self._more_due and (
-                self._freed_since_claim >= self._refill_at or not self._in_flight
-            ):
-                self._wake.set()
+            self.pacing.freed(len(self._in_flight))
 
     async def _attempt(self, delivery: Delivery) -> AttemptResult:
         try:
@@ -381,28 +297,14 @@ class Worker:
                 result.error,
             )
         elif outcome.retry_in_s is not None:
-            deadline = time.monotonic() + outcome.retry_in_s
-            if self._retry_deadline is None or deadline < self._retry_deadline:
-                earliest = min(d for d in (deadline, self._claim_deadline) if d is not None)
-                self._retry_deadline = deadline
-                if earliest == deadline:
-                    # The claim loop waits with a timeout computed before this
-                    # retry existed: wake it to look again (rare: later retries
-                    # of the same run fall due later).
-                    self._wake.set()
+            self.pacing.scheduled_retry(outcome.retry_in_s)
 
-    # -- recording ---------------------------------------------------------------
-
-    def _patient(self, buffered: int) -> bool:
-        """Whether finished outcomes may wait a moment for others to share their batch."""
-        return bool(self._in_flight) and not self._capped and buffered < self._refill_at
+    # -- recording -----------------------------------------------------------------
 
     def _recorded(self) -> None:
-        if self._more_due or self._claim_after_record:
-            # A limited endpoint's slot is free only once its outcome is
-            # recorded: a claim that ran before this flush saw it still held.
-            self._claim_after_record = False
-            self._wake.set()
+        self.pacing.recorded()
+        if self._on_recorded is not None:
+            self._on_recorded()
 
     # -- shutting down -------------------------------------------------------------
 
@@ -472,7 +374,7 @@ class Worker:
             reporting.report_database_lost(what, error)
         self.database_ok = False
         await asyncio.sleep(wait)
-        self._wake.set()
+        self.pacing.wake.set()
 
     def _database_recovered(self) -> None:
         if not self.database_ok:
@@ -511,6 +413,20 @@ async def serve(settings: Settings) -> None:
     if not await _unless_stopped(_wait_for_schema(url), stopping):
         log.info("stopped while waiting for the database")
         return
+    async with open_worker(settings, metrics) as worker:
+        worker.install_signal_handlers()
+        if stopping.is_set():  # a signal came after the schema check, before these handlers
+            worker.request_stop()
+        await worker.run()
+
+
+@contextlib.asynccontextmanager
+async def open_worker(
+    settings: Settings, metrics: Metrics, *, recorded: Callable[[], None] | None = None
+) -> AsyncIterator[Worker]:
+    """A Worker with its store, its sender and, on METRICS_PORT, /metrics and /healthz:
+    what `notifyhook worker` runs, and what the tests run in-process."""
+    url = settings.database_url.get_secret_value()
     async with (
         Store.open(url, timeouts=session_timeouts(settings), worker=settings.worker_id) as store,
         Sender(
@@ -519,15 +435,12 @@ async def serve(settings: Settings) -> None:
             max_connections=settings.concurrency,
         ) as sender,
     ):
-        worker = Worker(settings, store, sender, metrics=metrics)
-        worker.install_signal_handlers()
-        if stopping.is_set():  # a signal came after the schema check, before these handlers
-            worker.request_stop()
+        worker = Worker(settings, store, sender, metrics=metrics, recorded=recorded)
         runner = None
         if settings.metrics_port is not None:
             runner = await serve_metrics(metrics, settings.metrics_port, lambda: worker.healthy)
         try:
-            await worker.run()
+            yield worker
         finally:
             if runner is not None:
                 await runner.cleanup()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,14 +12,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
+from databases import Databases, migrate_database
 
-from notifyhook.migrate import migrate
 from notifyhook.tools.cluster import Cluster, find_bindir
 from notifyhook.tools.receiver import Receiver
-
-TEMPLATE = f"notifyhook_template_{os.getpid()}"
-_numbers = itertools.count()
+from notifyhook.tools.workers import WorkerProcess, WorkerThread, notifyhook_environment
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
@@ -39,12 +33,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
         time.sleep(0.02)
 
 
-def with_dbname(url: str, dbname: str) -> str:
-    return make_conninfo(url, dbname=dbname)
-
-
 class Server:
-    """The PostgreSQL the suite runs against: our own cluster, or NOTIFYHOOK_TEST_DATABASE_URL."""
+    """The PostgreSQL the suite runs against: our own cluster, or NOTIFYHOOK_TEST_DATABASE_URL;
+    and the fresh databases made in it for the tests."""
 
     def __init__(self) -> None:
         self.cluster: Cluster | None = None
@@ -54,64 +45,39 @@ class Server:
         else:
             self.cluster = Cluster(fsync=False, max_connections=300).start()
             self.admin_url = self.cluster.url()
+        self.databases = Databases(self.admin_url)
 
     def stop(self) -> None:
-        if self.cluster is not None:
-            self.cluster.stop()
+        try:
+            self.databases.stop()
+        finally:
+            if self.cluster is not None:
+                self.cluster.stop()
 
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     running = Server()
     try:
-        _create_template(running.admin_url)
+        running.databases.start()
         yield running
     finally:
-        with psycopg.connect(running.admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
         running.stop()
-
-
-def _create_template(admin_url: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
-
-    async def apply() -> None:
-        async with await psycopg.AsyncConnection.connect(
-            with_dbname(admin_url, TEMPLATE), autocommit=True
-        ) as conn:
-            await migrate(conn, max_payload_bytes=262144)
-
-    asyncio.run(apply())
 
 
 @pytest.fixture
 def own_cluster() -> Iterator[Cluster]:
     """A migrated PostgreSQL of the test's own, which it may stop, restart or crash."""
     with Cluster(fsync=False) as cluster:
-
-        async def setup() -> None:
-            async with await psycopg.AsyncConnection.connect(
-                cluster.url(), autocommit=True
-            ) as conn:
-                await migrate(conn, max_payload_bytes=262144)
-
-        asyncio.run(setup())
+        migrate_database(cluster.url())
         yield cluster
 
 
 @pytest.fixture
 def database_url(server: Server) -> Iterator[str]:
     """A fresh, migrated database of its own for each test."""
-    name = f"notifyhook_test_{os.getpid()}_{next(_numbers)}"
-    with psycopg.connect(server.admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
-    try:
-        yield with_dbname(server.admin_url, name)
-    finally:
-        with psycopg.connect(server.admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with server.databases.fresh() as url:
+        yield url
 
 
 @pytest.fixture
@@ -119,6 +85,32 @@ def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection to the test's database, for arranging and checking."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         yield conn
+
+
+def environment(database_url: str | None, /, **settings: str) -> dict[str, str]:
+    """A `notifyhook` command's environment: no NOTIFYHOOK_* variable of ours, these
+    settings, and buffered output, as in a terminal pipeline or a systemd unit."""
+    env = notifyhook_environment(database_url, settings)
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+def run_cli(
+    database_url: str | None, /, *args: str, check: bool = False, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    """`notifyhook ARGS…` as an operator runs it, a process, with these settings; bounded
+    in time. `check`: fail the test unless it exits 0."""
+    result = subprocess.run(
+        [sys.executable, "-m", "notifyhook", *args],
+        env=environment(database_url, **settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if check:
+        assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result
 
 
 def psql_binary() -> str:
@@ -165,63 +157,30 @@ def add_endpoint(
 
 
 WORKER_DEFAULTS = {
-    "NOTIFYHOOK_ALLOW_PRIVATE_NETWORKS": "true",
-    "NOTIFYHOOK_POLL_INTERVAL": "0.5",
-    "NOTIFYHOOK_RETRY_SCHEDULE": "0.2,0.4",
-    "NOTIFYHOOK_JITTER": "0",
-    "NOTIFYHOOK_LEASE": "10",
-    "NOTIFYHOOK_HTTP_TIMEOUT": "2",
-    "NOTIFYHOOK_SHUTDOWN_GRACE": "5",
-    "NOTIFYHOOK_LOG_LEVEL": "DEBUG",
+    "allow_private_networks": "true",
+    "poll_interval": "0.5",
+    "retry_schedule": "0.2,0.4",
+    "jitter": "0",
+    "lease": "10",
+    "http_timeout": "2",
+    "shutdown_grace": "5",
+    "log_level": "DEBUG",
 }
-
-
-class WorkerProcess:
-    """A real `notifyhook worker` process; its log goes to a file the test can read."""
-
-    def __init__(self, database_url: str, log_path: Path, **settings: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
-        env.update(WORKER_DEFAULTS)
-        env["NOTIFYHOOK_DATABASE_URL"] = database_url
-        env.update({f"NOTIFYHOOK_{k.upper()}": str(v) for k, v in settings.items()})
-        self.worker_id = env.get("NOTIFYHOOK_WORKER_ID", "")
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "notifyhook", "worker"],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        try:
-            return self.process.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self._log.close()
+"""Settings of the tests' workers, in process or not: short retries, a short poll."""
 
 
 @pytest.fixture
 def start_worker(database_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start worker processes on the test's database; all are killed at the end."""
+    """Start `notifyhook worker` processes on the test's database; all are killed at the end.
+
+    For what only a process shows: signals, exit codes, its log, its command line. The
+    worker's behaviour is tested in process (`run_worker`)."""
     started: list[WorkerProcess] = []
 
     def start(url: str | None = None, **settings: str) -> WorkerProcess:
-        settings.setdefault("worker_id", f"test-worker-{len(started) + 1}")
+        worker_id = settings.pop("worker_id", f"test-worker-{len(started) + 1}")
         worker = WorkerProcess(
-            url or database_url, tmp_path / f"worker-{len(started) + 1}.log", **settings
+            url or database_url, worker_id, tmp_path, {**WORKER_DEFAULTS, **settings}
         )
         started.append(worker)
         return worker
@@ -229,3 +188,35 @@ def start_worker(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Wo
     yield start
     for worker in started:
         worker.kill()
+
+
+@pytest.fixture
+def run_worker(database_url: str) -> Iterator[Callable[..., WorkerThread]]:
+    """Start Workers in this process on the test's database; all are killed at the end
+    (and a worker that failed fails the test)."""
+    started: list[WorkerThread] = []
+
+    def start(url: str | None = None, **settings: str) -> WorkerThread:
+        worker_id = settings.pop("worker_id", f"test-worker-{len(started) + 1}")
+        worker = WorkerThread(url or database_url, worker_id, {**WORKER_DEFAULTS, **settings})
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        worker.kill()
+
+
+SUMMARY = "summary"
+"""A test's `record_property(SUMMARY, text)`: printed at the end of the run. The
+property travels with the test's report, so an xdist process's summary reaches the
+terminal, where a print of the process's own is dropped."""
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.getreports(outcome):
+            for name, text in report.user_properties:
+                if name == SUMMARY:
+                    terminalreporter.write_sep("-", f"{report.nodeid} ({outcome})")
+                    terminalreporter.write_line(text)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conftest import add_endpoint, scalar, wait_until
+from conftest import add_endpoint, scalar
 
 from notifyhook.tools.receiver import Answer
 
@@ -74,7 +74,7 @@ class Scene:
     secrets: list[str]
 
 
-def populate(db: Any, receiver: Any, start_worker: Any) -> Scene:
+def populate(db: Any, receiver: Any, run_worker: Any) -> Scene:
     """Real deliveries by a real worker to a real receiver: a healthy endpoint (whose URL
     carries a token in its query), one with a hostile name whose receiver answers with
     HTML, one that drops a connection once, one failing with 503 (its circuit opens),
@@ -91,7 +91,7 @@ def populate(db: Any, receiver: Any, start_worker: Any) -> Scene:
         "billing": add_endpoint(db, "globex", "billing", receiver.url("billing")),
         "gone": add_endpoint(db, "globex", "gone", receiver.url("gone")),
     }
-    start_worker()
+    worker = run_worker()
     for tenant, count in (("acme", 3), ("globex", 2)):
         db.execute(
             "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
@@ -99,7 +99,7 @@ def populate(db: Any, receiver: Any, start_worker: Any) -> Scene:
             [tenant, count],
         )
     # Finished: nothing left to send to enabled endpoints (gone's rows wait, paused).
-    wait_until(
+    worker.wait_recorded(
         lambda: (
             scalar(
                 db,

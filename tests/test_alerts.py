@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import add_endpoint, scalar, wait_until
+from conftest import add_endpoint, scalar
 from test_worker import statuses
 
 from notifyhook.tools.receiver import Answer
@@ -51,16 +51,16 @@ def delivery_of(db, endpoint: int) -> int:
     )
 
 
-def test_a_worker_alerts_once_per_dead_letter_and_for_410_gone(db, alerts, receiver, start_worker):
+def test_a_worker_alerts_once_per_dead_letter_and_for_410_gone(db, alerts, receiver, run_worker):
     receiver.sequence("failing", Answer(status=500))
     receiver.sequence("refusing", Answer(status=400))
     receiver.sequence("gone", Answer(status=410))
     failing = add_endpoint(db, "acme", "failing", receiver.url("failing"), retry_schedule="{1}")
     refusing = add_endpoint(db, "acme", "refusing", receiver.url("refusing"))
     gone = add_endpoint(db, "acme", "gone", receiver.url("gone"))
-    start_worker()
+    worker = run_worker()
     insert_event(db, "acme", "invoice.paid")
-    wait_until(lambda: statuses(db) == {"dead": 3}, what="three dead letters")
+    worker.wait_recorded(lambda: statuses(db) == {"dead": 3}, what="three dead letters")
     found = received(alerts, db)
     disabled = [a for a in found if a["kind"] == "disabled"]
     dead = sorted((a for a in found if a["kind"] == "dead"), key=lambda a: a["endpoint_id"])
@@ -88,15 +88,15 @@ def test_a_worker_alerts_once_per_dead_letter_and_for_410_gone(db, alerts, recei
 
 
 def test_an_endpoint_failing_too_long_alerts_when_disabled_and_an_operator_does_not(
-    db, alerts, receiver, start_worker
+    db, alerts, receiver, run_worker
 ):
     receiver.sequence("down", Answer(status=503))
     down = add_endpoint(db, "t", "down", receiver.url("down"))
     paused = add_endpoint(db, "t", "paused", receiver.url("paused"), event_types="{job.*}")
     db.execute("UPDATE notifyhook.endpoints SET enabled = false WHERE id = %s", [paused])
-    start_worker(disable_after="1", retry_schedule=",".join(["0.2"] * 40))
+    worker = run_worker(disable_after="1", retry_schedule=",".join(["0.2"] * 40))
     insert_event(db)
-    wait_until(
+    worker.wait_recorded(
         lambda: not scalar(db, "SELECT enabled FROM notifyhook.endpoints WHERE id = %s", [down]),
         what="automatic disabling",
     )

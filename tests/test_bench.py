@@ -36,6 +36,7 @@ def bench_databases(admin_url: str) -> list[str]:
     return [row[0] for row in rows]
 
 
+@pytest.mark.slow
 def test_small_bench_reports_every_scenario_and_leaves_nothing(server):
     before = bench_databases(server.admin_url)
     result = run_bench("--small", "--json", NOTIFYHOOK_DATABASE_URL=server.admin_url)

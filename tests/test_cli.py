@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import add_endpoint, scalar, wait_until
+from conftest import add_endpoint, environment, run_cli, scalar, wait_until
 from cryptography.fernet import Fernet
 from test_worker import insert_events, statuses
 
@@ -20,30 +20,7 @@ from notifyhook.tools.cluster import free_port
 from notifyhook.tools.receiver import Answer
 
 COMMAND = [sys.executable, "-m", "notifyhook"]
-
-
-def environment(database_url: str | None, /, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
-    # Buffered output, as in a terminal pipeline or a systemd unit.
-    env.pop("PYTHONUNBUFFERED", None)
-    if database_url is not None:
-        env["NOTIFYHOOK_DATABASE_URL"] = database_url
-    env.update({f"NOTIFYHOOK_{k.upper()}": v for k, v in settings.items()})
-    return env
-
-
-def run(
-    database_url: str | None, /, *args: str, **settings: str
-) -> subprocess.CompletedProcess[str]:
-    """`notifyhook ARGS…` with these NOTIFYHOOK_* settings; bounded in time."""
-    return subprocess.run(
-        [*COMMAND, *args],
-        env=environment(database_url, **settings),
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
+run = run_cli
 
 
 def ok(database_url: str, /, *args: str, **settings: str) -> str:
@@ -433,7 +410,7 @@ def test_endpoint_commands_on_a_missing_endpoint_exit_1(database_url):
 
 
 def test_disable_keeps_deliveries_pending_and_enable_sends_them(
-    db, database_url, receiver, start_worker
+    db, database_url, receiver, run_worker
 ):
     endpoint_id, _ = add_through_cli(database_url, "paused", receiver.url("paused"))
     add_endpoint(db, "t", "live", receiver.url("live"))
@@ -442,10 +419,10 @@ def test_disable_keeps_deliveries_pending_and_enable_sends_them(
     row = endpoint_row(db, endpoint_id)
     assert (row["enabled"], row["disabled_reason"]) == (False, "maintenance")
 
-    start_worker()
+    worker = run_worker()
     ok(database_url, "send", "--tenant", "t", "--type", "call.completed", "--data", '{"n": 1}')
-    wait_until(lambda: receiver.received("live"), what="the live endpoint's delivery")
-    wait_until(lambda: statuses(db) == {"delivered": 1, "pending": 1}, what="the outcome")
+    worker.wait_recorded(lambda: receiver.received("live"), what="the live endpoint's delivery")
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 1, "pending": 1}, what="the outcome")
     assert (
         scalar(
             db, "SELECT attempts FROM notifyhook.deliveries WHERE endpoint_id = %s", [endpoint_id]
@@ -458,7 +435,7 @@ def test_disable_keeps_deliveries_pending_and_enable_sends_them(
         ok(database_url, "endpoint", "enable", str(endpoint_id)).strip()
         == f"endpoint {endpoint_id} enabled"
     )
-    wait_until(lambda: statuses(db) == {"delivered": 2}, what="the waiting delivery")
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 2}, what="the waiting delivery")
     assert endpoint_row(db, endpoint_id)["disabled_reason"] is None
 
 

@@ -47,9 +47,9 @@ def get(url: str, **kwargs) -> httpx.Response:
 
 
 def test_the_pages_show_the_queue_every_endpoint_and_a_deliverys_story(
-    db, receiver, start_worker, dashboard
+    db, receiver, run_worker, dashboard
 ):
-    scene = populate(db, receiver, start_worker)
+    scene = populate(db, receiver, run_worker)
     site = dashboard()
 
     page = get(site.url + "/")
@@ -106,8 +106,8 @@ def _row(page: str, endpoint_id: int) -> str:
 
 
 @pytest.mark.slow
-def test_hostile_names_and_answers_are_escaped(db, receiver, start_worker, dashboard):
-    scene = populate(db, receiver, start_worker)
+def test_hostile_names_and_answers_are_escaped(db, receiver, run_worker, dashboard):
+    scene = populate(db, receiver, run_worker)
     site = dashboard()
     pages = [
         get(site.url + "/").text,

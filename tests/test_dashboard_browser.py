@@ -25,7 +25,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from notifyhook.dashboard.auth import COOKIE
 
-pytestmark = pytest.mark.browser
+# A browser is seconds of CPU a page on two cores: end to end, out of the inner loop.
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 SCREENSHOTS = Path(__file__).parent / "artifacts" / "screenshots"
 RED = "rgba(198, 40, 40, 1)"  # --bad in dashboard.css
@@ -103,10 +104,8 @@ def assert_no_alert(driver: WebDriver) -> None:
         driver.switch_to.alert  # noqa: B018 (the property raises when there is none)
 
 
-def test_the_overview_shows_health_states_and_a_chart(
-    browser, db, receiver, start_worker, dashboard
-):
-    scene = populate(db, receiver, start_worker)
+def test_the_overview_shows_health_states_and_a_chart(browser, db, receiver, run_worker, dashboard):
+    scene = populate(db, receiver, run_worker)
     site = dashboard()
     browser.delete_all_cookies()
     browser.get(site.url + "/")
@@ -148,8 +147,8 @@ def test_the_overview_shows_health_states_and_a_chart(
     assert "crm" not in names
 
 
-def test_hostile_text_is_shown_as_text(browser, db, receiver, start_worker, dashboard):
-    scene = populate(db, receiver, start_worker)
+def test_hostile_text_is_shown_as_text(browser, db, receiver, run_worker, dashboard):
+    scene = populate(db, receiver, run_worker)
     site = dashboard()
     browser.delete_all_cookies()
     browser.get(f"{site.url}/endpoints/{scene.hostile}")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 from conftest import scalar
 
 SMALL = ["--events", "40", "--duration", "2"]
@@ -93,6 +94,7 @@ def assert_gone(pid: int) -> None:
     assert state == "Z", f"process {pid} still running"
 
 
+@pytest.mark.slow
 def test_demo_starts_its_own_postgresql_and_removes_it():
     result = run_demo(*SMALL)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -116,6 +118,7 @@ def demo_databases(admin_url: str) -> list[str]:
     return [row[0] for row in rows]
 
 
+@pytest.mark.slow
 def test_demo_in_a_given_server_works_in_a_database_of_its_own(server):
     before = demo_databases(server.admin_url)
     result = run_demo(*SMALL, NOTIFYHOOK_DATABASE_URL=server.admin_url)
@@ -128,6 +131,7 @@ def test_demo_in_a_given_server_works_in_a_database_of_its_own(server):
         assert scalar(conn, "SELECT to_regnamespace('notifyhook') IS NULL")
 
 
+@pytest.mark.slow
 def test_ctrl_c_removes_everything_the_demo_started():
     process = subprocess.Popen(
         [sys.executable, "-m", "notifyhook", "demo", "--events", "200", "--duration", "30"],

@@ -12,7 +12,7 @@ import time
 import psycopg
 import pytest
 import standardwebhooks
-from conftest import add_endpoint, scalar, wait_until
+from conftest import add_endpoint, scalar
 from cryptography.exceptions import InvalidSignature
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -262,7 +262,7 @@ def test_endpoint_add_takes_a_given_whsk_key_and_refuses_a_malformed_one(db, dat
 
 @pytest.mark.slow
 def test_a_worker_signs_v1a_for_a_receiver_holding_the_public_key_through_a_rotation(
-    db, database_url, receiver, start_worker
+    db, database_url, receiver, run_worker
 ):
     key = Fernet.generate_key().decode()
     stdout = ok(
@@ -272,9 +272,9 @@ def test_a_worker_signs_v1a_for_a_receiver_holding_the_public_key_through_a_rota
     )  # fmt: skip
     endpoint_id, old = stdout.split()[1], printed(stdout, "public key")
     receiver.trust("signed", old)
-    start_worker(secret_key=key)
+    worker = run_worker(secret_key=key)
     insert_events(db, "t", 1)
-    first = wait_until(lambda: receiver.received("signed"), what="a webhook")[0]
+    first = worker.wait_recorded(lambda: receiver.received("signed"), what="a webhook")[0]
     assert first.verified is True
     assert first.headers["webhook-signature"].startswith("v1a,")
     check_with_cryptography(old, first.headers, first.body)
@@ -288,7 +288,9 @@ def test_a_worker_signs_v1a_for_a_receiver_holding_the_public_key_through_a_rota
     shown = json.loads(ok(database_url, "endpoint", "show", endpoint_id, "--json", secret_key=key))
     assert (shown["public_key"], shown["previous_public_key"]) == (new, old)
     insert_events(db, "t", 1)
-    second = wait_until(lambda: receiver.received("signed")[1:], what="a second webhook")[0]
+    second = worker.wait_recorded(lambda: receiver.received("signed")[1:], what="a second webhook")[
+        0
+    ]
     signatures = v1a_signatures(second.headers["webhook-signature"])
     assert len(signatures) == 2
     signed = f"{second.webhook_id}.{second.headers['webhook-timestamp']}.".encode() + second.body
@@ -296,14 +298,14 @@ def test_a_worker_signs_v1a_for_a_receiver_holding_the_public_key_through_a_rota
     raw_public(old).verify(signatures[1], signed)
     for public in (old, new):
         assert verify(public, second.headers, second.body) == json.loads(second.body)
-    wait_until(lambda: statuses(db) == {"delivered": 2}, what="both recorded")
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 2}, what="both recorded")
 
     # Moving the receiver to HMAC: the new whsec_ signs v1 beside the old key's v1a.
     moved = ok(database_url, "endpoint", "rotate-secret", endpoint_id, "--signature", "hmac",
                secret_key=key)  # fmt: skip
     secret = printed(moved, "secret")
     insert_events(db, "t", 1)
-    third = wait_until(lambda: receiver.received("signed")[2:], what="a third webhook")[0]
+    third = worker.wait_recorded(lambda: receiver.received("signed")[2:], what="a third webhook")[0]
     assert [e[:3] for e in third.headers["webhook-signature"].split()] == ["v1,", "v1a"]
     standardwebhooks.Webhook(secret).verify(third.body, third.headers)
     check_with_cryptography(new, third.headers, third.body)

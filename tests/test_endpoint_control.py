@@ -5,39 +5,18 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import psycopg
 import pytest
 import standardwebhooks
-from conftest import add_endpoint, scalar, wait_until
+from conftest import add_endpoint, run_cli, scalar, wait_until
 from cryptography.fernet import Fernet
 from test_worker import insert_events, statuses
 
 from notifyhook.tools.receiver import Answer, Arrival
-
-
-def run_cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """The real console script, as an operator runs it."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
-    environment["NOTIFYHOOK_DATABASE_URL"] = url
-    environment.update({f"NOTIFYHOOK_{k.upper()}": v for k, v in env.items()})
-    result = subprocess.run(
-        [sys.executable, "-m", "notifyhook", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 def printed_secret(output: str) -> str:
@@ -86,6 +65,8 @@ def insert_for(db, tenant: str, endpoint: int, count: int) -> None:
 
 
 # -- fairness ------------------------------------------------------------------------
+# Worker processes: what these count is requests at once in a window of time, which a
+# worker sharing the test's process (and its GIL) with the receiver would blur.
 
 
 def slow_backlog_passed_by(db, receiver, start_worker, slow_tenants, fast_tenant):
@@ -132,11 +113,11 @@ def test_a_slow_endpoint_does_not_hold_up_its_sibling_of_the_same_tenant(
 
 
 @pytest.mark.slow
-def test_max_in_flight_holds_across_two_workers(db, receiver, start_worker):
+def test_max_in_flight_holds_across_two_workers(db, receiver, run_worker):
     receiver.sequence("narrow", Answer(kind="slow", seconds=0.3))
     endpoint = add_endpoint(db, "t", "narrow", receiver.url("narrow"), max_in_flight=3)
-    start_worker(concurrency="20")
-    start_worker(concurrency="20")
+    run_worker(concurrency="20")
+    run_worker(concurrency="20")
     # Rounds of twice the limit, each insert waking both workers at the same instant
     # with nothing in flight: the moment when two claims race for the same room.
     for round_ in range(1, 6):
@@ -151,10 +132,10 @@ def test_max_in_flight_holds_across_two_workers(db, receiver, start_worker):
 
 
 @pytest.mark.slow
-def test_rate_limit_holds_across_two_workers(db, receiver, start_worker):
+def test_rate_limit_holds_across_two_workers(db, receiver, run_worker):
     endpoint = add_endpoint(db, "t", "metered", receiver.url("metered"), rate_limit=20)
-    start_worker(concurrency="20")
-    start_worker(concurrency="20")
+    run_worker(concurrency="20")
+    run_worker(concurrency="20")
     insert_for(db, "t", endpoint, 100)
     wait_until(lambda: statuses(db) == {"delivered": 100}, what="every delivery")
     arrivals = receiver.received("metered")
@@ -174,15 +155,15 @@ def test_rate_limit_holds_across_two_workers(db, receiver, start_worker):
 
 @pytest.mark.parametrize("how", ["sql", "cli"])
 def test_an_endpoint_failing_too_long_is_disabled_then_resumed(
-    db, database_url, receiver, start_worker, how
+    db, database_url, receiver, run_worker, how
 ):
     health = {"answer": Answer(status=503)}
     receiver.script("down", lambda n: health["answer"])
     down = add_endpoint(db, "t", "down", receiver.url("down"))
     add_endpoint(db, "t", "up", receiver.url("up"))
-    start_worker(disable_after="2", retry_schedule=",".join(["0.2"] * 40))
+    worker = run_worker(disable_after="2", retry_schedule=",".join(["0.2"] * 40))
     insert_for(db, "t", down, 5)
-    reason = wait_until(
+    reason = worker.wait_recorded(
         lambda: scalar(
             db,
             "SELECT disabled_reason FROM notifyhook.endpoints WHERE id = %s AND NOT enabled",
@@ -200,7 +181,7 @@ def test_an_endpoint_failing_too_long_is_disabled_then_resumed(
     assert failing_for.total_seconds() >= 2
     # Its deliveries wait, untouched: once the request in flight when it was disabled is
     # recorded, the worker serves new events of another endpoint, and not its.
-    wait_until(
+    worker.wait_recorded(
         lambda: (
             not scalar(
                 db,
@@ -212,7 +193,9 @@ def test_an_endpoint_failing_too_long_is_disabled_then_resumed(
     )
     sent = len(receiver.received("down"))
     insert_events(db, "t", 3)  # to both endpoints
-    wait_until(lambda: len(receiver.received("up")) == 3, what="the healthy endpoint served")
+    worker.wait_recorded(
+        lambda: len(receiver.received("up")) == 3, what="the healthy endpoint served"
+    )
     assert len(receiver.received("down")) == sent
     assert pending(db, down) == 8
     assert (
@@ -230,9 +213,11 @@ def test_an_endpoint_failing_too_long_is_disabled_then_resumed(
         if how == "sql":
             db.execute("UPDATE notifyhook.endpoints SET enabled = true WHERE id = %s", [down])
         else:
-            run_cli(database_url, "endpoint", "enable", str(down))
+            run_cli(database_url, "endpoint", "enable", str(down), check=True)
         assert next(listening.notifies(timeout=10, stop_after=1)).channel == "notifyhook"
-    wait_until(lambda: statuses(db) == {"delivered": 11}, what="the waiting deliveries sent")
+    worker.wait_recorded(
+        lambda: statuses(db) == {"delivered": 11}, what="the waiting deliveries sent"
+    )
     state = db.execute(
         "SELECT e.enabled, e.disabled_reason, s.consecutive_failures, s.failing_since "
         "FROM notifyhook.endpoints AS e JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id "
@@ -246,7 +231,7 @@ def test_an_endpoint_failing_too_long_is_disabled_then_resumed(
 
 
 @pytest.mark.slow
-def test_a_success_resets_the_failing_clock(db, receiver, start_worker):
+def test_a_success_resets_the_failing_clock(db, receiver, run_worker):
     # 503 until the test lets exactly one request through, then 503 again.
     let_through = {"one": False}
 
@@ -258,20 +243,20 @@ def test_a_success_resets_the_failing_clock(db, receiver, start_worker):
 
     receiver.script("flaky", answer)
     endpoint = add_endpoint(db, "t", "flaky", receiver.url("flaky"))
-    start_worker(disable_after="3", retry_schedule=",".join(["0.2"] * 80))
+    worker = run_worker(disable_after="3", retry_schedule=",".join(["0.2"] * 80))
     insert_for(db, "t", endpoint, 20)
     state = "SELECT {} FROM notifyhook.endpoint_state WHERE endpoint_id = %s"
-    first_since = wait_until(
+    first_since = worker.wait_recorded(
         lambda: scalar(db, state.format("failing_since"), [endpoint]), what="failures"
     )
-    wait_until(
+    worker.wait_recorded(
         lambda: scalar(
             db, state.format("last_failure_at > failing_since + interval '1 s'"), [endpoint]
         ),
         what="a second of failures",
     )
     let_through["one"] = True
-    second_since = wait_until(
+    second_since = worker.wait_recorded(
         lambda: scalar(
             db,
             state.format("CASE WHEN failing_since > last_success_at THEN failing_since END"),
@@ -279,7 +264,7 @@ def test_a_success_resets_the_failing_clock(db, receiver, start_worker):
         ),
         what="a success, then failures again",
     )
-    reason = wait_until(
+    reason = worker.wait_recorded(
         lambda: scalar(
             db,
             "SELECT disabled_reason FROM notifyhook.endpoints WHERE id = %s AND NOT enabled",
@@ -294,15 +279,15 @@ def test_a_success_resets_the_failing_clock(db, receiver, start_worker):
     assert not statuses(db).get("dead")
 
 
-def test_a_failure_that_began_before_a_recorded_success_does_not_count(db, receiver, start_worker):
+def test_a_failure_that_began_before_a_recorded_success_does_not_count(db, receiver, run_worker):
     receiver.sequence("mixed", Answer(kind="slow", status=503, seconds=1.0), Answer(status=200))
     endpoint = add_endpoint(db, "t", "mixed", receiver.url("mixed"))
-    start_worker(retry_schedule="60")
+    worker = run_worker(retry_schedule="60")
     insert_for(db, "t", endpoint, 1)
-    wait_until(lambda: receiver.received("mixed"), what="the slow failing request")
+    worker.wait_recorded(lambda: receiver.received("mixed"), what="the slow failing request")
     # Sent after the slow one began, answered at once: its success is recorded first.
     insert_for(db, "t", endpoint, 1)
-    wait_until(
+    worker.wait_recorded(
         lambda: scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 2, what="both attempts"
     )
     failed_first, succeeded_last = db.execute(
@@ -321,16 +306,16 @@ def test_a_failure_that_began_before_a_recorded_success_does_not_count(db, recei
 
 
 @pytest.mark.slow
-def test_an_open_circuit_sends_one_request_at_a_time_then_closes(db, receiver, start_worker):
+def test_an_open_circuit_sends_one_request_at_a_time_then_closes(db, receiver, run_worker):
     health = {"answer": Answer(kind="slow", status=503, seconds=0.5)}
     receiver.script("shaky", lambda n: health["answer"])
     endpoint = add_endpoint(db, "t", "shaky", receiver.url("shaky"))
     # Two workers: one probe at a time for the fleet, not per worker.
     for _ in range(2):
-        start_worker(concurrency="20", retry_schedule=",".join(["0.5"] * 30))
+        worker = run_worker(concurrency="20", retry_schedule=",".join(["0.5"] * 30))
     insert_for(db, "t", endpoint, 5)
     # Open: five failures recorded, and nothing claimed before they were.
-    wait_until(
+    worker.wait_recorded(
         lambda: scalar(
             db,
             "SELECT s.consecutive_failures >= 5 AND NOT EXISTS ("
@@ -343,9 +328,9 @@ def test_an_open_circuit_sends_one_request_at_a_time_then_closes(db, receiver, s
     )
     opened_at = len(receiver.received("shaky"))
     insert_for(db, "t", endpoint, 40)
-    wait_until(lambda: len(receiver.received("shaky")) >= opened_at + 6, what="probes")
+    worker.wait_recorded(lambda: len(receiver.received("shaky")) >= opened_at + 6, what="probes")
     health["answer"] = Answer(kind="slow", seconds=0.5)
-    wait_until(lambda: statuses(db) == {"delivered": 45}, what="every delivery")
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 45}, what="every delivery")
     arrivals = receiver.received("shaky")
     probes = [a for a in arrivals[opened_at:] if a.answered == 503]
     recovered = [a for a in arrivals if a.answered == 200]
@@ -359,17 +344,19 @@ def test_an_open_circuit_sends_one_request_at_a_time_then_closes(db, receiver, s
 
 
 def test_rotate_secret_signs_with_both_during_the_grace_then_the_new_one(
-    db, database_url, receiver, start_worker
+    db, database_url, receiver, run_worker
 ):
     endpoint = add_endpoint(db, "t", "rotating", receiver.url("rotating"))
     old = scalar(db, "SELECT secret FROM notifyhook.endpoints WHERE id = %s", [endpoint])
-    start_worker()
-    rotated = run_cli(database_url, "endpoint", "rotate-secret", str(endpoint), "--grace", "3s")
+    worker = run_worker()
+    rotated = run_cli(
+        database_url, "endpoint", "rotate-secret", str(endpoint), "--grace", "3s", check=True
+    )
     new = printed_secret(rotated.stdout)
     assert new != old
     insert_events(db, "t", 1)
-    during = wait_until(lambda: receiver.received("rotating"), what="a webhook")[0]
-    in_grace = wait_until(
+    during = worker.wait_recorded(lambda: receiver.received("rotating"), what="a webhook")[0]
+    in_grace = worker.wait_recorded(
         lambda: db.execute(
             "SELECT a.started_at < e.previous_secret_expires_at FROM notifyhook.attempts AS a "
             "JOIN notifyhook.endpoints AS e ON e.id = a.endpoint_id WHERE e.id = %s",
@@ -381,7 +368,7 @@ def test_rotate_secret_signs_with_both_during_the_grace_then_the_new_one(
     assert len(during.headers["webhook-signature"].split(" ")) == 2
     for secret in (old, new):
         standardwebhooks.Webhook(secret).verify(during.body, during.headers)
-    wait_until(
+    worker.wait_recorded(
         lambda: scalar(
             db,
             "SELECT previous_secret_expires_at < now() FROM notifyhook.endpoints WHERE id = %s",
@@ -390,7 +377,9 @@ def test_rotate_secret_signs_with_both_during_the_grace_then_the_new_one(
         what="the grace to end",
     )
     insert_events(db, "t", 1)
-    after = wait_until(lambda: receiver.received("rotating")[1:], what="a second webhook")[0]
+    after = worker.wait_recorded(
+        lambda: receiver.received("rotating")[1:], what="a second webhook"
+    )[0]
     standardwebhooks.Webhook(new).verify(after.body, after.headers)
     with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
         standardwebhooks.Webhook(old).verify(after.body, after.headers)
@@ -408,12 +397,13 @@ def add_sealed_endpoint(database_url, receiver, key: str):
         "sealed",
         "--url",
         receiver.url("sealed"),
+        check=True,
         secret_key=key,
     )
 
 
 def test_secrets_at_rest_are_encrypted_and_signed_with_in_clear(
-    db, database_url, receiver, start_worker
+    db, database_url, receiver, run_worker
 ):
     key = Fernet.generate_key().decode()
     added = add_sealed_endpoint(database_url, receiver, key)
@@ -426,34 +416,35 @@ def test_secrets_at_rest_are_encrypted_and_signed_with_in_clear(
     plain_secret = scalar(db, "SELECT secret FROM notifyhook.endpoints WHERE id = %s", [plain])
     receiver.trust("sealed", secret)
     receiver.trust("plain", plain_secret)
-    start_worker(secret_key=key)
+    worker = run_worker(secret_key=key)
     insert_events(db, "t", 2)
-    wait_until(lambda: statuses(db) == {"delivered": 4}, what="both endpoints served")
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 4}, what="both endpoints served")
     arrivals = receiver.received()
     assert [a.verified for a in arrivals] == [True] * 4
     for arrival in receiver.received("sealed"):
         standardwebhooks.Webhook(secret).verify(arrival.body, arrival.headers)
 
 
-def test_a_worker_without_the_key_records_why_and_retries(db, database_url, receiver, start_worker):
+def test_a_worker_without_the_key_records_why_and_retries(db, database_url, receiver, run_worker):
     key = Fernet.generate_key().decode()
     added = add_sealed_endpoint(database_url, receiver, key)
     receiver.trust("sealed", printed_secret(added.stdout))
     schedule = ",".join(["0.3"] * 30)
-    keyless = start_worker(retry_schedule=schedule)
+    keyless = run_worker(retry_schedule=schedule)
     insert_events(db, "t", 1)
-    wait_until(
+    keyless.wait_recorded(
         lambda: scalar(db, "SELECT count(*) FROM notifyhook.attempts") >= 2,
         what="failed attempts, retried",
     )
-    keyless.signal(signal.SIGTERM)
-    assert keyless.wait(20) == 0
+    keyless.stop()
     errors = {r[0] for r in db.execute("SELECT error FROM notifyhook.attempts")}
     assert errors == {"an endpoint secret is encrypted (enc:) but NOTIFYHOOK_SECRET_KEY is not set"}
     assert statuses(db) == {"pending": 1}
     assert receiver.received() == []
-    start_worker(retry_schedule=schedule, secret_key=key)
-    wait_until(lambda: statuses(db) == {"delivered": 1}, what="delivery by a worker with the key")
+    keyed = run_worker(retry_schedule=schedule, secret_key=key)
+    keyed.wait_recorded(
+        lambda: statuses(db) == {"delivered": 1}, what="delivery by a worker with the key"
+    )
     assert [a.verified for a in receiver.received()] == [True]
 
 
@@ -461,7 +452,7 @@ def test_a_worker_without_the_key_records_why_and_retries(db, database_url, rece
 
 
 @pytest.mark.slow
-def test_an_ordered_endpoint_gets_its_events_in_order_one_at_a_time(db, receiver, start_worker):
+def test_an_ordered_endpoint_gets_its_events_in_order_one_at_a_time(db, receiver, run_worker):
     # The 8th request fails once; every answer takes 50 ms, so overlapping requests would
     # show as arrivals closer together than that.
     receiver.script(
@@ -469,14 +460,16 @@ def test_an_ordered_endpoint_gets_its_events_in_order_one_at_a_time(db, receiver
     )
     add_endpoint(db, "t", "fifo", receiver.url("fifo"), ordered=True)
     for _ in range(3):
-        start_worker(concurrency="10")
+        worker = run_worker(concurrency="10")
     for n in range(30):  # one transaction each: events.created_at gives the order
         db.execute(
             "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
             "VALUES ('t', 'call.completed', jsonb_build_object('n', %s::integer))",
             [n],
         )
-    wait_until(lambda: statuses(db) == {"delivered": 30}, timeout=60, what="all 30 delivered")
+    worker.wait_recorded(
+        lambda: statuses(db) == {"delivered": 30}, timeout=60, what="all 30 delivered"
+    )
     arrivals = receiver.received("fifo")
     assert [json.loads(a.body)["n"] for a in arrivals] == [*range(8), 7, *range(8, 30)]
     gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(arrivals)]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -13,12 +11,13 @@ from typing import Any
 import psycopg
 import pytest
 import standardwebhooks
-from conftest import TEMPLATE, WorkerProcess, add_endpoint, wait_until, with_dbname
+from conftest import WORKER_DEFAULTS, add_endpoint, wait_until
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from psycopg import errors
 
 from notifyhook.tools.receiver import Arrival, Receiver
+from notifyhook.tools.workers import WorkerProcess
 
 LIMIT = 262144
 PAD_KEY = "~pad"
@@ -134,10 +133,11 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(server, tmp_path_factory) -> Iterator[Rig]:
-    name = f"notifyhook_fuzz_{os.getpid()}"
-    with psycopg.connect(server.admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
-    url = with_dbname(server.admin_url, name)
+    with server.databases.fresh() as url:
+        yield from _rig(url, tmp_path_factory)
+
+
+def _rig(url: str, tmp_path_factory) -> Iterator[Rig]:
     receiver = Receiver().start_in_thread()
     worker = None
     try:
@@ -150,19 +150,21 @@ def rig(server, tmp_path_factory) -> Iterator[Rig]:
                 ).fetchone()[0]
                 receiver.trust(endpoint, secret)
                 endpoints[endpoint] = (endpoint_id, secret)
+            # A process: a worker in this one would use the random module while hypothesis
+            # draws examples, which hypothesis refuses.
             worker = WorkerProcess(
-                url, tmp_path_factory.mktemp("fuzz") / "worker.log", log_level="INFO"
+                url,
+                "fuzz",
+                tmp_path_factory.mktemp("fuzz"),
+                {**WORKER_DEFAULTS, "log_level": "INFO"},
             )
             wait_until(lambda: "ready" in worker.log(), timeout=30, what="the worker")
             yield Rig(db, receiver, endpoints)
-            worker.signal(signal.SIGTERM)
-            assert worker.wait(20) == 0, worker.log()
+            assert worker.stop(20) == 0, worker.log()
     finally:
         if worker is not None:
             worker.kill()
         receiver.stop_thread()
-        with psycopg.connect(server.admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def padded(rig: Rig, case: dict[str, Any]) -> tuple[str, int | None]:

@@ -34,3 +34,26 @@ def test_the_core_loads_no_tools_and_no_rich(module):
     names = loaded_after_importing(module)
     assert module in names
     assert [n for n in names if n.startswith(("notifyhook.tools", "rich"))] == []
+
+
+HEAVY = ("psycopg", "psycopg_pool", "pydantic", "aiohttp", "httpx", "sentry_sdk", "rich", "jinja2")
+
+PARSER = (
+    "import json, sys; from notifyhook.cli import build_parser; build_parser(); "
+    "print(json.dumps(sorted(sys.modules)))"
+)
+
+
+def test_building_the_command_line_parser_loads_no_heavy_library():
+    """`notifyhook --help` builds the parser only: it must not pay for what the commands
+    import when they run (the database driver, settings, HTTP)."""
+    done = subprocess.run(
+        [sys.executable, "-c", PARSER], capture_output=True, text=True, check=True, timeout=60
+    )
+    names = json.loads(done.stdout)
+    assert sorted({n.split(".")[0] for n in names} & set(HEAVY)) == []
+    # Of the tools, only the entry points that declare the demo's and bench's arguments.
+    assert [n for n in names if n.startswith("notifyhook.tools.")] == [
+        "notifyhook.tools.bench",
+        "notifyhook.tools.entry",
+    ]

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import email.utils
 import json
-import os
 import re
 import time
 from datetime import UTC, datetime, timedelta
@@ -17,19 +16,17 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import TEMPLATE, with_dbname
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from notifyhook import __version__
 from notifyhook.delivery import AttemptResult, Delivery, Verdict
 from notifyhook.errors import VerificationError
-from notifyhook.retry import parse_retry_after
+from notifyhook.retry import decide, parse_retry_after
 from notifyhook.sender import Sender, _status_verdict
 from notifyhook.settings import Settings
 from notifyhook.signing import decode_secret, generate_secret, verify, webhook_headers
 from notifyhook.tools.receiver import Answer
-from notifyhook.worker import decide
 
 # No example database: tests must not leave files in the tree.
 quick = settings(database=None, max_examples=50, deadline=None)
@@ -296,15 +293,11 @@ def subscriptions(draw: Any) -> tuple[list[str], str]:
 @pytest.fixture(scope="module")
 def module_db(server) -> Any:
     """One migrated database for the module: hypothesis runs many examples per test."""
-    name = f"notifyhook_properties_{os.getpid()}"
-    with psycopg.connect(server.admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
-    try:
-        with psycopg.connect(with_dbname(server.admin_url, name), autocommit=True) as conn:
-            yield conn
-    finally:
-        with psycopg.connect(server.admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with (
+        server.databases.fresh() as url,
+        psycopg.connect(url, autocommit=True) as conn,
+    ):
+        yield conn
 
 
 MATCH_ALL = """

@@ -76,6 +76,7 @@ def database_lost(ingest: Ingest) -> list[dict[str, Any]]:
     return [e for e in ingest.events() if "database unavailable" in json.dumps(e)]
 
 
+@pytest.mark.slow
 def test_a_lost_database_is_reported_once_per_outage_without_secrets(
     own_cluster, ingest, receiver, start_worker
 ):

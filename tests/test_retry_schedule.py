@@ -8,14 +8,14 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
-from conftest import add_endpoint, scalar, wait_until
+from conftest import add_endpoint, scalar
 from test_cli import ok, one_line_error, run, usage_error
 from test_worker import statuses
 
 from notifyhook.delivery import AttemptResult, Delivery, Verdict
+from notifyhook.retry import decide
 from notifyhook.settings import Settings
 from notifyhook.tools.receiver import Answer
-from notifyhook.worker import decide
 
 # --- the database's checks ---------------------------------------------------------------
 
@@ -127,17 +127,17 @@ def test_reclaim_expired_counts_the_endpoints_own_budget(db):
 # --- a real worker --------------------------------------------------------------------------
 
 
-def test_an_endpoint_schedule_gives_exactly_its_budget_then_dead(db, receiver, start_worker):
+def test_an_endpoint_schedule_gives_exactly_its_budget_then_dead(db, receiver, run_worker):
     receiver.sequence("own", Answer(status=500))
     receiver.sequence("global", Answer(status=500))
     own = add_endpoint(db, "t", "own", receiver.url("own"), retry_schedule="{1,1}")
     add_endpoint(db, "t", "global", receiver.url("global"))
-    start_worker(retry_schedule="0.2,0.2,0.2,0.2,0.2")
+    worker = run_worker(retry_schedule="0.2,0.2,0.2,0.2,0.2")
     db.execute(
         "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
         "VALUES ('t', 'call.completed', '{}')"
     )
-    wait_until(lambda: statuses(db) == {"dead": 2}, what="both deliveries dead")
+    worker.wait_recorded(lambda: statuses(db) == {"dead": 2}, what="both deliveries dead")
     assert len(receiver.received("own")) == 3
     assert len(receiver.received("global")) == 6
     attempts = db.execute(

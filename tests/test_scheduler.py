@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import psycopg
-from conftest import add_endpoint, scalar, wait_until
+from conftest import add_endpoint, scalar
 
 CLAIM = (
     "SELECT coalesce(array_agg((c).endpoint_id ORDER BY (c).delivery_id) "
@@ -299,14 +299,14 @@ def test_the_reserve_serves_a_sibling_of_the_same_tenant_whose_part_is_taken(db)
 
 
 def test_an_operator_holding_one_endpoint_delays_no_other_endpoints_deliveries(
-    db, database_url, receiver, start_worker
+    db, database_url, receiver, run_worker
 ):
     held = add_endpoint(db, "a", "held", receiver.url("held"))
     free = add_endpoint(db, "b", "free", receiver.url("free"))
     enqueue(db, "a", 1)
     enqueue(db, "b", 1)
-    start_worker(concurrency="10")
-    wait_until(lambda: len(receiver.received()) == 2, what="both first deliveries")
+    worker = run_worker(concurrency="10")
+    worker.wait_recorded(lambda: len(receiver.received()) == 2, what="both first deliveries")
     with psycopg.connect(database_url) as operator:
         # An operator's transaction holds one endpoint's row and its state row, open.
         operator.execute("UPDATE notifyhook.endpoints SET timeout_ms = 5000 WHERE id = %s", [held])
@@ -318,7 +318,7 @@ def test_an_operator_holding_one_endpoint_delays_no_other_endpoints_deliveries(
         enqueue(db, "b", 20)
         # The other endpoint's events go out and are recorded, batches shared with the
         # held endpoint's outcomes included.
-        wait_until(
+        worker.wait_recorded(
             lambda: (
                 scalar(
                     db,
@@ -331,7 +331,7 @@ def test_an_operator_holding_one_endpoint_delays_no_other_endpoints_deliveries(
             what="the free endpoint's deliveries recorded while the other is held",
         )
         operator.rollback()
-    wait_until(
+    worker.wait_recorded(
         lambda: (
             scalar(db, "SELECT count(*) FROM notifyhook.deliveries WHERE status = 'delivered'")
             == 25

@@ -10,22 +10,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import add_endpoint, psql, scalar, with_dbname
+from conftest import add_endpoint, psql, run_cli, scalar
+from databases import with_dbname
 
 from notifyhook.migrate import code_schema_version, migration_files
-
-
-def run_cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
-    environment["NOTIFYHOOK_DATABASE_URL"] = url
-    environment.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "notifyhook", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture

@@ -1,13 +1,17 @@
-"""The worker end to end: a real worker process, a real PostgreSQL, a real receiver on 127.0.0.1."""
+"""The worker against a real PostgreSQL and a real receiver on 127.0.0.1: in-process
+(`run_worker`) for what it does, a real process (`start_worker`) for signals, exit codes,
+start-up refusals and its log."""
 
 from __future__ import annotations
 
 import json
+import logging
 import signal
 
 import pytest
 import standardwebhooks
-from conftest import add_endpoint, psql, scalar, wait_until, with_dbname
+from conftest import add_endpoint, psql, scalar, wait_until
+from databases import with_dbname
 from psycopg.conninfo import make_conninfo
 
 from notifyhook.tools.receiver import Answer
@@ -28,7 +32,7 @@ def insert_events(db, tenant: str, count: int, event_type: str = "call.completed
 
 
 def test_an_insert_is_delivered_signed_with_the_extra_fields(
-    db, database_url, receiver, start_worker
+    db, database_url, receiver, run_worker
 ):
     endpoint = add_endpoint(
         db,
@@ -39,14 +43,14 @@ def test_an_insert_is_delivered_signed_with_the_extra_fields(
         headers=json.dumps({"Authorization": "Bearer t0k"}),
     )
     secret = scalar(db, "SELECT secret FROM notifyhook.endpoints WHERE id = %s", [endpoint])
-    start_worker()
+    worker = run_worker()
     result = psql(
         database_url,
         "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
         "VALUES ('acme', 'call.completed', '{\"call_id\": 42, \"text\": \"héllo\"}')",
     )
     assert result.returncode == 0, result.stderr
-    arrival = wait_until(lambda: receiver.received("crm"), what="the webhook")[0]
+    arrival = worker.wait_recorded(lambda: receiver.received("crm"), what="the webhook")[0]
     event_id = scalar(db, "SELECT id::text FROM notifyhook.events")
     assert arrival.webhook_id == event_id
     assert json.loads(arrival.body) == {"call_id": 42, "text": "héllo", "source": "notifyhook"}
@@ -54,19 +58,21 @@ def test_an_insert_is_delivered_signed_with_the_extra_fields(
     assert arrival.headers["Content-Type"] == "application/json"
     assert arrival.headers["User-Agent"].startswith("notifyhook/")
     standardwebhooks.Webhook(secret).verify(arrival.body, arrival.headers)
-    wait_until(lambda: statuses(db) == {"delivered": 1}, what="delivered state")
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 1}, what="delivered state")
     attempt = db.execute(
         "SELECT attempt, status_code, error, worker, response_excerpt FROM notifyhook.attempts"
     ).fetchall()
     assert attempt == [(1, 200, None, "test-worker-1", "ok")]
 
 
-def test_retries_then_delivers_with_an_attempt_row_each(db, receiver, start_worker):
+def test_retries_then_delivers_with_an_attempt_row_each(db, receiver, run_worker):
     receiver.sequence("flaky", Answer(status=500), Answer(status=500), Answer(status=200))
     add_endpoint(db, "t", "flaky", receiver.url("flaky"))
-    start_worker()
+    worker = run_worker()
     insert_events(db, "t", 1)
-    wait_until(lambda: statuses(db) == {"delivered": 1}, what="delivery after two failures")
+    worker.wait_recorded(
+        lambda: statuses(db) == {"delivered": 1}, what="delivery after two failures"
+    )
     rows = db.execute(
         "SELECT attempt, status_code, error FROM notifyhook.attempts ORDER BY attempt"
     ).fetchall()
@@ -75,12 +81,12 @@ def test_retries_then_delivers_with_an_attempt_row_each(db, receiver, start_work
     assert len(receiver.received("flaky")) == 3
 
 
-def test_always_503_goes_dead_after_the_schedule(db, receiver, start_worker):
+def test_always_503_goes_dead_after_the_schedule(db, receiver, run_worker):
     receiver.sequence("down", Answer(status=503))
     add_endpoint(db, "t", "down", receiver.url("down"))
-    start_worker()
+    worker = run_worker()
     insert_events(db, "t", 1)
-    wait_until(lambda: statuses(db) == {"dead": 1}, what="dead letter")
+    worker.wait_recorded(lambda: statuses(db) == {"dead": 1}, what="dead letter")
     assert (
         scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 3
     )  # schedule 0.2,0.4: three attempts
@@ -90,17 +96,17 @@ def test_always_503_goes_dead_after_the_schedule(db, receiver, start_worker):
     assert dead == [(3, 503, "HTTP 503")]
 
 
-def test_a_400_is_dead_after_one_attempt(db, receiver, start_worker):
+def test_a_400_is_dead_after_one_attempt(db, receiver, run_worker):
     receiver.sequence("strict", Answer(status=400))
     add_endpoint(db, "t", "strict", receiver.url("strict"))
-    start_worker()
+    worker = run_worker()
     insert_events(db, "t", 1)
-    wait_until(lambda: statuses(db) == {"dead": 1}, what="dead letter")
+    worker.wait_recorded(lambda: statuses(db) == {"dead": 1}, what="dead letter")
     assert scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 1
     assert len(receiver.received("strict")) == 1
 
 
-def test_binary_answers_with_nul_bytes_are_recorded(db, receiver, start_worker):
+def test_binary_answers_with_nul_bytes_are_recorded(db, receiver, run_worker):
     # PostgreSQL text cannot hold NUL: a gzip or binary answer must not fail the record.
     gzip_like = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"
     receiver.sequence(
@@ -108,9 +114,9 @@ def test_binary_answers_with_nul_bytes_are_recorded(db, receiver, start_worker):
     )
     add_endpoint(db, "t", "binary", receiver.url("binary"))
     add_endpoint(db, "t", "plain", receiver.url("plain"))
-    start_worker()
+    worker = run_worker()
     insert_events(db, "t", 1)
-    wait_until(lambda: statuses(db) == {"delivered": 2}, what="both delivered")
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 2}, what="both delivered")
     excerpts = db.execute(
         "SELECT a.attempt, a.status_code, a.response_excerpt FROM notifyhook.attempts AS a "
         "JOIN notifyhook.endpoints AS e ON e.id = a.endpoint_id WHERE e.name = 'binary' "
@@ -121,22 +127,24 @@ def test_binary_answers_with_nul_bytes_are_recorded(db, receiver, start_worker):
     assert "\x00" not in excerpts[0][2]
 
 
-def test_retry_after_is_honoured(db, receiver, start_worker):
+def test_retry_after_is_honoured(db, receiver, run_worker):
     receiver.sequence("busy", Answer(status=429, headers={"Retry-After": "2"}), Answer(status=200))
     add_endpoint(db, "t", "busy", receiver.url("busy"))
-    start_worker(retry_schedule="0.1,0.1,5")
+    worker = run_worker(retry_schedule="0.1,0.1,5")
     insert_events(db, "t", 1)
-    wait_until(lambda: statuses(db) == {"delivered": 1}, what="delivery after Retry-After")
+    worker.wait_recorded(
+        lambda: statuses(db) == {"delivered": 1}, what="delivery after Retry-After"
+    )
     first, second = receiver.received("busy")
     assert second.received_at - first.received_at >= 2.0
 
 
-def test_410_gone_kills_the_delivery_and_disables_the_endpoint(db, receiver, start_worker):
+def test_410_gone_kills_the_delivery_and_disables_the_endpoint(db, receiver, run_worker):
     receiver.sequence("gone", Answer(status=410))
     endpoint = add_endpoint(db, "t", "gone", receiver.url("gone"))
-    start_worker()
+    worker = run_worker()
     insert_events(db, "t", 1)
-    wait_until(lambda: statuses(db) == {"dead": 1}, what="dead letter")
+    worker.wait_recorded(lambda: statuses(db) == {"dead": 1}, what="dead letter")
     enabled, reason = db.execute(
         "SELECT enabled, disabled_reason FROM notifyhook.endpoints WHERE id = %s", [endpoint]
     ).fetchone()
@@ -146,23 +154,21 @@ def test_410_gone_kills_the_delivery_and_disables_the_endpoint(db, receiver, sta
     assert statuses(db) == {"dead": 1, "pending": 2}
 
 
-def test_a_private_destination_is_refused_without_allow_private_networks(
-    db, receiver, start_worker
-):
+def test_a_private_destination_is_refused_without_allow_private_networks(db, receiver, run_worker):
     add_endpoint(db, "t", "local", receiver.url("local"))
-    start_worker(allow_private_networks="false")
+    worker = run_worker(allow_private_networks="false")
     insert_events(db, "t", 1)
-    wait_until(lambda: statuses(db) == {"dead": 1}, what="refusal")
+    worker.wait_recorded(lambda: statuses(db) == {"dead": 1}, what="refusal")
     error = scalar(db, "SELECT error FROM notifyhook.attempts")
     assert "loopback" in error
     assert receiver.received() == []
 
 
-def test_disabled_endpoint_waits_and_resumes_when_enabled(db, receiver, start_worker):
+def test_disabled_endpoint_waits_and_resumes_when_enabled(db, receiver, run_worker):
     endpoint = add_endpoint(db, "t", "paused", receiver.url("paused"), enabled=False)
-    start_worker()
+    worker = run_worker()
     insert_events(db, "t", 5)
-    wait_until(
+    worker.wait_recorded(
         lambda: (
             scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 0
             and statuses(db) == {"pending": 5}
@@ -170,7 +176,7 @@ def test_disabled_endpoint_waits_and_resumes_when_enabled(db, receiver, start_wo
     )
     assert receiver.received() == []
     db.execute("UPDATE notifyhook.endpoints SET enabled = true WHERE id = %s", [endpoint])
-    wait_until(lambda: statuses(db) == {"delivered": 5}, what="resumed deliveries")
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 5}, what="resumed deliveries")
 
 
 def test_sigterm_finishes_in_flight_and_exits_zero(db, receiver, start_worker):
@@ -297,16 +303,17 @@ class RawReceiver:
     ],
     ids=["status-line", "header-byte", "long-header"],
 )
-def test_a_malformed_response_is_recorded_without_the_endpoints_url(db, start_worker, answer):
+def test_a_malformed_response_is_recorded_without_the_endpoints_url(db, run_worker, caplog, answer):
     # aiohttp's error for a malformed answer quotes the whole URL, tokens included; it
     # reached attempts.error, deliveries.last_error, dead_letters and the log.
     raw = RawReceiver(answer)
     try:
         url = f"http://127.0.0.1:{raw.port}/hooks/PATHTOKEN123?token=QUERYTOKEN456"
         add_endpoint(db, "t", "raw", url)
-        worker = start_worker(retry_schedule="0.1")
+        caplog.set_level(logging.DEBUG, logger="notifyhook")
+        worker = run_worker(retry_schedule="0.1")
         insert_events(db, "t", 1)
-        wait_until(lambda: statuses(db) == {"dead": 1}, what="the delivery to die")
+        worker.wait_recorded(lambda: statuses(db) == {"dead": 1}, what="the delivery to die")
         assert raw.requests == 2
     finally:
         raw.stop()
@@ -320,12 +327,11 @@ def test_a_malformed_response_is_recorded_without_the_endpoints_url(db, start_wo
             str(db.execute("SELECT * FROM notifyhook.dead_letters").fetchall()),
         ]
     )
-    worker.signal(signal.SIGTERM)
-    worker.wait(20)
+    worker.stop()
     for token in ("PATHTOKEN123", "QUERYTOKEN456"):
         assert token not in recorded
-        assert token not in worker.log()
-    assert "malformed response" in worker.log()
+        assert token not in caplog.text
+    assert "malformed response" in caplog.text
 
 
 def test_sigterm_while_waiting_for_the_database_exits_zero(database_url, start_worker):

@@ -15,8 +15,9 @@ from notifyhook import signing
 from notifyhook.store import connect, fetch_dicts, json_param
 from notifyhook.tools import scenario
 from notifyhook.tools.receiver_process import Behaviour, Hit, PathSpec, ReceiverProcess
-from notifyhook.tools.scenario import ScenarioError, Server, WorkerProcess
+from notifyhook.tools.scenario import ScenarioError, Server, start_worker
 from notifyhook.tools.usage import Meter, Usage
+from notifyhook.tools.workers import WorkerProcess
 
 SECRET = signing.generate_secret()
 """One secret for every bench endpoint, so that the receiver checks one HMAC per request."""
@@ -185,7 +186,7 @@ class Trial:
         started = []
         for _ in range(count):
             worker_id = f"bench-{next(self.bench.worker_numbers)}"
-            worker = WorkerProcess(self.url, worker_id, self.bench.directory, settings or {})
+            worker = start_worker(self.url, worker_id, self.bench.directory, settings or {})
             # Listed at once, so that the trial stops it even if a later one fails to start.
             self.workers.append(worker)
             started.append(worker)

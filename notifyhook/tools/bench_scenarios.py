@@ -42,6 +42,7 @@ from notifyhook.tools.cluster import free_port
 from notifyhook.tools.receiver_process import Hit
 from notifyhook.tools.scenario import ScenarioError
 from notifyhook.tools.usage import Meter, Usage
+from notifyhook.tools.workers import WorkerError
 
 LATENCY_RATES = (50, 500)
 NOISY_RATE = 100
@@ -269,7 +270,7 @@ async def history(bench: Bench) -> list[Result]:
         result = await _drain_backlog(
             bench, 1, f"1 worker over {bench.size.history:,} rows", bench.size.history
         )
-    except ScenarioError as error:
+    except (ScenarioError, WorkerError) as error:
         return [Result("history", "1 worker", f"skipped: {error}")]
     result.scenario, result.target = "history", "within 10% of empty"
     empty_rate = empty.figures["deliveries_per_s"]

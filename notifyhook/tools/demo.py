@@ -22,7 +22,8 @@ from notifyhook.tools import scenario
 from notifyhook.tools.cluster import find_bindir
 from notifyhook.tools.demo_view import Progress, print_summary
 from notifyhook.tools.receiver_process import Behaviour, Hit, PathSpec, ReceiverProcess
-from notifyhook.tools.scenario import Server, WorkerProcess, statements
+from notifyhook.tools.scenario import Server, start_worker, statements
+from notifyhook.tools.workers import WorkerProcess
 
 TENANT = "demo"
 RETRY_SCHEDULE = (1, 2, 4)
@@ -107,7 +108,7 @@ async def _demo(url: str | None, events: int, duration: float, directory: Path) 
         worker: WorkerProcess | None = None
         try:
             ids = await _add_endpoints(db_url, receiver, keys)
-            worker = WorkerProcess(db_url, "demo-worker", directory, WORKER_SETTINGS)
+            worker = start_worker(db_url, "demo-worker", directory, WORKER_SETTINGS)
             await worker.wait_ready()
             print(
                 f"  worker started (pid {worker.pid}, retry schedule "

@@ -3,6 +3,7 @@ elsewhere) and the closing summary as plain lines."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from collections import deque
@@ -14,6 +15,12 @@ from notifyhook.tools import latency
 from notifyhook.tools.receiver_process import Hit
 
 PLAIN_EVERY_S = 2.0
+
+
+def _has_rich() -> bool:
+    """rich is the `demo` extra (`pip install 'notifyhook[demo]'`; scripts/setup installs
+    it): without it a terminal gets the plain lines a pipe gets."""
+    return importlib.util.find_spec("rich") is not None
 
 
 class Progress:
@@ -29,7 +36,7 @@ class Progress:
         self._requests = 0
 
     def __enter__(self) -> Progress:
-        if sys.stdout.isatty():
+        if sys.stdout.isatty() and _has_rich():
             from rich.live import Live
 
             self._live = Live(self._table({}), refresh_per_second=4, transient=False)

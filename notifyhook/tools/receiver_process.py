@@ -59,9 +59,9 @@ class Hit:
 #
 # A bare HTTP/1.1 server on asyncio.Protocol rather than aiohttp's: the receiver shares the
 # bench machine's two cores with the worker and PostgreSQL it measures, and aiohttp's server
-# spent ~270 µs of CPU per request (this one: ~80). It speaks only what the workers' client
-# sends: keep-alive, bodies with a Content-Length, one request at a time per connection
-# (several in one read are still answered in order).
+# spent over three times its CPU per request (docs/performance.md). It speaks only what
+# the workers' client sends: keep-alive, bodies with a Content-Length, one request at a
+# time per connection (several in one read are still answered in order).
 #
 # Answering needs only the request's framing and its path (and for first-fails its
 # webhook-id); the signature is checked afterwards, for many requests in one go (see
@@ -307,10 +307,10 @@ class _Receiver:
         """Check the signatures of the requests since the last check and record them.
 
         In one go rather than as each request is answered: back to back, the checks find the
-        CPU's caches warm rather than cooled by the client that ran in between, which saves
-        some 10 µs a request (measured with a client like the bench's ceiling scenario).
-        The cost of signing.verify itself, ~25 µs a request, is then most of what is left
-        above the event loop's and the kernel's."""
+        CPU's caches warm rather than cooled by the client that ran in between (measured
+        with a client like the bench's ceiling scenario: docs/performance.md). The cost of
+        signing.verify itself is then most of what is left above the event loop's and the
+        kernel's."""
         if self._check_timer is not None:
             self._check_timer.cancel()
             self._check_timer = None

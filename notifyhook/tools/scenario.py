@@ -1,14 +1,10 @@
-"""What the demo and the bench share: a server to work in, worker processes, the producer, percentiles."""
+"""What the demo and the bench share: a server to work in, their workers' settings, the producer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -30,6 +26,7 @@ from notifyhook.store import (
 )
 from notifyhook.tools import usage
 from notifyhook.tools.cluster import Cluster
+from notifyhook.tools.workers import WorkerProcess
 
 Connection = Any
 """An open psycopg.AsyncConnection (from notifyhook.store.connect)."""
@@ -87,7 +84,7 @@ class Server:
     async def _learn_facts(self) -> None:
         async with connect(self.admin_url) as conn:
             facts = (await fetch(conn, "server_facts"))[0]
-            # While the backend still runs: once the connection closes, its /proc entry goes.
+            # While the connection is open: a closed session's backend may be gone from /proc.
             self.postmaster = usage.postmaster_of(int(facts["backend_pid"]))
         self.version = str(facts["version"])
 
@@ -151,87 +148,19 @@ WORKER_DEFAULTS = {
 }
 
 
-class WorkerProcess:
-    """A real `notifyhook worker` process. It reports READY over a notify socket of ours,
-    exactly as it would to systemd; its log goes to a file."""
-
-    def __init__(
-        self, url: str, worker_id: str, directory: Path, settings: Mapping[str, str]
-    ) -> None:
-        self.worker_id = worker_id
-        self.log_path = directory / f"{worker_id}.log"
-        self._socket_path = directory / f"{worker_id}.sock"
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._socket.bind(str(self._socket_path))
-        self._socket.setblocking(False)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
-        for key, value in {**WORKER_DEFAULTS, **settings}.items():
-            env[f"NOTIFYHOOK_{key}"] = value
-        env["NOTIFYHOOK_DATABASE_URL"] = url
-        env["NOTIFYHOOK_WORKER_ID"] = worker_id
-        env["NOTIFY_SOCKET"] = str(self._socket_path)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "notifyhook", "worker"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Its own session: a Ctrl-C meant for the demo is the demo's to handle.
-                start_new_session=True,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    async def wait_ready(self, within_s: float = 30.0) -> None:
-        deadline = time.monotonic() + within_s
-        while time.monotonic() < deadline:
-            try:
-                if b"READY=1" in self._socket.recv(4096):
-                    return
-                continue
-            except BlockingIOError:
-                pass
-            if self.process.poll() is not None:
-                raise ScenarioError(
-                    f"worker {self.worker_id} exited with {self.process.returncode}: {self.log_tail()}"
-                )
-            await asyncio.sleep(0.02)
-        raise ScenarioError(
-            f"worker {self.worker_id} not ready after {within_s:g}s: {self.log_tail()}"
-        )
-
-    def log_tail(self, lines: int = 3) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
-
-    def peak_rss_bytes(self) -> int | None:
-        return usage.peak_rss_bytes(self.pid)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM and wait (the worker gives back what it holds); SIGKILL when it lingers."""
-        try:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(5)
-            return self.process.returncode
-        finally:
-            self._socket.close()
-            self._socket_path.unlink(missing_ok=True)
-
-
-def start_workers(
-    url: str, count: int, directory: Path, settings: Mapping[str, str], name: str = "worker"
-) -> list[WorkerProcess]:
-    return [WorkerProcess(url, f"{name}-{n + 1}", directory, settings) for n in range(count)]
+def start_worker(
+    url: str, worker_id: str, directory: Path, settings: Mapping[str, str]
+) -> WorkerProcess:
+    """A worker process that reports READY as it would to systemd (`await wait_ready()`),
+    in a session of its own: a Ctrl-C meant for the demo is the demo's to handle."""
+    return WorkerProcess(
+        url,
+        worker_id,
+        directory,
+        {**WORKER_DEFAULTS, **settings},
+        ready_socket=True,
+        own_session=True,
+    )
 
 
 def stop_workers(workers: Iterable[WorkerProcess]) -> None:
