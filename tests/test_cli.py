@@ -515,6 +515,8 @@ def test_send_prints_the_event_id_and_honours_the_idempotency_key(db, database_u
 def make_dead(db, endpoint_id: int, count: int, died_ago: timedelta = timedelta(0)) -> list[int]:
     """`count` deliveries to the endpoint, dead `died_ago`: as if their retries ran out."""
     tenant = scalar(db, "SELECT tenant_id FROM notifyhook.endpoints WHERE id = %s", [endpoint_id])
+    # The day partition the dead rows go to (migrate makes them from today on).
+    db.execute("SELECT notifyhook.create_partitions(since => now() - %s)", [died_ago])
     ids = []
     for _ in range(count):
         event_id = scalar(
