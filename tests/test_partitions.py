@@ -200,10 +200,10 @@ def test_migration_from_version_1_keeps_every_row_and_the_queue_is_delivered(
     start_worker(url=bare_database)
     with psycopg.connect(bare_database, autocommit=True) as db:
         wait_until(
-            lambda: scalar(
-                db, "SELECT count(*) FROM notifyhook.deliveries WHERE status = 'delivered'"
-            )
-            == 2400 + 10,
+            lambda: (
+                scalar(db, "SELECT count(*) FROM notifyhook.deliveries WHERE status = 'delivered'")
+                == 2400 + 10
+            ),
             what="the queue delivered",
         )
         assert len(receiver.received("live")) == 10
@@ -377,9 +377,7 @@ def test_an_outcome_finding_no_partition_makes_it_and_is_recorded(
         db.execute(f"ALTER TABLE notifyhook.{parent} DETACH PARTITION {name}")
         db.execute(f"DROP TABLE {name}")
     db.execute("SELECT notifyhook.enqueue('t', 'x', '{\"n\": 1}')")
-    wait_until(
-        lambda: statuses(db) == {"delivered": 1}, what="the second delivery recorded"
-    )
+    wait_until(lambda: statuses(db) == {"delivered": 1}, what="the second delivery recorded")
     # Recorded whole, once: the answer's status code, one request, one attempt.
     assert len(receiver.received("a")) == 2
     attempt = db.execute(
@@ -423,12 +421,14 @@ def test_a_recording_racing_a_reclaim_that_moved_its_row_records_it_on_retry(db,
         thread = threading.Thread(target=late_record)
         thread.start()
         wait_until(
-            lambda: scalar(
-                db,
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE '%%record_outcomes%%'",
-            )
-            == 1,
+            lambda: (
+                scalar(
+                    db,
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%%record_outcomes%%'",
+                )
+                == 1
+            ),
             what="the recording waiting for the row",
         )
         reclaimer.commit()
@@ -461,4 +461,6 @@ def test_a_dead_letter_moved_to_the_history_still_alerts(db):
         "notifyhook.deliveries_2"
     )
     alerts = [json.loads(n.payload) for n in db.notifies(timeout=1, stop_after=2)]
-    assert [(a["kind"], a["reason"]) for a in alerts] == [("dead", "dead after 3 attempts: HTTP 500")]
+    assert [(a["kind"], a["reason"]) for a in alerts] == [
+        ("dead", "dead after 3 attempts: HTTP 500")
+    ]
