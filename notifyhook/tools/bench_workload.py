@@ -143,7 +143,12 @@ async def load_history(url: str, count: int, tenants: Sequence[str]) -> float:
             raise ScenarioError(
                 f"writing history needs session_replication_role ({error.sqlstate})"
             ) from None
-        for step in ("history_events", "history_deliveries", "history_attempts"):
+        for step in (
+            "history_partitions",
+            "history_events",
+            "history_deliveries",
+            "history_attempts",
+        ):
             await conn.execute(statements()[step], params)
         await conn.execute(statements()["history_done"])
         await conn.execute(statements()["history_vacuum"])

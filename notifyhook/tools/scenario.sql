@@ -74,6 +74,10 @@ SELECT current_setting('server_version') AS version, pg_backend_pid() AS backend
 -- superuser or, from PostgreSQL 15, a GRANT SET on session_replication_role.
 SET session_replication_role = replica;
 
+-- name: history_partitions
+-- The history's day partitions for the week it spans (migrate makes them from today on).
+SELECT notifyhook.create_partitions(since => now() - interval '7 days 1 hour');
+
 -- name: history_events
 INSERT INTO notifyhook.events (id, tenant_id, event_type, payload, created_at)
 SELECT gen_random_uuid(), (%(tenants)s::text[])[1 + i %% cardinality(%(tenants)s::text[])],
