@@ -164,9 +164,10 @@ def test_migration_from_version_1_keeps_every_row_and_the_queue_is_delivered(
                 assert {k: after[table][key][k] for k in row} == row, (table, key)
         assert all(row["attempt_key"] is None for row in after["attempts"].values())
         state_after = rows(db, "endpoint_state", "endpoint_id")
-        assert {k: {c: v[c] for c in before_state[k]} for k, v in state_after.items()} == (
-            before_state
-        )
+        # (The columns version 1 had and later versions kept.)
+        assert {
+            k: {c: v[c] for c in v if c in before_state[k]} for k, v in state_after.items()
+        } == {k: {c: v[c] for c in v if c in state_after[k]} for k, v in before_state.items()}
         # The queue moved; the history stayed in the old table, attached whole.
         assert placed(db, "deliveries") == {
             "notifyhook.deliveries_active": 10,
