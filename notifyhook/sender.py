@@ -7,7 +7,6 @@ import errno
 import functools
 import ipaddress
 import re
-import socket
 import ssl
 import time
 from collections.abc import Mapping
@@ -16,15 +15,19 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
 
-import aiohttp
 import httpx
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from notifyhook import signing
 from notifyhook.delivery import AttemptResult, Delivery, Verdict
 from notifyhook.errors import SecretError
 from notifyhook.retry import parse_retry_after
-from notifyhook.transport import AiohttpTransport, MalformedResponse
+from notifyhook.transport import (
+    Http11Transport,
+    MalformedResponse,
+    NameResolutionError,
+    ServerDisconnected,
+    system_resolve,
+)
 
 EXCERPT_BYTES = 1024
 """How much of a response body is read and kept; the rest is never read."""
@@ -57,11 +60,11 @@ _ERRNO_REASONS = {
     errno.ENETUNREACH: "network unreachable",
 }
 # Failures from a half-read body: the status already decided the verdict.
-_BODY_ERRORS = (TimeoutError, httpx.HTTPError, aiohttp.ClientError, OSError)
+_BODY_ERRORS = (TimeoutError, httpx.HTTPError, OSError)
 
 
 class _Refused(OSError):
-    """A request we will not send; an OSError so that aiohttp passes it up from the resolver."""
+    """A request we will not send; an OSError, as the transport expects of a resolver."""
 
 
 def refusal_reason(address: IPAddress) -> str | None:
@@ -100,27 +103,17 @@ def _check_address(address: IPAddress, subject: str) -> None:
         raise _Refused(f"refused: {subject} is {article} {reason} address ({_ALLOW_HINT})")
 
 
-class _PublicResolver(AbstractResolver):
-    """aiohttp's resolver, refusing a hostname when any of its addresses is not public.
+async def _public_addresses(host: str, port: int) -> list[str]:
+    """The system resolver's addresses for `host`, refused when any of them is not public.
 
-    aiohttp dials the addresses returned here, so what is checked is what is connected to:
-    a rebinding DNS server gets no second lookup to answer differently.
+    The transport dials the addresses returned here, so what is checked is what is
+    connected to: a rebinding DNS server gets no second lookup to answer differently.
     """
-
-    def __init__(self) -> None:
-        self._resolver = aiohttp.DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._resolver.resolve(host, port, family)
-        for result in results:
-            address = ipaddress.ip_address(result["host"])
-            _check_address(address, f"{host} resolves to {address}, which")
-        return results
-
-    async def close(self) -> None:
-        await self._resolver.close()
+    addresses = await system_resolve(host, port)
+    for text in addresses:
+        address = ipaddress.ip_address(text.split("%", 1)[0])  # without an IPv6 zone
+        _check_address(address, f"{host} resolves to {address}, which")
+    return addresses
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,35 +126,28 @@ class _Target:
 
 
 class Sender:
-    """Sends deliveries over one keep-alive pool: httpx's API on aiohttp's engine.
+    """Sends deliveries over one keep-alive pool: httpx's API on notifyhook.transport's engine.
 
-    Create it inside the running event loop (aiohttp binds its pool to that loop).
+    Create it inside the running event loop, and use it there only (its connections are
+    that loop's).
     """
 
     def __init__(
         self, *, allow_private_networks: bool, user_agent: str, max_connections: int = 100
     ) -> None:
         self._allow_private_networks = allow_private_networks
-        self._resolver = None if allow_private_networks else _PublicResolver()
-        # No per-host limit beyond the pool's: per-endpoint concurrency is the worker's business.
-        connector = aiohttp.TCPConnector(
-            limit=max_connections, limit_per_host=0, resolver=self._resolver
+        # httpx's API (Request, Response, transports) on an HTTP/1.1 engine of our own,
+        # without httpx.AsyncClient: its request merging and cookie handling cost ~0.4 ms
+        # of CPU per request here, as much as everything else in a delivery together
+        # (docs/performance.md). Nothing it adds is wanted: no cookies (a receiver's must
+        # never travel to the next tenant's endpoint on the same host), no redirects, no
+        # proxies from the environment (one would be dialled instead of the checked
+        # address), one deadline per attempt. Per-endpoint concurrency is the worker's
+        # business: the pool keeps up to max_connections idle connections, any host.
+        self._transport = Http11Transport(
+            resolve=system_resolve if allow_private_networks else _public_addresses,
+            max_idle=max_connections,
         )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            # Receivers' cookies must never travel to the next tenant's endpoint on the same host.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # No timeouts of aiohttp's own: one deadline covers the whole attempt (_exchange).
-            timeout=aiohttp.ClientTimeout(),
-            # No proxies from the environment: one would be dialled instead of the checked address.
-            trust_env=False,
-        )
-        # httpx's API (Request, Response, transports) on aiohttp's engine, without
-        # httpx.AsyncClient: its request merging and cookie handling cost ~0.4 ms of
-        # CPU per request here, as much as everything else in a delivery together
-        # (docs/performance.md). Nothing it adds is wanted: no cookies, no redirects,
-        # no proxies, one deadline per attempt.
-        self._transport = AiohttpTransport(session)
         self._fixed_headers: _HeaderPairs = (
             (b"user-agent", user_agent.encode("ascii")),
             # The excerpt is raw bytes, so don't invite a compressed answer.
@@ -183,8 +169,6 @@ class Sender:
     async def aclose(self) -> None:
         """Close the pool's connections."""
         await self._transport.aclose()
-        if self._resolver is not None:  # the connector closes only resolvers it made itself
-            await self._resolver.close()
 
     async def send(self, delivery: Delivery) -> AttemptResult:
         """Make one attempt; every way it can end, network failures included, is a value."""
@@ -195,7 +179,7 @@ class Sender:
             status, retry_after, excerpt = await self._exchange(request, delivery.timeout_s)
         except TimeoutError:
             verdict, error = Verdict.RETRY, f"timeout after {delivery.timeout_s}s"
-        except (httpx.HTTPError, aiohttp.ClientError, OSError, SecretError) as failure:
+        except (httpx.HTTPError, OSError, SecretError) as failure:
             verdict, error = _describe_failure(failure)
             error = _without_url(error, delivery.url)
         else:
@@ -236,7 +220,7 @@ class Sender:
         response: httpx.Response | None = None
         body = bytearray()
         try:
-            # One deadline, not per-phase timeouts: aiohttp's sock_read restarts at every
+            # One deadline, not per-phase timeouts: a per-read timeout restarts at every
             # byte, so a receiver dripping its answer would hold a delivery slot indefinitely.
             # One context for both phases, too: each costs a timer on the event loop.
             async with asyncio.timeout(timeout_s):
@@ -249,7 +233,8 @@ class Sender:
             # log, so one cut short by the deadline or the network still counts as answered.
         finally:
             if response is not None:
-                # A body left unread makes aiohttp close the connection rather than pool it.
+                # Closing pools a connection whose answer was read to its end, and closes
+                # one with a body left unread.
                 await response.aclose()
         assert response is not None  # for mypy: no response means an exception above
         excerpt = body[:EXCERPT_BYTES].decode("utf-8", errors="replace")
@@ -299,11 +284,11 @@ def _check_host_name(host: str) -> None:
 
 
 def _check_literal_host(host: str) -> None:
-    # aiohttp dials IP literals without asking the resolver, so they are checked here.
+    # The transport dials IP literals without asking the resolver, so they are checked here.
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        # What aiohttp would take for an IP literal (digits and dots, or a colon) must be one
+        # What a socket would take for an IP literal (digits and dots, or a colon) must be one
         # we understand: legacy forms like 127.1 would otherwise reach the socket unchecked.
         if ":" in host or host.replace(".", "").isdigit():
             raise _Refused(f"refused: {host!r} is not a canonical IP address") from None
@@ -364,25 +349,24 @@ def _status_verdict(status: int) -> Verdict:
 
 def _describe_failure(failure: BaseException) -> tuple[Verdict, str]:
     """The verdict and a short reason for a failed exchange, read from its chain of causes."""
-    # The transport's httpx errors are coarse (a reset is a NetworkError), so the original
+    # The transport's httpx errors are coarse (a reset is a ReadError), so the original
     # exceptions further down the chain are what tell us what happened. A refusal is
-    # looked for first: aiohttp wraps the resolver's in a DNS error.
+    # looked for first: the resolver's comes wrapped in a connection error.
     causes = _causes(failure)
     if refusal := _first(causes, _Refused):
         return Verdict.PERMANENT, str(refusal)
     if secret_error := _first(causes, SecretError):
         return Verdict.PERMANENT, f"cannot sign: {secret_error}"
-    if _first(causes, (httpx.UnsupportedProtocol, aiohttp.InvalidURL)):
-        # Not the error's text: aiohttp's is the URL itself.
+    if _first(causes, httpx.UnsupportedProtocol):
         return Verdict.PERMANENT, "invalid URL: the HTTP client cannot send to it"
-    if dns_error := _first(causes, (aiohttp.ClientConnectorDNSError, socket.gaierror)):
+    if dns_error := _first(causes, NameResolutionError):
         return Verdict.RETRY, f"DNS lookup failed for {getattr(dns_error, 'host', 'the host')}"
     if tls_error := _first(causes, ssl.SSLError):
         return Verdict.RETRY, f"TLS failure: {tls_error}"
     for cause in causes:
         if isinstance(cause, OSError) and cause.errno in _ERRNO_REASONS:
             return Verdict.RETRY, _ERRNO_REASONS[cause.errno]
-    if _first(causes, aiohttp.ServerDisconnectedError):
+    if _first(causes, ServerDisconnected):
         return Verdict.RETRY, "connection closed by the server"
     if malformed := _first(causes, MalformedResponse):
         return Verdict.RETRY, str(malformed)

@@ -1,94 +1,362 @@
-"""httpx's transport interface on aiohttp's engine, doing per request only what a webhook needs.
+"""httpx's transport interface on asyncio's own connections and llhttp: HTTP/1.1, kept alive.
 
-httpx-aiohttp's general-purpose transport builds a `ClientTimeout`, converts the headers
-and goes through aiohttp's context managers for every request; with httpx's own header
-normalising that was ~15% of a worker's CPU, against 24% for aiohttp's request machinery
-itself (docs/performance.md). This one passes the request's bytes through and leaves
-everything else (timeouts, pool limits, cookies, proxies) to the session it is given.
+Why our own engine (DESIGN §7: chosen by measurement). A delivery is one POST of bytes
+already built and a status line read back; the client's machinery around that was most
+of a worker's CPU. aiohttp's `ClientSession._request` spent ~170 µs of CPU per request
+against a local receiver where writing the request's bytes to a kept-alive connection
+and parsing the answer with llhttp (httptools, the parser uvicorn uses) spends ~50 µs
+(same window, docs/performance.md). What is left here is what a webhook needs: one
+request at a time per connection, the request's bytes as httpx built them, the answer
+parsed by httptools (chunked, Content-Length or to the end of the connection), a pool
+of idle connections per scheme, host and port, TLS from the standard library with the
+system's CAs and the host name checked. No redirects, cookies, proxies or compression:
+the sender wants none of them. Deadlines are the caller's (asyncio.timeout): a
+cancelled exchange closes its connection.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import socket
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
-import aiohttp
+import httptools
 import httpx
 
-# Most specific first: aiohttp's exception classes inherit from one another.
-_ERROR_MAP: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
-    (aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout),
-    (aiohttp.SocketTimeoutError, httpx.ReadTimeout),
-    (aiohttp.ServerTimeoutError, httpx.TimeoutException),
-    (aiohttp.ClientProxyConnectionError, httpx.ProxyError),
-    (aiohttp.ClientConnectorError, httpx.ConnectError),
-    (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError),
-    (aiohttp.ClientPayloadError, httpx.RemoteProtocolError),
-    (aiohttp.ClientResponseError, httpx.RemoteProtocolError),
-    (aiohttp.InvalidURL, httpx.UnsupportedProtocol),
-    (aiohttp.ClientOSError, httpx.NetworkError),
-)
-_TRANSFER_ENCODING = "transfer-encoding"
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+"""The addresses to dial for a host name and port, in order; raise OSError to refuse."""
+
+MAX_HEAD_BYTES = 65_536
+"""The most an answer's status line and headers may take; more is a malformed answer."""
+
+_PAUSE_BYTES = 65_536
+"""Body bytes buffered before reading from the socket pauses until the caller reads."""
+
+_DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
 
 class MalformedResponse(httpx.RemoteProtocolError):
     """The receiver's answer broke HTTP (a bad status line or header); says how, never where."""
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """Sends `httpx.Request`s over an `aiohttp.ClientSession`, as HTTP/1.1.
+class ServerDisconnected(httpx.RemoteProtocolError):
+    """The connection closed before the answer was complete."""
 
-    What the session is configured with applies to every request: its connector's
-    pool and resolver, its cookie jar, its timeouts. Redirects are never followed. The
-    request body is sent from memory (a streaming one is read first). The response's
-    stream yields the body as it arrives on the wire, undecoded; closing it returns a
-    fully read connection to the pool and closes one that is not.
-    Failures are httpx's transport errors, raised from aiohttp's original exception.
+
+class NameResolutionError(httpx.ConnectError):
+    """The host name did not resolve."""
+
+    def __init__(self, host: str, *, request: httpx.Request) -> None:
+        super().__init__(f"cannot resolve {host}", request=request)
+        self.host = host
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    """The host's addresses from the system's resolver, in its order, each once."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+_Key = tuple[bytes, str, int]
+
+
+class Http11Transport(httpx.AsyncBaseTransport):
+    """Sends `httpx.Request`s over HTTP/1.1 connections of its own, kept alive.
+
+    `resolve` chooses the addresses dialled for a host name (the sender's refuses
+    private ones); IP literals are dialled as they are. `tls` is the context for https
+    (by default the system's CAs, the host name checked). At most `max_idle` idle
+    connections are kept, each for at most `keepalive_s`. Failures are httpx's
+    transport errors, raised from the original exception (an OSError's errno says
+    refused or reset).
     """
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
+    def __init__(
+        self,
+        *,
+        resolve: Resolve = system_resolve,
+        max_idle: int = 100,
+        keepalive_s: float = 15.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self._resolve = resolve
+        self._max_idle = max_idle
+        self._keepalive_s = keepalive_s
+        self._ssl = tls
+        # Idle connections per (scheme, host, port), the most recently used last, and
+        # all of them in the order they went idle, for evicting the oldest.
+        self._idle: dict[_Key, list[_Connection]] = {}
+        self._idle_order: OrderedDict[_Connection, _Key] = OrderedDict()
+        self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        body, headers = await _body_and_headers(request)
+        url = request.url
+        # The host as sent (an internationalised name in its xn-- form), for DNS and TLS.
+        host = url.raw_host.decode("ascii")
+        key = (url.raw_scheme, host, url.port or _DEFAULT_PORTS.get(url.raw_scheme, 0))
+        if key[0] not in _DEFAULT_PORTS:
+            raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}", request=request)
+        message = await _serialized(request)
+        connection = self._reuse(key) or await self._connect(key, request)
         try:
-            # _request, not request(): the context manager request() wraps it in is not
-            # needed to await it, and costs a little for each request.
-            response = await self._session._request(
-                request.method,
-                str(request.url),
-                headers=headers,
-                data=body or None,
-                allow_redirects=False,
-                # httpx.Response decodes a Content-Encoding itself: its stream is the raw body.
-                auto_decompress=False,
-            )
-        except aiohttp.ClientError as error:
-            raise _mapped(error, request) from error
+            await connection.exchange(message, request)
+        except BaseException:
+            connection.close()
+            raise
         return httpx.Response(
-            response.status,
-            headers=response.raw_headers,
-            stream=_ResponseStream(response, request),
+            connection.status,
+            headers=connection.headers,
+            stream=_ResponseStream(connection, self, key, request),
             request=request,
-            extensions={
-                "http_version": b"HTTP/1.1",
-                "reason_phrase": (response.reason or "").encode("ascii", "replace"),
-            },
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": connection.reason},
         )
 
     async def aclose(self) -> None:
-        await self._session.close()
+        self._closed = True
+        for connection in list(self._idle_order):
+            connection.close()
+        self._idle.clear()
+        self._idle_order.clear()
+
+    # -- the pool ------------------------------------------------------------------------
+
+    def _reuse(self, key: _Key) -> _Connection | None:
+        idle = self._idle.get(key)
+        deadline = time.monotonic() - self._keepalive_s
+        while idle:
+            connection = idle.pop()
+            del self._idle_order[connection]
+            # A connection the receiver closed while it was idle is known by now (its
+            # FIN was read); one idle for too long may be closed by the receiver any
+            # moment: neither is used for a request that must not be lost to the race.
+            if connection.reusable and connection.idle_since > deadline:
+                return connection
+            connection.close()
+        return None
+
+    def release(self, key: _Key, connection: _Connection) -> None:
+        """Keep a connection whose answer was read to its end; close any other."""
+        if self._closed or not connection.reusable:
+            connection.close()
+            return
+        connection.idle_since = time.monotonic()
+        self._idle.setdefault(key, []).append(connection)
+        self._idle_order[connection] = key
+        while len(self._idle_order) > self._max_idle:
+            oldest, oldest_key = self._idle_order.popitem(last=False)
+            self._idle[oldest_key].remove(oldest)
+            oldest.close()
+
+    async def _connect(self, key: _Key, request: httpx.Request) -> _Connection:
+        scheme, host, port = key
+        try:
+            addresses = await self._resolve(host, port)
+        except socket.gaierror as error:
+            raise NameResolutionError(host, request=request) from error
+        except OSError as error:  # a refusal of the resolver's
+            raise httpx.ConnectError(str(error), request=request) from error
+        tls = self._tls() if scheme == b"https" else None
+        loop = asyncio.get_running_loop()
+        failure: OSError | None = None
+        for address in addresses:
+            try:
+                _, connection = await loop.create_connection(
+                    _Connection, address, port, ssl=tls, server_hostname=host if tls else None
+                )
+            except OSError as error:
+                failure = error
+                continue
+            return connection
+        if failure is None:
+            raise NameResolutionError(host, request=request)
+        raise httpx.ConnectError(str(failure) or type(failure).__name__, request=request) from (
+            failure
+        )
+
+    def _tls(self) -> ssl.SSLContext:
+        # Made on first use: loading the system's CAs takes milliseconds.
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: one request at a time, its answer parsed as it arrives."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._head: asyncio.Future[None] | None = None
+        self._more: asyncio.Future[None] | None = None
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._head_bytes = 0
+        self._header_bytes = 0
+        self._headers_done = False
+        self._complete = False
+        self._keep_alive = False
+        self._lost = False
+        self._failure: Exception | None = None
+        self._paused = False
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.idle_since = 0.0
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self._complete
+            and self._keep_alive
+            and not self._lost
+            and self._transport is not None
+            and not self._transport.is_closing()
+        )
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self._lost = True
+
+    async def exchange(self, message: bytes, request: httpx.Request) -> None:
+        """Send the request; return once the answer's status line and headers are in."""
+        assert self._transport is not None
+        self._parser = httptools.HttpResponseParser(self)
+        self._chunks, self._buffered, self._head_bytes, self._header_bytes = [], 0, 0, 0
+        self._headers_done = self._complete = self._keep_alive = False
+        self.status, self.reason, self.headers = 0, b"", []
+        self._head = asyncio.get_running_loop().create_future()
+        self._transport.write(message)
+        try:
+            await self._head
+        except ServerDisconnected:
+            raise ServerDisconnected(
+                "the server closed the connection without answering", request=request
+            ) from self._failure
+        except (OSError, httptools.HttpParserError) as error:
+            raise _mapped(error, self.status, request) from error
+
+    async def next_chunk(self) -> bytes:
+        """The next piece of the body as received, or b"" at its end."""
+        while not self._chunks:
+            if self._complete:
+                return b""
+            if self._failure is not None:
+                raise self._failure
+            self._more = asyncio.get_running_loop().create_future()
+            if self._paused and self._transport is not None:
+                self._paused = False
+                self._transport.resume_reading()
+            await self._more
+        chunk = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        self._chunks, self._buffered = [], 0
+        return chunk
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's is not a subclass of asyncio.Transport).
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None or self._complete:
+            # Bytes nobody asked for (before a request, or after its answer): the
+            # connection's framing can no longer be trusted.
+            self._fail(MalformedResponse("data after the answer"))
+            return
+        if not self._headers_done:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self._fail(error)
+            return
+        if self._header_bytes > MAX_HEAD_BYTES or (
+            not self._headers_done and self._head_bytes > MAX_HEAD_BYTES
+        ):
+            self._fail(httptools.HttpParserError("Header section too large"))
+            return
+        if self._buffered > _PAUSE_BYTES and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        if self._headers_done and not self._complete and not self._keep_alive:
+            # An answer without a length ends with its connection.
+            self._complete = True
+            self._wake()
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if not self._complete:
+            self._fail(exc if exc is not None else ServerDisconnected("connection closed"))
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            # Informational (100 Continue, 103 Early Hints): the answer follows.
+            self.reason, self.headers = b"", []
+            return
+        self.status = status
+        if self._header_bytes > MAX_HEAD_BYTES:
+            return  # refused by data_received once the parser returns
+        self._keep_alive = self._parser.should_keep_alive()
+        self._headers_done = True
+        if self._head is not None and not self._head.done():
+            self._head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if not self._headers_done:  # the end of an informational answer
+            return
+        self._keep_alive = self._keep_alive and self._parser.should_keep_alive()
+        self._complete = True
+        self._wake()
+
+    # -- failing -------------------------------------------------------------------------
+
+    def _fail(self, error: Exception) -> None:
+        if self._failure is None:
+            self._failure = error
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+            # Retrieved by exchange(), unless a cancelled caller never looks.
+            self._head.exception()
+        self._wake()
+        self.close()
+
+    def _wake(self) -> None:
+        if self._more is not None and not self._more.done():
+            self._more.set_result(None)
 
 
 class _ResponseStream(httpx.AsyncByteStream):
-    """The response body as aiohttp receives it, undecoded.
+    """The answer's body as it arrives, undecoded; closing it pools a fully read connection."""
 
-    Its own iterator rather than an async generator: a generator left unfinished (the
-    reader stopped at what it wanted) lingers until the event loop finalises it, and
-    each one costs a registration with the loop's generator hooks.
-    """
-
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
-        self._response = response
+    def __init__(
+        self, connection: _Connection, pool: Http11Transport, key: _Key, request: httpx.Request
+    ) -> None:
+        self._connection = connection
+        self._pool = pool
+        self._key = key
         self._request = request
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -96,57 +364,57 @@ class _ResponseStream(httpx.AsyncByteStream):
 
     async def __anext__(self) -> bytes:
         try:
-            chunk = await self._response.content.readany()
-        except aiohttp.ClientError as error:
-            raise _mapped(error, self._request) from error
+            chunk = await self._connection.next_chunk()
+        except (OSError, httptools.HttpParserError, httpx.TransportError) as error:
+            raise _mapped(error, self._connection.status, self._request) from error
         if not chunk:
             raise StopAsyncIteration
         return chunk
 
     async def aclose(self) -> None:
-        # release() first: it cancels a request body still being written (the receiver
-        # answered early), which wait_for_close() would otherwise wait for. aiohttp
-        # pools the connection only if the body was read to its end.
-        self._response.release()
-        await self._response.wait_for_close()
+        self._pool.release(self._key, self._connection)
 
 
-async def _body_and_headers(request: httpx.Request) -> tuple[bytes, list[tuple[str, str]]]:
-    headers = _text_headers(request)
+async def _serialized(request: httpx.Request) -> bytes:
+    """The request's bytes: its line, its headers as given, its body."""
     stream = request.stream
+    headers = request.headers.raw
     if isinstance(stream, httpx.ByteStream):
-        # In memory already, and joining one chunk does not copy it. request.read() would
-        # return the same after an isinstance check against typing.Iterable that costs
-        # more than the join.
-        return b"".join(stream), headers
-    body = await request.aread()
-    # httpx framed the streaming body as chunked; aiohttp gives these bytes a length.
-    return body, [(name, value) for name, value in headers if name.lower() != _TRANSFER_ENCODING]
+        # In memory already; joining one chunk does not copy it.
+        body = b"".join(stream)
+    else:
+        body = await request.aread()
+        # httpx framed a streaming body as chunked; these bytes go with their length.
+        headers = [(n, v) for n, v in headers if n.lower() != b"transfer-encoding"]
+        if not any(n.lower() == b"content-length" for n, _ in headers):
+            headers.append((b"Content-Length", b"%d" % len(body)))
+    lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
+    if not any(n.lower() == b"host" for n, _ in headers):
+        lines.append(b"Host: " + request.url.netloc)
+    for name, value in headers:
+        if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name or b":" in name:
+            raise httpx.LocalProtocolError("a header would break the request", request=request)
+        lines.append(name + b": " + value)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines) + body
 
 
-def _text_headers(request: httpx.Request) -> list[tuple[str, str]]:
-    """The request's headers as aiohttp takes them: names as given, values as sent."""
-    try:
-        # UTF-8 round-trips: aiohttp encodes header text as UTF-8 (ASCII, in practice).
-        return [(name.decode(), value.decode()) for name, value in request.headers.raw]
-    except UnicodeDecodeError:
-        raise httpx.LocalProtocolError(
-            "header bytes that are not UTF-8 cannot be sent", request=request
-        ) from None
-
-
-def _mapped(error: aiohttp.ClientError, request: httpx.Request) -> httpx.TransportError:
-    if type(error) is aiohttp.ClientResponseError:
-        # Its text ends with url='…', the endpoint's whole URL with any token in its
-        # path or query: that must not reach attempts.error or a log (DESIGN §8).
-        return MalformedResponse(malformed_response(error.message), request=request)
-    kind = next((to for origin, to in _ERROR_MAP if isinstance(error, origin)), None)
-    return (kind or httpx.TransportError)(str(error) or type(error).__name__, request=request)
+def _mapped(error: BaseException, status: int, request: httpx.Request) -> httpx.TransportError:
+    if isinstance(error, httpx.TransportError):
+        return error
+    if isinstance(error, httptools.HttpParserError):
+        where = "Bad status line" if not status else "Bad header"
+        return MalformedResponse(malformed_response(f"{where}: {error}"), request=request)
+    if isinstance(error, ssl.SSLError):
+        return httpx.ConnectError(str(error), request=request)
+    if isinstance(error, OSError):
+        return httpx.ReadError(str(error) or type(error).__name__, request=request)
+    return httpx.TransportError(str(error) or type(error).__name__, request=request)
 
 
 def malformed_response(message: str) -> str:
-    """What aiohttp's parser found wrong, without the bytes it quotes: "Bad status line:
-    Invalid status code", "Invalid header token", "Got more than 8190 bytes when reading"."""
+    """What the parser found wrong, without the bytes it may quote: "Bad status line:
+    Expected HTTP/", "Bad header: Invalid header token", "Header section too large"."""
     problems = []
     for line in message.splitlines():
         line = line.strip()

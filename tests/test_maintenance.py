@@ -128,7 +128,7 @@ def test_repair_turns_wakes_an_endpoint_whose_due_rows_a_hand_written_update_lef
     )
     # The rows come back by hand, and the claims' view of the endpoint is cleared.
     db.execute("DELETE FROM notifyhook.endpoint_wakes")
-    db.execute("UPDATE notifyhook.endpoint_state SET turn_at = NULL")
+    db.execute("UPDATE notifyhook.endpoint_turns SET turn_at = NULL")
     woken, _ = run_maintenance(database_url, "repair_turns")
     assert woken == 1
     assert scalar(db, "SELECT endpoint_id FROM notifyhook.endpoint_wakes") == endpoint

@@ -84,15 +84,16 @@ def test_a_tenant_shares_between_its_endpoints_due_at_once(db):
     assert sorted(taken) == [one] * 9 + [two] * 9
 
 
-def test_a_claim_skips_an_endpoint_whose_state_row_is_locked(db, database_url):
+def test_a_claim_skips_an_endpoint_whose_turn_row_is_locked(db, database_url):
     locked = add_endpoint(db, "a", "locked", "https://example.com/a", max_in_flight=5)
     free = add_endpoint(db, "b", "free", "https://example.com/b", rate_limit=100)
     enqueue(db, "a", 3)
     enqueue(db, "b", 3)
     with psycopg.connect(database_url) as operator:
-        operator.execute(
-            "SELECT * FROM notifyhook.endpoint_state WHERE endpoint_id = %s FOR UPDATE", [locked]
-        )
+        for table in ("endpoint_turns", "endpoint_state"):
+            operator.execute(
+                f"SELECT * FROM notifyhook.{table} WHERE endpoint_id = %s FOR UPDATE", [locked]
+            )
         operator.execute("UPDATE notifyhook.endpoints SET name = 'renamed' WHERE id = %s", [locked])
         db.execute("SET lock_timeout = '1s'")
         # No wait and no lock timeout: the other endpoint is served at once.
@@ -120,7 +121,7 @@ def test_max_in_flight_is_held_and_a_recorded_outcome_gives_the_turn_back(db):
     enqueue(db, "t", 5)
     assert claim(db, 10, worker="w1") == [endpoint] * 2
     assert claim(db, 10, worker="w2") == []
-    assert scalar(db, "SELECT turn_at FROM notifyhook.endpoint_state") is None
+    assert scalar(db, "SELECT turn_at FROM notifyhook.endpoint_turns") is None
     delivery, attempt = db.execute(
         "SELECT id, attempts FROM notifyhook.deliveries WHERE status = 'processing' LIMIT 1"
     ).fetchone()
@@ -131,6 +132,41 @@ def test_max_in_flight_is_held_and_a_recorded_outcome_gives_the_turn_back(db):
         [[delivery], [endpoint], [attempt]],
     )
     assert claim(db, 10, worker="w2") == [endpoint]
+
+
+def test_a_record_neither_waits_for_a_claim_nor_loses_health_to_it(db, database_url):
+    """Claims lock endpoint_turns, records endpoint_state: a claim still open on one
+    endpoint neither delays the record of its outcomes nor costs them their health
+    update (when both locked endpoint_state, the record waited for the claim, and past
+    half a second left the endpoint's health unwritten)."""
+    endpoint = add_endpoint(db, "t", "e", "https://example.com/e")
+    enqueue(db, "t", 4)
+    assert claim(db, 2) == [endpoint] * 2
+    delivery, attempt = db.execute(
+        "SELECT id, attempts FROM notifyhook.deliveries WHERE status = 'processing' LIMIT 1"
+    ).fetchone()
+    with psycopg.connect(database_url) as other_worker:
+        # A claim in progress: it holds the endpoint's turn until it commits.
+        assert claim(other_worker, 1, worker="w2") == [endpoint]
+        db.execute("SET lock_timeout = '100ms'")
+        db.execute(
+            "SELECT * FROM notifyhook.record_outcomes('w', %s::bigint[], %s::bigint[], "
+            "%s::integer[], '{delivered}', '{NULL}', ARRAY[now()], '{1.0}', '{200}', '{NULL}', "
+            "'{NULL}', '{false}', interval '5 days', false)",
+            [[delivery], [endpoint], [attempt]],
+        )
+        recorded = scalar(
+            db,
+            "SELECT last_success_at IS NOT NULL FROM notifyhook.endpoint_state "
+            "WHERE endpoint_id = %s",
+            [endpoint],
+        )
+        other_worker.rollback()
+    assert recorded
+    assert (
+        scalar(db, "SELECT status FROM notifyhook.deliveries WHERE id = %s", [delivery])
+        == "delivered"
+    )
 
 
 def test_a_fifo_endpoint_sends_its_head_and_a_retrying_head_holds_the_rest(db):
@@ -216,10 +252,10 @@ def _endpoints_with_a_retry_waiting(db, first: int, last: int) -> None:
         "WHERE status = 'processing'"
     )
     db.execute(
-        "UPDATE notifyhook.endpoint_state SET turn_at = now() + interval '1 hour' "
+        "UPDATE notifyhook.endpoint_turns SET turn_at = now() + interval '1 hour' "
         "WHERE turn_at IS NULL"
     )
-    db.execute("VACUUM ANALYZE notifyhook.endpoint_state, notifyhook.deliveries")
+    db.execute("VACUUM ANALYZE notifyhook.endpoint_turns, notifyhook.deliveries")
     db.execute("VACUUM notifyhook.endpoint_wakes")
 
 
@@ -274,9 +310,10 @@ def test_an_operator_holding_one_endpoint_delays_no_other_endpoints_deliveries(
     with psycopg.connect(database_url) as operator:
         # An operator's transaction holds one endpoint's row and its state row, open.
         operator.execute("UPDATE notifyhook.endpoints SET timeout_ms = 5000 WHERE id = %s", [held])
-        operator.execute(
-            "SELECT * FROM notifyhook.endpoint_state WHERE endpoint_id = %s FOR UPDATE", [held]
-        )
+        for table in ("endpoint_turns", "endpoint_state"):
+            operator.execute(
+                f"SELECT * FROM notifyhook.{table} WHERE endpoint_id = %s FOR UPDATE", [held]
+            )
         enqueue(db, "a", 3)
         enqueue(db, "b", 20)
         # The other endpoint's events go out and are recorded, batches shared with the

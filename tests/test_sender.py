@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
 import httpx
 import pytest
 import standardwebhooks
@@ -23,7 +22,7 @@ from aiohttp import web
 from notifyhook.delivery import AttemptResult, Delivery, Verdict
 from notifyhook.sender import _RESERVED_HEADERS, EXCERPT_BYTES, Sender, refusal_reason
 from notifyhook.signing import generate_secret
-from notifyhook.transport import AiohttpTransport
+from notifyhook.transport import Http11Transport
 
 SECRET = generate_secret()
 EVENT_ID = "0b5e3c5a-6a53-4b8e-9d0c-6f3f1f0e2a11"
@@ -451,7 +450,7 @@ def test_the_transport_serves_an_httpx_client() -> None:
     async def scenario() -> None:
         async with (
             raw_server(answering(answer, heads)) as (port, _),
-            httpx.AsyncClient(transport=AiohttpTransport(aiohttp.ClientSession())) as client,
+            httpx.AsyncClient(transport=Http11Transport()) as client,
         ):
             response = await client.post(f"http://127.0.0.1:{port}/", content=chunks())
             assert (response.status_code, response.reason_phrase) == (201, "Created")
@@ -459,7 +458,7 @@ def test_the_transport_serves_an_httpx_client() -> None:
             assert response.text == "hello"
             with pytest.raises(httpx.ConnectError) as refused:
                 await client.get(f"http://127.0.0.1:{closed_port()}/")
-            assert isinstance(refused.value.__cause__, aiohttp.ClientConnectorError)
+            assert isinstance(refused.value.__cause__, ConnectionRefusedError)
         [head] = heads
         assert b"\r\ncontent-length: 4\r\n" in head.lower()
         assert b"transfer-encoding" not in head.lower()
@@ -679,3 +678,139 @@ def test_site_local_and_6to4_loopback_literals_are_refused(host: str) -> None:
     result = run(send(f"http://{host}:9/hook", allow_private_networks=False))
     assert result.verdict is Verdict.PERMANENT
     assert (result.error or "").startswith("refused: "), result.error
+
+
+# -- TLS --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for localhost only: (certificate file, key file)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_file), str(key_file)
+
+
+@contextlib.asynccontextmanager
+async def tls_server(certificate: tuple[str, str]) -> AsyncIterator[int]:
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    server = await asyncio.start_server(
+        answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), "127.0.0.1", 0, ssl=context
+    )
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+def test_a_certificate_the_system_does_not_trust_is_a_tls_failure(
+    certificate: tuple[str, str],
+) -> None:
+    async def scenario() -> AttemptResult:
+        async with tls_server(certificate) as port:
+            return await send(f"https://localhost:{port}/hook")
+
+    result = run(scenario())
+    assert result.verdict is Verdict.RETRY
+    assert (result.error or "").startswith("TLS failure: "), result.error
+    assert "CERTIFICATE_VERIFY_FAILED" in (result.error or "")
+
+
+def test_https_to_a_trusted_certificate_checks_the_host_name(certificate: tuple[str, str]) -> None:
+    import ssl
+
+    trusted = ssl.create_default_context(cafile=certificate[0])
+
+    async def scenario() -> None:
+        async with (
+            tls_server(certificate) as port,
+            httpx.AsyncClient(transport=Http11Transport(tls=trusted)) as client,
+        ):
+            for _ in range(2):
+                response = await client.post(f"https://localhost:{port}/", content=b"{}")
+                assert (response.status_code, response.text) == (200, "ok")
+            # A name the certificate does not carry is refused, though the server is the same.
+            with pytest.raises(httpx.ConnectError) as refused:
+                await client.post(f"https://127.0.0.1:{port}/", content=b"{}")
+            assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
+            assert "IP address mismatch" in str(refused.value.__cause__)
+
+    run(scenario())
+
+
+# -- framing of answers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "reused"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n3\r\n!!!\r\n0\r\n\r\n",
+            True,
+        ),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok!!!", True),
+        (b"HTTP/1.0 200 OK\r\n\r\nok!!!", False),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nok!!!", False),
+    ],
+    ids=["chunked", "informational first", "to the end of the connection", "connection close"],
+)
+def test_answers_framed_every_way_are_read_and_pooled_only_when_reusable(
+    answer: bytes, reused: bool
+) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+            if not reused:
+                return  # the connection closes: the answer's end
+
+    async def scenario() -> list[int]:
+        async with (
+            raw_server(handle) as (port, accepted),
+            Sender(allow_private_networks=True, user_agent="notifyhook/test") as sender,
+        ):
+            for _ in range(3):
+                result = await sender.send(delivery(f"http://127.0.0.1:{port}/"))
+                assert (result.verdict, result.status_code, result.response_excerpt) == (
+                    Verdict.DELIVERED,
+                    200,
+                    "ok!!!",
+                )
+            return accepted
+
+    assert len(run(scenario())) == (1 if reused else 3)

@@ -87,8 +87,9 @@ class Server:
     async def _learn_facts(self) -> None:
         async with connect(self.admin_url) as conn:
             facts = (await fetch(conn, "server_facts"))[0]
+            # While the backend still runs: once the connection closes, its /proc entry goes.
+            self.postmaster = usage.postmaster_of(int(facts["backend_pid"]))
         self.version = str(facts["version"])
-        self.postmaster = usage.postmaster_of(int(facts["backend_pid"]))
 
     async def restart(self) -> None:
         """Restart our own cluster (to load a library); a no-op on a given server."""

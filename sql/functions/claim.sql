@@ -3,7 +3,7 @@
 
 -- Claim up to max_rows due deliveries for `worker`, leasing them for `lease`.
 --
--- In one paragraph. Every endpoint has a turn (endpoint_state.turn_at, indexed): when
+-- In one paragraph. Every endpoint has a turn (endpoint_turns.turn_at, indexed): when
 -- its oldest row fell due, or when it was last served if it still has rows due, or
 -- when its next row will fall due. A claim (1) folds the wakes producers left
 -- (endpoint_wakes) into the turns, (2) locks the first max_rows endpoints whose turn
@@ -26,20 +26,21 @@
 --   * one request at a time while its circuit is open (5 or more consecutive
 --     failures), and always for an ordered (FIFO) endpoint, whose head goes first;
 --   * the whole tokens in its rate bucket (rate_limit per second, burst of one
---     second's worth), shared by every worker through endpoint_state.
+--     second's worth), shared by every worker through endpoint_turns.
 --
 -- Why the rows are taken in a statement of its own. Under READ COMMITTED one
--- statement reads with one snapshot, taken when it starts. The endpoints' state rows
+-- statement reads with one snapshot, taken when it starts. The endpoints' turn rows
 -- are locked first; the statement that counts their `processing` rows starts after,
 -- so it sees every claim committed before, and no other claim can take their rows
 -- until this one commits: the fleet-wide counts are exact. Locks are taken with SKIP
--- LOCKED: an endpoint whose state row an operator, another claim or a record holds
--- is left for the next claim, and the others are served.
+-- LOCKED: an endpoint whose turn row another claim (or an operator) holds is left for
+-- the next claim, and the others are served. Claims lock only endpoint_turns, and the
+-- recording of outcomes only endpoint_state (health), so neither waits for the other.
+-- The circuit is read from endpoint_state as last committed.
 --
--- Who writes turn_at: only a transaction holding the state row's lock (claims,
--- record_outcomes). Whoever makes a row due without that lock (producers, replays,
--- released and reclaimed claims, an operator enabling an endpoint) inserts an
--- endpoint_wakes row, which waits for nobody; a claim that can see the wake also
+-- Who writes turn_at: only a claim, holding the turn row's lock. Whoever makes a row
+-- due or sendable (producers, replays, recorded outcomes, released and reclaimed
+-- claims, an operator enabling an endpoint) inserts an endpoint_wakes row, which waits for nobody; a claim that can see the wake also
 -- sees the rows it announces. An endpoint held back by a fleet-wide limit gets no
 -- turn (null) until an outcome of its in-flight rows is recorded.
 DROP FUNCTION IF EXISTS notifyhook.claim_due(text, integer, interval, integer);
@@ -103,11 +104,11 @@ BEGIN
         LIMIT 1000
         FOR UPDATE SKIP LOCKED
     ), lockable AS (
-        SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
+        SELECT s.endpoint_id FROM notifyhook.endpoint_turns AS s
         WHERE s.endpoint_id IN (SELECT wake.endpoint_id FROM wake)
         FOR NO KEY UPDATE SKIP LOCKED
     ), turned AS (
-        UPDATE notifyhook.endpoint_state AS s
+        UPDATE notifyhook.endpoint_turns AS s
         SET turn_at = least(s.turn_at, m.due_at)
         FROM (SELECT wake.endpoint_id, min(wake.due_at) AS due_at
               FROM wake JOIN lockable USING (endpoint_id)
@@ -118,7 +119,7 @@ BEGIN
     FROM wake
     WHERE wake.endpoint_id IN (SELECT lockable.endpoint_id FROM lockable)
        -- The endpoint was deleted since: nothing to wake.
-       OR NOT EXISTS (SELECT FROM notifyhook.endpoint_state AS s
+       OR NOT EXISTS (SELECT FROM notifyhook.endpoint_turns AS s
                       WHERE s.endpoint_id = wake.endpoint_id);
     IF folded IS NOT NULL THEN
         DELETE FROM notifyhook.endpoint_wakes WHERE ctid = ANY (folded);
@@ -130,7 +131,7 @@ BEGIN
     SELECT coalesce(array_agg(t.tenant_id), '{}'), coalesce(array_agg(t.endpoints), '{}')
     INTO due_tenants, due_tenant_endpoints
     FROM (SELECT e.tenant_id, count(*)::integer AS endpoints
-          FROM (SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
+          FROM (SELECT s.endpoint_id FROM notifyhook.endpoint_turns AS s
                 WHERE s.turn_at <= started
                 ORDER BY s.turn_at LIMIT concurrency) AS due
           JOIN notifyhook.endpoints AS e ON e.id = due.endpoint_id AND e.enabled
@@ -147,22 +148,22 @@ BEGIN
         WHERE h.n > 0 AND h.n >= ceil(tenant_part::numeric / coalesce(t.endpoints, 1)));
 
     picked := ARRAY(
-        SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
+        SELECT s.endpoint_id FROM notifyhook.endpoint_turns AS s
         WHERE s.turn_at <= started AND s.endpoint_id <> ALL (capped)
         ORDER BY s.turn_at
         LIMIT max_rows
         FOR NO KEY UPDATE SKIP LOCKED);
     IF cardinality(picked) < max_rows THEN
         -- Fewer endpoints than slots, yet some due and not capped were not taken: their
-        -- state rows were locked.
+        -- turn rows were locked.
         passed_by := passed_by OR EXISTS (
-            SELECT FROM notifyhook.endpoint_state AS s
+            SELECT FROM notifyhook.endpoint_turns AS s
             WHERE s.turn_at <= started
               AND s.endpoint_id <> ALL (capped) AND s.endpoint_id <> ALL (picked));
     END IF;
     IF cardinality(picked) = 0 THEN
         RETURN QUERY SELECT '{}'::notifyhook.claimed_delivery[], notifyhook.next_turn_in_s(started),
-            EXISTS (SELECT FROM notifyhook.endpoint_state AS s WHERE s.turn_at <= started), false,
+            EXISTS (SELECT FROM notifyhook.endpoint_turns AS s WHERE s.turn_at <= started), false,
             passed_by;
         RETURN;
     END IF;
@@ -172,7 +173,7 @@ BEGIN
     WITH candidate AS (
         SELECT e.id AS endpoint_id, e.tenant_id, e.rate_limit, e.max_in_flight, e.ordered,
                s.consecutive_failures >= circuit_threshold AS circuit_open,
-               notifyhook.bucket_tokens(e.rate_limit, s.tokens, s.tokens_at, bucket_at) AS tokens,
+               notifyhook.bucket_tokens(e.rate_limit, tu.tokens, tu.tokens_at, bucket_at) AS tokens,
                coalesce(h.n, 0) AS mine,
                -- Counted only where a limit needs it.
                CASE WHEN e.max_in_flight IS NOT NULL OR e.ordered
@@ -186,6 +187,7 @@ BEGIN
                greatest(1, floor(tenant_part::numeric / coalesce(t.endpoints, 1))) AS floor_part
         FROM unnest(picked) AS p(endpoint_id)
         JOIN notifyhook.endpoints AS e ON e.id = p.endpoint_id AND e.enabled
+        JOIN notifyhook.endpoint_turns AS tu ON tu.endpoint_id = e.id
         JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
         LEFT JOIN unnest(held_endpoints, held_counts) AS h(endpoint_id, n) ON h.endpoint_id = e.id
         LEFT JOIN unnest(due_tenants, due_tenant_endpoints) AS t(tenant_id, endpoints)
@@ -295,7 +297,7 @@ BEGIN
         SELECT c.endpoint_id, count(*) AS n FROM unnest(claimed) AS c GROUP BY c.endpoint_id
     ), upcoming AS (
         SELECT s.endpoint_id, e.enabled, e.rate_limit,
-               notifyhook.bucket_tokens(e.rate_limit, s.tokens, s.tokens_at, bucket_at)
+               notifyhook.bucket_tokens(e.rate_limit, tu.tokens, tu.tokens_at, bucket_at)
                    - coalesce(t.n, 0) AS tokens_left,
                CASE WHEN e.ordered
                     THEN (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
@@ -311,11 +313,12 @@ BEGIN
                                  THEN 1 ELSE e.max_in_flight END
                     ELSE false END AS at_limit
         FROM unnest(picked) AS p(endpoint_id)
+        JOIN notifyhook.endpoint_turns AS tu ON tu.endpoint_id = p.endpoint_id
         JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = p.endpoint_id
         JOIN notifyhook.endpoints AS e ON e.id = p.endpoint_id
         LEFT JOIN taken AS t ON t.endpoint_id = p.endpoint_id
     ), turned AS (
-        UPDATE notifyhook.endpoint_state AS s
+        UPDATE notifyhook.endpoint_turns AS s
         SET tokens = CASE WHEN n.rate_limit IS NULL THEN s.tokens ELSE n.tokens_left END,
             tokens_at = CASE WHEN n.rate_limit IS NULL THEN s.tokens_at ELSE bucket_at END,
             turn_at = CASE
@@ -337,7 +340,7 @@ BEGIN
 
     finished := clock_timestamp();
     RETURN QUERY SELECT coalesce(claimed, '{}'), notifyhook.next_turn_in_s(finished),
-        EXISTS (SELECT FROM notifyhook.endpoint_state AS s WHERE s.turn_at <= finished),
+        EXISTS (SELECT FROM notifyhook.endpoint_turns AS s WHERE s.turn_at <= finished),
         held_back, passed_by;
 END
 $$;
@@ -370,7 +373,7 @@ $$;
 CREATE OR REPLACE FUNCTION notifyhook.next_turn_in_s(after timestamptz) RETURNS double precision
 LANGUAGE sql STABLE AS $$
     SELECT extract(epoch FROM min(s.turn_at) - after)::double precision
-    FROM notifyhook.endpoint_state AS s
+    FROM notifyhook.endpoint_turns AS s
     WHERE s.turn_at > after
 $$;
 
@@ -434,7 +437,7 @@ BEGIN
     SELECT due.endpoint_id, due.due_at
     FROM due
     JOIN notifyhook.endpoints AS e ON e.id = due.endpoint_id AND e.enabled
-    JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = due.endpoint_id
+    JOIN notifyhook.endpoint_turns AS s ON s.endpoint_id = due.endpoint_id
     WHERE due.due_at <= now() AND (s.turn_at IS NULL OR s.turn_at > due.due_at);
     GET DIAGNOSTICS woken = ROW_COUNT;
     RETURN woken;

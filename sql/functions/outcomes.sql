@@ -62,6 +62,7 @@ DECLARE
     kept integer[];
     -- The batch's endpoints whose state rows this call could lock.
     locked bigint[];
+    circuit_open bigint[];
     lock_wait text;
 BEGIN
     IF retried THEN
@@ -141,10 +142,9 @@ BEGIN
     -- A state row held for longer than a moment (an operator's open transaction) is
     -- not waited for: the outcomes of every other endpoint of the batch must not wait
     -- with it, or their leases could run out and their webhooks go again (DESIGN §8).
-    -- Claims and other records hold these rows for milliseconds, so half a second
-    -- tells one from the other; then the rows free now are taken and the held ones
-    -- get no health update from this batch, only a wake, so that their turn comes
-    -- back once they are free (functions/claim.sql).
+    -- Other records hold these rows for milliseconds (claims never lock them: they
+    -- lock endpoint_turns), so half a second tells one from the other; then the rows
+    -- free now are taken and the held ones get no health update from this batch.
     lock_wait := current_setting('lock_timeout');
     BEGIN
         PERFORM set_config('lock_timeout', '500ms', true);
@@ -159,12 +159,14 @@ BEGIN
             WHERE s.endpoint_id = ANY (endpoint_ids)
             ORDER BY s.endpoint_id
             FOR UPDATE SKIP LOCKED);
-        INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
-        SELECT DISTINCT held.endpoint_id, now()
-        FROM unnest(endpoint_ids) AS held(endpoint_id)
-        WHERE held.endpoint_id <> ALL (locked);
     END;
     PERFORM set_config('lock_timeout', lock_wait, true);
+    -- Before this batch's health is written: endpoints whose circuit was open, held
+    -- to one request at a time by the claims (functions/claim.sql), whose turn an
+    -- outcome gives back below.
+    circuit_open := ARRAY(
+        SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
+        WHERE s.endpoint_id = ANY (endpoint_ids) AND s.consecutive_failures >= 5);
 
     -- Health: only failures that began after the endpoint's latest success count,
     -- whichever batch (or worker) recorded that success: a slow timeout recorded
@@ -215,21 +217,28 @@ BEGIN
     FROM health AS h
     WHERE st.endpoint_id = h.endpoint_id;
 
-    -- Turns (functions/claim.sql). The state rows are locked, so turn_at may be
-    -- written here: an endpoint with no turn, or a later one, gets the time its first
-    -- pending row is due. That covers the retries just scheduled, and an endpoint held
-    -- back by max_in_flight, FIFO order or its circuit, which a recorded outcome frees.
-    UPDATE notifyhook.endpoint_state AS st
-    SET turn_at = p.due_at
-    FROM (SELECT s.endpoint_id,
+    -- Turns (functions/claim.sql): an outcome can give an endpoint its turn back
+    -- where a claim left it none or a later one: a retry just scheduled, and an
+    -- endpoint held back until its in-flight rows are recorded (max_in_flight, FIFO
+    -- order, its circuit: open when this batch began, so the health just written is
+    -- read before this statement's own update of it counts). A wake says so; the
+    -- turn rows are the claims' to write, and waiting for one would make this
+    -- record wait for a claim's commit. Other endpoints' turns are left alone: a
+    -- delivered or dead row makes nothing due.
+    INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
+    SELECT p.endpoint_id, p.due_at
+    FROM (SELECT e.id AS endpoint_id,
                  (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
-                  WHERE d.endpoint_id = s.endpoint_id AND d.status = 'pending'
+                  WHERE d.endpoint_id = e.id AND d.status = 'pending'
                   ORDER BY d.next_attempt_at LIMIT 1) AS due_at
-          FROM notifyhook.endpoint_state AS s
-          WHERE s.endpoint_id = ANY (locked)
-            AND (s.turn_at IS NULL OR s.turn_at > now())) AS p
-    WHERE st.endpoint_id = p.endpoint_id AND p.due_at IS NOT NULL
-      AND (st.turn_at IS NULL OR st.turn_at > p.due_at);
+          FROM notifyhook.endpoints AS e
+          WHERE e.id = ANY (endpoint_ids)
+            AND (e.max_in_flight IS NOT NULL OR e.ordered
+                 OR e.id = ANY (circuit_open)
+                 OR e.id IN (SELECT o.endpoint_id
+                             FROM unnest(endpoint_ids, statuses) AS o(endpoint_id, status)
+                             WHERE o.status = 'pending'))) AS p
+    WHERE p.due_at IS NOT NULL;
 
     -- Only a failure can start or prolong a failing streak, or be a 410.
     IF 'delivered' = ALL (statuses) THEN

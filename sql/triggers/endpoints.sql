@@ -92,12 +92,13 @@ CREATE TRIGGER endpoints_resume
                                         OR OLD.ordered IS DISTINCT FROM NEW.ordered))
     EXECUTE FUNCTION notifyhook.resume_endpoint();
 
--- AFTER INSERT: every endpoint has its state row from the start, so that the
--- claim query can lock a rate bucket without first having to create it.
+-- AFTER INSERT: every endpoint has its state and turn rows from the start, so that
+-- the claim can lock a turn and a rate bucket without first having to create them.
 CREATE OR REPLACE FUNCTION notifyhook.create_endpoint_state() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO notifyhook.endpoint_state (endpoint_id) VALUES (NEW.id) ON CONFLICT DO NOTHING;
+    INSERT INTO notifyhook.endpoint_turns (endpoint_id) VALUES (NEW.id) ON CONFLICT DO NOTHING;
     RETURN NULL;
 END
 $$;
