@@ -142,5 +142,11 @@ ALTER SYSTEM RESET shared_preload_libraries;
 -- What autovacuum would have done to a table of this age.
 VACUUM ANALYZE notifyhook.events, notifyhook.deliveries, notifyhook.attempts;
 
+-- name: history_checkpoint
+-- What the checkpointer would have done long ago to history of this age: write it out.
+-- Without it the backlog measured next shares the disk with the write-back of the
+-- gigabytes just loaded, and every page it touches first costs a full-page image.
+CHECKPOINT;
+
 -- name: set_rate_limit
 UPDATE notifyhook.endpoints SET rate_limit = %(rate_limit)s WHERE id = %(endpoint_id)s;
