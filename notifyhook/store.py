@@ -577,12 +577,13 @@ async def retire_partitions(
             named["retired_partitions"], {"older_than": timedelta(seconds=retention_s)}
         )
         for parent, partition, detach_pending in await cursor.fetchall():
-            how = sql.SQL("FINALIZE" if detach_pending else "CONCURRENTLY")
-            await conn.execute(
-                sql.SQL("ALTER TABLE notifyhook.{} DETACH PARTITION notifyhook.{} {}").format(
-                    sql.Identifier(parent), sql.Identifier(partition), how
+            if parent is not None:  # else detached already, its DROP cut short
+                how = sql.SQL("FINALIZE" if detach_pending else "CONCURRENTLY")
+                await conn.execute(
+                    sql.SQL("ALTER TABLE notifyhook.{} DETACH PARTITION notifyhook.{} {}").format(
+                        sql.Identifier(parent), sql.Identifier(partition), how
+                    )
                 )
-            )
             await conn.execute(
                 sql.SQL("DROP TABLE notifyhook.{}").format(sql.Identifier(partition))
             )

@@ -79,13 +79,26 @@ $$;
 -- attempts whose upper bound is older than `older_than`, oldest first. They are detached
 -- (CONCURRENTLY, or FINALIZE when a detach was interrupted) and dropped by the caller,
 -- outside a transaction block: a worker's retention pass, `notifyhook prune`.
+-- Also listed, with parent null: a day table already detached whose DROP failed (a lock
+-- timeout, a lost connection), which nothing else would ever drop.
 CREATE OR REPLACE FUNCTION notifyhook.retired_partitions(older_than interval)
 RETURNS TABLE (parent text, partition text, detach_pending boolean)
 LANGUAGE sql STABLE AS $$
-    SELECT p.parent, c.relname::text, b.detach_pending
-    FROM (VALUES ('deliveries_finished'), ('attempts')) AS p(parent)
-    CROSS JOIN LATERAL notifyhook.partition_bounds(('notifyhook.' || p.parent)::regclass) AS b
-    JOIN pg_class AS c ON c.oid = b.partition
-    WHERE b.upper <= now() - older_than
-    ORDER BY b.upper, p.parent
+    SELECT r.parent, r.partition, r.detach_pending
+    FROM (
+        SELECT p.parent, c.relname::text AS partition, b.detach_pending, b.upper
+        FROM (VALUES ('deliveries_finished'), ('attempts')) AS p(parent)
+        CROSS JOIN LATERAL notifyhook.partition_bounds(('notifyhook.' || p.parent)::regclass) AS b
+        JOIN pg_class AS c ON c.oid = b.partition
+        WHERE b.upper <= now() - older_than
+        UNION ALL
+        SELECT NULL, c.relname::text, NULL, NULL
+        FROM pg_class AS c
+        WHERE c.relnamespace = 'notifyhook'::regnamespace AND c.relkind = 'r'
+          AND NOT c.relispartition
+          AND c.relname ~ '^(deliveries|attempts)_([0-9]{8}|legacy)$'
+          -- Before version 6 the legacy tables were the tables themselves.
+          AND to_regclass('notifyhook.deliveries_finished') IS NOT NULL
+    ) AS r
+    ORDER BY r.upper NULLS FIRST, r.parent, r.partition
 $$;
