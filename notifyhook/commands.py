@@ -551,9 +551,11 @@ async def replay_command(args: argparse.Namespace, settings: Settings) -> int:
 def _register_prune(commands: Any) -> None:
     parser = commands.add_parser(
         "prune",
-        help="delete finished deliveries older than RETENTION",
-        description="Delete delivered and dead deliveries (with their attempts) and events left with "
-        "no delivery, older than NOTIFYHOOK_RETENTION, in small batches.",
+        help="drop or delete finished deliveries older than RETENTION",
+        description="Drop the day partitions of delivered and dead deliveries and of attempts "
+        "that ended before NOTIFYHOOK_RETENTION, then delete older finished deliveries of the "
+        "legacy partition (with their attempts) and events left with no delivery, in small "
+        "batches.",
     )
     parser.add_argument(
         "--batch-size", type=_positive_int, default=1000, help="rows per batch (default 1000)"
@@ -562,14 +564,23 @@ def _register_prune(commands: Any) -> None:
 
 
 async def prune_command(args: argparse.Namespace, settings: Settings) -> int:
-    from notifyhook.store import connect
+    from notifyhook.store import connect, retire_partitions
 
     total = 0
     # One plain connection, not the worker's pool: a pool would hide an
     # unreachable database behind its own retries and a generic timeout.
     async with connect(_url(settings)) as conn:
+        # Whole days first (a catalog change each), then the legacy rows one by one.
+        dropped = await retire_partitions(conn, settings.retention)
+        if dropped is None:
+            raise CommandError("another prune is running (a worker's retention pass); try later")
         while deleted := await _prune_batch(conn, settings.retention, args.batch_size):
             total += deleted
+    if dropped:
+        print(
+            f"dropped {len(dropped)} day partitions older than {settings.retention:g}s: "
+            f"{', '.join(dropped)}"
+        )
     print(f"deleted {total} rows older than {settings.retention:g}s")
     return 0
 

@@ -1,4 +1,5 @@
-"""The worker's housekeeping: take back expired leases, sample the queue, prune old rows, tell systemd it lives."""
+"""The worker's housekeeping: take back expired leases, sample the queue, make the history's
+partitions ahead and drop or prune old rows, tell systemd it lives."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable
 
 from notifyhook.metrics import Metrics
 from notifyhook.settings import Settings
-from notifyhook.store import DatabaseError, Store
+from notifyhook.store import PARTITIONS_AHEAD, DatabaseError, Store
 from notifyhook.systemd import SystemdNotifier
 
 log = logging.getLogger("notifyhook.maintenance")
@@ -20,6 +21,10 @@ PRUNE_EVERY_S = 600.0
 REPAIR_EVERY_S = 60.0
 """How often a worker offers to wake endpoints whose due rows have no turn (one worker of
 the fleet does; nothing of notifyhook's own needs it, a hand-written UPDATE may)."""
+
+PARTITIONS_LOW_S = 2 * 86400.0
+"""Fewer seconds than this of day partitions ahead is worth a warning: partitions are made
+a week ahead, by every migrate and every retention pass, so something stopped them."""
 
 PRUNE_BATCH = 500
 """Rows deleted per retention statement: each holds its locks only briefly."""
@@ -78,24 +83,46 @@ class Maintenance:
         return woken
 
     async def retention(self) -> None:
-        """Every PRUNE_EVERY_S, delete what is older than RETENTION. A loop of its own: the
-        first prune of a large history takes long, and must not hold up reclaim."""
+        """Every PRUNE_EVERY_S, make the history's partitions ahead, then drop or delete
+        what is older than RETENTION. A loop of its own: the first prune of a large history
+        takes long, and must not hold up reclaim."""
         while True:
             await asyncio.sleep(PRUNE_EVERY_S)
             try:
+                await self.keep_partitions()
                 await self.prune()
             except DatabaseError as error:
                 log.debug("retention skipped: %s", error)
 
+    async def keep_partitions(self) -> int:
+        """Make the history's day partitions a week ahead (sql/functions/partitions.sql);
+        the number made. Run at the worker's start, before its first claim, and by every
+        retention pass: an outcome finding no partition waits for one (recorder.py)."""
+        ahead = await self._store.partitions_ahead_s()
+        made = await self._store.create_partitions(PARTITIONS_AHEAD)
+        if ahead is None or ahead < PARTITIONS_LOW_S:
+            log.warning(
+                "the history had %s of day partitions ahead; made %d (a week ahead now)",
+                "none" if ahead is None else f"{ahead / 3600:.0f} h",
+                made,
+            )
+        elif made:
+            log.info("made %d day partitions of the history ahead", made)
+        return made
+
     async def prune(self) -> int:
-        """Delete finished rows older than RETENTION, in batches; the rows deleted (0 when
-        another worker holds the prune lock)."""
+        """Drop the day partitions past RETENTION, then delete older finished rows of the
+        legacy partition (and events left without deliveries) in batches; the partitions
+        dropped plus the rows deleted (0 when another worker holds the prune lock)."""
+        retired = await self._store.retire_partitions(self._settings.retention)
+        if retired:
+            log.info("retention: dropped partitions %s", ", ".join(retired))
         total = 0
         while deleted := await self._store.prune_once(self._settings.retention, PRUNE_BATCH):
             total += deleted
         if total:
             log.info("retention: deleted %d rows older than %gs", total, self._settings.retention)
-        return total
+        return len(retired or ()) + total
 
     async def heartbeat(
         self,

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from notifyhook.errors import SchemaVersionError
-from notifyhook.store import queries, read_schema_version
+from notifyhook.store import PARTITIONS_AHEAD, queries, read_schema_version
 
 DEFINITION_DIRECTORIES = ("functions", "triggers", "views")
+
 _NUMBERED = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -80,10 +81,14 @@ async def migrate(conn: Any, *, max_payload_bytes: int | None) -> list[str]:
         if found is not None:
             rows = await (await conn.execute(sql["applied_migrations"])).fetchall()
             applied = {name: checksum for name, _version, checksum in rows}
-        done = []
+        done: list[str] = []
         for file in migration_files():
+            # After a numbered file every definition is applied again, changed or not:
+            # a view is bound to the table it was created on, which the numbered file may
+            # have renamed or replaced (0006_partitioned_history.sql).
             if file.name in applied and (
-                file.version is not None or applied[file.name] == file.checksum
+                file.version is not None
+                or (applied[file.name] == file.checksum and not _numbered_applied(done))
             ):
                 continue
             async with conn.transaction():
@@ -93,6 +98,9 @@ async def migrate(conn: Any, *, max_payload_bytes: int | None) -> list[str]:
                     {"name": file.name, "version": file.version, "checksum": file.checksum},
                 )
             done.append(file.name)
+        # The history's day partitions, a week ahead (0006_partitioned_history.sql);
+        # the workers keep them so (notifyhook/maintenance.py).
+        await conn.execute(sql["create_partitions"], {"ahead": PARTITIONS_AHEAD})
         if max_payload_bytes is not None:
             await conn.execute(
                 sql["set_max_payload_bytes"], {"max_payload_bytes": max_payload_bytes}
@@ -100,6 +108,10 @@ async def migrate(conn: Any, *, max_payload_bytes: int | None) -> list[str]:
         return done
     finally:
         await conn.execute(sql["unlock_migrations"])
+
+
+def _numbered_applied(done: list[str]) -> bool:
+    return any(_NUMBERED.match(name) for name in done)
 
 
 async def check_schema(conn: Any) -> int:

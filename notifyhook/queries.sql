@@ -72,6 +72,24 @@ SELECT notifyhook.prune(%(older_than)s, %(batch_size)s);
 -- One worker of the fleet prunes at a time; the others skip their turn.
 SELECT pg_try_advisory_xact_lock(7305872156748263002);
 
+-- name: try_lock_prune_session
+-- The same lock, held across the statements of a partition's retirement, which run
+-- outside a transaction block (DETACH … CONCURRENTLY).
+SELECT pg_try_advisory_lock(7305872156748263002);
+
+-- name: unlock_prune_session
+SELECT pg_advisory_unlock(7305872156748263002);
+
+-- name: create_partitions
+-- Day partitions of the history made ahead (sql/functions/partitions.sql): the number made.
+SELECT notifyhook.create_partitions(%(ahead)s);
+
+-- name: partitions_ahead_s
+SELECT extract(epoch FROM notifyhook.partitions_until() - now())::float8;
+
+-- name: retired_partitions
+SELECT parent, partition, detach_pending FROM notifyhook.retired_partitions(%(older_than)s);
+
 -- name: queue_depth
 -- Cheap enough to sample every few seconds: reads only the partial indexes (and the
 -- few endpoints). Disabled endpoints' rows are counted apart, as in queue_stats.

@@ -10,7 +10,7 @@ from notifyhook import reporting, retry
 from notifyhook.delivery import Outcome
 from notifyhook.metrics import Metrics
 from notifyhook.settings import Settings
-from notifyhook.store import DatabaseError, DisabledEndpoint, Store
+from notifyhook.store import PARTITIONS_AHEAD, DatabaseError, DisabledEndpoint, Store
 
 log = logging.getLogger("notifyhook.recorder")
 
@@ -24,6 +24,9 @@ PATIENCE_S = 0.005
 # else (a lost connection, a deadlock, a timeout, a function this worker does not know)
 # is waited out and the same batch tried again.
 _REFUSED_VALUES = ("22", "23", "P0", "54")
+
+CHECK_VIOLATION = "23514"
+"""Also what PostgreSQL answers for a row that no partition of its table accepts."""
 
 Trouble = Callable[[str, BaseException, float], Awaitable[None]]
 """The worker's handler for a failed database call: log and report once, then wait."""
@@ -127,6 +130,10 @@ class Recorder:
                 raise
             # Rolled back whole: nothing of this call is recorded.
             self._unconfirmed = retried
+            if error.sqlstate == CHECK_VIOLATION and await self._made_partitions():
+                # A row had no day partition to go to (sql/functions/partitions.sql):
+                # made now, the same batch goes in whole.
+                return await self._record(batch)
             if len(batch) == 1:
                 await self._record_refused(batch[0], error)
                 return []
@@ -134,6 +141,15 @@ class Recorder:
             return [*await self._record(batch[:middle]), *await self._record(batch[middle:])]
         self._unconfirmed = False
         return disabled
+
+    async def _made_partitions(self) -> bool:
+        """Whether day partitions of the history were missing, and are made now. A row
+        that finds none fails as a CHECK would (23514); without this, it would be isolated
+        and recorded as refused, and even that record would find no partition."""
+        made = await self._store.create_partitions(PARTITIONS_AHEAD)
+        if made:
+            log.warning("made %d missing day partitions of the history; recording again", made)
+        return made > 0
 
     async def _record_refused(self, outcome: Outcome, error: DatabaseError) -> None:
         reason = refused_outcome_error(error)

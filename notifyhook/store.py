@@ -202,6 +202,10 @@ def is_transient(error: BaseException) -> bool:
     return state is None or state.startswith(("08", "57"))
 
 
+PARTITIONS_AHEAD = timedelta(days=7)
+"""How far ahead `migrate` and the workers make the history's day partitions."""
+
+
 @asynccontextmanager
 async def connect(
     url: str, *, autocommit: bool = True
@@ -528,10 +532,60 @@ class Store:
             row = await cursor.fetchone()
             return int(row[0]) if row else 0
 
+    async def create_partitions(self, ahead: timedelta) -> int:
+        """Make the history's day partitions up to `ahead` from now; the number made."""
+        rows = await self._fetch("create_partitions", {"ahead": ahead})
+        return int(rows[0][0])
+
+    async def partitions_ahead_s(self) -> float | None:
+        """Seconds from now to the end of the last day partition (None: none exist)."""
+        rows = await self._fetch("partitions_ahead_s")
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    async def retire_partitions(self, retention_s: float) -> list[str] | None:
+        """Drop the day partitions past `retention_s`; their names, or None when another
+        worker (or `notifyhook prune`) holds the prune lock."""
+        async with self._pool.connection() as conn:
+            return await retire_partitions(conn, retention_s)
+
     async def queue_depth(self) -> tuple[int, int, float, int]:
         """(pending due, processing, oldest due age in seconds, pending of disabled endpoints)."""
         rows = await self._fetch("queue_depth")
         return int(rows[0][0]), int(rows[0][1]), float(rows[0][2]), int(rows[0][3])
+
+
+async def retire_partitions(
+    conn: psycopg.AsyncConnection[Any], retention_s: float
+) -> list[str] | None:
+    """Detach and drop every day partition of the history whose range ended more than
+    `retention_s` ago (sql/functions/partitions.sql), on an autocommit connection: DETACH
+    … CONCURRENTLY runs outside a transaction block and waits for no claim or recording.
+    A detach cut short (a timeout, a lost connection) is finished by the next call.
+    Returns the tables dropped, or None when another session holds the prune lock."""
+    named = queries()
+    locked = await (await conn.execute(named["try_lock_prune_session"])).fetchone()
+    if not locked or not locked[0]:
+        return None
+    dropped = []
+    try:
+        cursor = await conn.execute(
+            named["retired_partitions"], {"older_than": timedelta(seconds=retention_s)}
+        )
+        for parent, partition, detach_pending in await cursor.fetchall():
+            if parent is not None:  # else detached already, its DROP cut short
+                how = sql.SQL("FINALIZE" if detach_pending else "CONCURRENTLY")
+                await conn.execute(
+                    sql.SQL("ALTER TABLE notifyhook.{} DETACH PARTITION notifyhook.{} {}").format(
+                        sql.Identifier(parent), sql.Identifier(partition), how
+                    )
+                )
+            await conn.execute(
+                sql.SQL("DROP TABLE notifyhook.{}").format(sql.Identifier(partition))
+            )
+            dropped.append(partition)
+    finally:
+        await conn.execute(named["unlock_prune_session"])
+    return dropped
 
 
 async def read_schema_version(conn: psycopg.AsyncConnection[Any]) -> int | None:

@@ -122,6 +122,7 @@ class Worker:
                 self.settings.batch_size,
                 self.settings.lease,
             )
+            await self._keep_partitions()
             await self._take_over()
             await self._claim_loop()
             self._notifier.stopping()
@@ -191,6 +192,13 @@ class Worker:
             for claimed in claim.deliveries:
                 self._start(claimed)
             self.pacing.claimed(claim, asked, len(self._in_flight))
+
+    async def _keep_partitions(self) -> None:
+        """The history's day partitions a week ahead, before the first claim (0006)."""
+        try:
+            await self.maintenance.keep_partitions()
+        except DatabaseError as error:
+            log.debug("making partitions skipped: %s", error)
 
     async def _take_over(self) -> None:
         """Take back a dead predecessor's rows (same WORKER_ID) before the first claim."""

@@ -492,6 +492,8 @@ def test_send_prints_the_event_id_and_honours_the_idempotency_key(db, database_u
 def make_dead(db, endpoint_id: int, count: int, died_ago: timedelta = timedelta(0)) -> list[int]:
     """`count` deliveries to the endpoint, dead `died_ago`: as if their retries ran out."""
     tenant = scalar(db, "SELECT tenant_id FROM notifyhook.endpoints WHERE id = %s", [endpoint_id])
+    # The day partition the dead rows go to (migrate makes them from today on).
+    db.execute("SELECT notifyhook.create_partitions(since => now() - %s)", [died_ago])
     ids = []
     for _ in range(count):
         event_id = scalar(
@@ -540,8 +542,10 @@ def test_replay_one_delivery_an_endpoint_since_a_time_or_all(db, database_url):
 # -- prune -----------------------------------------------------------------------------
 
 
-def test_prune_deletes_old_finished_rows_their_attempts_and_orphan_events(db, database_url):
+def test_prune_drops_old_day_partitions_and_deletes_orphan_events(db, database_url):
     endpoint = add_endpoint(db, "t", "a", "https://example.com/a")
+    # The history's day partitions from two days ago (migrate makes them from today).
+    db.execute("SELECT notifyhook.create_partitions(since => now() - interval '2 days')")
 
     def event(tenant: str = "t") -> str:
         return str(scalar(db, "SELECT notifyhook.enqueue(%s, 'x', '{}')", [tenant]))
@@ -560,28 +564,33 @@ def test_prune_deletes_old_finished_rows_their_attempts_and_orphan_events(db, da
         )
 
     old_delivered, old_dead, old_pending, new_delivered = event(), event(), event(), event()
-    finish(old_delivered, "delivered", "2 hours")
-    finish(old_dead, "dead", "2 hours")
+    finish(old_delivered, "delivered", "2 days")
+    finish(old_dead, "dead", "2 days")
     finish(new_delivered, "delivered", "0 seconds")
     db.execute(
-        "UPDATE notifyhook.deliveries SET created_at = now() - interval '2 hours', "
-        "updated_at = now() - interval '2 hours' WHERE event_id = %s",
+        "UPDATE notifyhook.deliveries SET created_at = now() - interval '2 days', "
+        "updated_at = now() - interval '2 days' WHERE event_id = %s",
         [old_pending],
     )
     old_orphan, new_orphan = event("nobody"), event("nobody")
     db.execute(
-        "UPDATE notifyhook.events SET created_at = now() - interval '2 hours' WHERE id = ANY(%s::uuid[])",
+        "UPDATE notifyhook.events SET created_at = now() - interval '2 days' WHERE id = ANY(%s::uuid[])",
         [[old_delivered, old_dead, old_pending, old_orphan]],
     )
+    day = scalar(db, "SELECT to_char((now() - interval '2 days') AT TIME ZONE 'UTC', 'YYYYMMDD')")
 
-    # Two deliveries (their two attempts go with them) and three events, one row a batch.
-    stdout = ok(database_url, "prune", "--batch-size", "1", retention="1h")
-    assert stdout.strip() == "deleted 5 rows older than 3600s"
+    # The day two days ago goes whole (its deliveries and its attempts), then three events,
+    # one row a batch; the pending row as old lives in the queue's partition and stays.
+    stdout = ok(database_url, "prune", "--batch-size", "1", retention="1d")
+    assert stdout.splitlines() == [
+        f"dropped 2 day partitions older than 86400s: attempts_{day}, deliveries_{day}",
+        "deleted 3 rows older than 86400s",
+    ]
     remaining = {r[0] for r in db.execute("SELECT id::text FROM notifyhook.events")}
     assert remaining == {old_pending, new_delivered, new_orphan}
     assert statuses(db) == {"pending": 1, "delivered": 1}
     assert scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 1
-    assert ok(database_url, "prune", retention="1h").strip() == "deleted 0 rows older than 3600s"
+    assert ok(database_url, "prune", retention="1d").strip() == "deleted 0 rows older than 86400s"
 
 
 def test_prune_waits_for_no_one_when_another_prune_holds_the_lock(db, database_url):

@@ -57,8 +57,9 @@ def test_reclaim_takes_back_expired_leases_only_and_samples_the_queue(db, databa
     assert endpoint
 
 
-def test_prune_deletes_finished_rows_older_than_retention(db, database_url):
+def test_prune_drops_day_partitions_older_than_retention(db, database_url):
     add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    db.execute("SELECT notifyhook.create_partitions(since => now() - interval '2 days')")
     db.execute(
         "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
         "SELECT 't', 'x', '{}' FROM generate_series(1, 4)"
@@ -70,7 +71,8 @@ def test_prune_deletes_finished_rows_older_than_retention(db, database_url):
     )
     db.execute("UPDATE notifyhook.events SET created_at = now() - interval '2 days'")
     deleted, _ = run_maintenance(database_url, "prune", retention="1d")
-    assert deleted == 6  # three deliveries, then their three events
+    # The day partitions of deliveries and attempts two days ago, then three events.
+    assert deleted == 5
     assert scalar(db, "SELECT count(*) FROM notifyhook.deliveries") == 1
     assert scalar(db, "SELECT count(*) FROM notifyhook.events") == 1
 

@@ -149,11 +149,16 @@ JOIN notifyhook.endpoints AS e ON e.id = d.endpoint_id
 WHERE d.id = %(delivery_id)s;
 
 -- name: delivery_attempts
--- Its whole story, through attempts_delivery.
+-- Its whole story, through attempts_delivery. attempts is partitioned by day
+-- (0006_partitioned_history.sql): no attempt starts before its delivery was created, so
+-- the days before are pruned when the query starts (an hour of slack for a worker's
+-- clock) instead of probed one by one.
 SELECT t.attempt, t.started_at, t.duration_ms, t.status_code, t.error, t.response_excerpt,
        t.worker
 FROM notifyhook.attempts AS t
 WHERE t.delivery_id = %(delivery_id)s
+  AND t.started_at >= (SELECT d.created_at - interval '1 hour' FROM notifyhook.deliveries AS d
+                       WHERE d.id = %(delivery_id)s)
 ORDER BY t.attempt, t.id;
 
 -- name: dead_letters

@@ -271,7 +271,8 @@ BEGIN
         UPDATE notifyhook.deliveries AS d
         SET status = 'processing', attempts = d.attempts + 1, locked_by = worker,
             locked_until = started + lease, updated_at = started
-        FROM chosen WHERE d.id = chosen.id
+        -- The status names the partition (0006): one probe of deliveries_active.
+        FROM chosen WHERE d.id = chosen.id AND d.status = 'pending'
         RETURNING d.id, d.event_id, d.endpoint_id, d.tenant_id, d.attempts
     )
     SELECT array_agg(ROW(c.id, c.event_id, c.endpoint_id, c.tenant_id, c.attempts, e.url,
@@ -300,7 +301,7 @@ BEGIN
                    - coalesce(t.n, 0) AS tokens_left,
                CASE WHEN e.ordered
                     THEN (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
-                          WHERE d.id = notifyhook.fifo_head(e.id))
+                          WHERE d.id = notifyhook.fifo_head(e.id) AND d.status = 'pending')
                     ELSE (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
                           WHERE d.endpoint_id = e.id AND d.status = 'pending'
                           ORDER BY d.next_attempt_at LIMIT 1) END AS due_at,

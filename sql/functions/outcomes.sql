@@ -80,13 +80,27 @@ BEGIN
     -- snapshot that checks "still there" below cannot see a DELETE committed while
     -- this transaction waited for its row lock). KEY SHARE does not conflict with the
     -- worker's own updates, and waits for a DELETE in progress, then skips its rows.
+    --
+    -- (0006) The status names the partition: the rows still held are in the queue's
+    -- (deliveries_active), one probe each. Only a row that left it (a lease lost, the
+    -- row reclaimed and dead) is looked for in the history's day partitions.
     kept := ARRAY(
         SELECT o.n
         FROM unnest(delivery_ids) WITH ORDINALITY AS o(delivery_id, n)
         JOIN notifyhook.deliveries AS d ON d.id = o.delivery_id
-        WHERE o.n <> ALL (recorded)
+        WHERE o.n <> ALL (recorded) AND d.status IN ('pending', 'processing')
         ORDER BY d.id
         FOR KEY SHARE OF d);
+    IF cardinality(kept) + cardinality(recorded) < cardinality(delivery_ids) THEN
+        kept := kept || ARRAY(
+            SELECT o.n
+            FROM unnest(delivery_ids) WITH ORDINALITY AS o(delivery_id, n)
+            JOIN notifyhook.deliveries AS d ON d.id = o.delivery_id
+            WHERE o.n <> ALL (recorded) AND o.n <> ALL (kept)
+              AND d.status IN ('delivered', 'dead')
+            ORDER BY d.id
+            FOR KEY SHARE OF d);
+    END IF;
 
     WITH batch AS (
         SELECT o.*
@@ -111,7 +125,9 @@ BEGIN
         -- "status = 'processing'" is left out on purpose: with it the planner may
         -- scan the deliveries_processing index once per outcome, trusting statistics
         -- from when few rows were in flight, instead of one primary-key probe each.
+        -- The IN list only names the partition (0006): it is true of every row there.
         WHERE d.id = o.delivery_id AND d.locked_by = worker AND d.attempts = o.attempt
+          AND d.status IN ('pending', 'processing')
     )
     INSERT INTO notifyhook.attempts
         (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error,
@@ -313,7 +329,7 @@ BEGIN
             last_error = reason,
             delivered_at = CASE WHEN record_rejected_outcome.status = 'delivered' THEN now() END,
             updated_at = now()
-        WHERE d.id = target.id;
+        WHERE d.id = target.id AND d.status = 'processing';
         -- For the claims (functions/claim.sql): the retry just scheduled, or the rows
         -- this outcome held back (max_in_flight, FIFO), are due from this time.
         INSERT INTO notifyhook.endpoint_wakes (endpoint_id, due_at)
@@ -350,7 +366,7 @@ BEGIN
         UPDATE notifyhook.deliveries AS d
         SET status = 'pending', attempts = d.attempts - 1, locked_by = NULL, locked_until = NULL,
             next_attempt_at = least(d.next_attempt_at, now()), updated_at = now()
-        FROM held WHERE d.id = held.id
+        FROM held WHERE d.id = held.id AND d.status = 'processing'
         RETURNING d.id
     ), woken AS (
         -- For the claims: these endpoints have rows due (functions/claim.sql).
@@ -396,7 +412,7 @@ BEGIN
             last_status_code = NULL,
             last_error = format('lease expired: worker %s stopped before recording attempt %s',
                                 expired.locked_by, expired.attempts)
-        FROM expired WHERE d.id = expired.id
+        FROM expired WHERE d.id = expired.id AND d.status = 'processing'
         RETURNING d.id
     ), woken AS (
         -- For the claims: these endpoints have rows due or in-flight slots free.
@@ -417,23 +433,40 @@ BEGIN
 END
 $$;
 
--- Delete up to batch_size finished deliveries (with their attempts) older than
--- `older_than`, then up to batch_size events that have no delivery left and are
--- as old. Small batches keep every lock short; the caller repeats until 0.
+-- Delete up to batch_size finished deliveries of deliveries_legacy (with their
+-- attempts) older than `older_than`, then up to batch_size events that have no delivery
+-- left and are as old. Small batches keep every lock short; the caller repeats until 0.
+-- Day partitions are not touched: retention drops them whole once past `older_than`
+-- (functions/partitions.sql); the legacy partition, the version-5 table attached by
+-- 0006_partitioned_history.sql, is pruned row by row until it too is wholly past it.
 CREATE OR REPLACE FUNCTION notifyhook.prune(older_than interval, batch_size integer)
 RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    deliveries_deleted integer;
+    deliveries_deleted integer := 0;
     events_deleted integer;
 BEGIN
-    DELETE FROM notifyhook.deliveries AS d
-    WHERE d.id IN (
-        SELECT f.id FROM notifyhook.deliveries AS f
-        WHERE f.status IN ('delivered', 'dead') AND f.updated_at < now() - older_than
-        ORDER BY f.updated_at LIMIT batch_size
-        FOR UPDATE SKIP LOCKED);
-    GET DIAGNOSTICS deliveries_deleted = ROW_COUNT;
+    IF to_regclass('notifyhook.deliveries_legacy') IS NOT NULL THEN
+        -- Attempts no longer cascade from their delivery (0006): this deletes the
+        -- legacy attempts of the deliveries it deletes, as the cascade did.
+        EXECUTE format($sql$
+            WITH gone AS (
+                DELETE FROM notifyhook.deliveries_legacy AS d
+                WHERE d.ctid IN (
+                    SELECT f.ctid FROM notifyhook.deliveries_legacy AS f
+                    WHERE f.status IN ('delivered', 'dead') AND f.updated_at < now() - $1
+                    ORDER BY f.updated_at LIMIT $2
+                    FOR UPDATE SKIP LOCKED)
+                RETURNING d.id
+            )%s
+            SELECT count(*) FROM gone
+        $sql$, CASE WHEN to_regclass('notifyhook.attempts_legacy') IS NOT NULL THEN $sql$,
+            attempts_gone AS (
+                DELETE FROM notifyhook.attempts_legacy AS a
+                WHERE a.delivery_id IN (SELECT gone.id FROM gone)
+            )$sql$ ELSE '' END)
+        INTO deliveries_deleted USING older_than, batch_size;
+    END IF;
 
     DELETE FROM notifyhook.events AS e
     WHERE e.id IN (
