@@ -15,7 +15,8 @@ from typing import Any
 import psycopg
 import psycopg.sql
 import pytest
-from conftest import add_endpoint, scalar, wait_until, with_dbname
+from conftest import add_endpoint, scalar, wait_until
+from databases import with_dbname
 
 from notifyhook.maintenance import Maintenance
 from notifyhook.metrics import Metrics
