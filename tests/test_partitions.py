@@ -266,7 +266,6 @@ def test_retention_drops_days_past_it_and_a_pending_row_as_old_survives(db, data
             "FROM generate_series(3, 1, -1) AS n"
         )
     ]
-    wal_before = scalar(db, "SELECT pg_current_wal_lsn()")
     # A day detached by an earlier pass whose DROP was cut short: dropped now.
     db.execute("CREATE TABLE notifyhook.attempts_20200101 (LIKE notifyhook.attempts)")
 
@@ -276,6 +275,9 @@ def test_retention_drops_days_past_it_and_a_pending_row_as_old_survives(db, data
     assert scalar(db, "SELECT to_regclass('notifyhook.attempts_20200101')") is None
     dropped = {f"deliveries_{day}" for day in days[:2]} | {f"attempts_{day}" for day in days[:2]}
     left = {r[0] for r in db.execute("SELECT relname FROM pg_class WHERE relkind = 'r'")}
+    # Dropped whole (gone from the catalog), not emptied row by row. (WAL is not
+    # measured here: the cluster's WAL counts every parallel test's writes, and 200
+    # rows' DELETE would write less than the noise; docs/scaling.md has the figures.)
     assert not dropped & left
     assert {f"deliveries_{days[2]}", f"attempts_{days[2]}"} <= left
     # The finished rows of the days dropped are gone, with their attempts and events;
@@ -289,9 +291,6 @@ def test_retention_drops_days_past_it_and_a_pending_row_as_old_survives(db, data
     )
     assert scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 200
     assert scalar(db, "SELECT count(*) FROM notifyhook.events") == 201
-    # A catalog change per partition, not a WAL record per row.
-    wal = scalar(db, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", [wal_before])
-    assert wal < 1_000_000
     # Nothing more to drop.
     assert retention_pass(database_url, "86400") == 0
 
