@@ -93,6 +93,7 @@ SELECT parent, partition, detach_pending FROM notifyhook.retired_partitions(%(ol
 -- name: queue_depth
 -- Cheap enough to sample every few seconds: reads only the partial indexes (and the
 -- few endpoints). Disabled endpoints' rows are counted apart, as in queue_stats.
+-- The workers' gauges and the dashboard's queue both read it.
 WITH paused AS (SELECT id FROM notifyhook.endpoints WHERE NOT enabled)
 SELECT
     (SELECT count(*) FROM notifyhook.deliveries
@@ -104,7 +105,10 @@ SELECT
      WHERE status = 'pending' AND next_attempt_at <= now()
        AND endpoint_id NOT IN (SELECT id FROM paused)) AS oldest_due_age_s,
     (SELECT count(*) FROM notifyhook.deliveries
-     WHERE status = 'pending' AND endpoint_id IN (SELECT id FROM paused)) AS pending_paused;
+     WHERE status = 'pending' AND endpoint_id IN (SELECT id FROM paused)) AS pending_paused,
+    -- Due now or later (retries waiting): the dashboard's "pending".
+    (SELECT count(*) FROM notifyhook.deliveries
+     WHERE status = 'pending' AND endpoint_id NOT IN (SELECT id FROM paused)) AS pending;
 
 -- name: queue_stats
 SELECT * FROM notifyhook.queue_stats;

@@ -159,7 +159,18 @@ class Reader:
         return [shape(**row) for row in rows]
 
     async def queue(self) -> Queue:
-        return (await self._rows(Queue, "queue", None))[0]
+        # The depth as the workers' gauges read it (queries.sql), the last hour beside it.
+        [depth] = await store.run_dicts(self._conn, store.queries()["queue_depth"])
+        [finished] = await store.run_dicts(self._conn, self._sql["finished_last_hour"])
+        return Queue(
+            pending=depth["pending"],
+            due=depth["pending_due"],
+            processing=depth["processing"],
+            oldest_due_age_s=depth["oldest_due_age_s"],
+            paused=depth["pending_paused"],
+            delivered_1h=finished["delivered_1h"],
+            dead_1h=finished["dead_1h"],
+        )
 
     async def tenants(self) -> list[str]:
         rows = await store.run_dicts(self._conn, self._sql["tenants"])

@@ -5,35 +5,14 @@
 -- that lead with endpoint_id, one probe per endpoint (LATERAL), rather than a scan
 -- of the whole table. Timings with a million attempts: docs/dashboard.md.
 
--- name: queue
--- The queue at a glance. Like queries.sql's queue_depth (the partial indexes only),
--- not the queue_stats view, whose FILTERs count every delivery ever kept. Rows of
--- disabled endpoints are counted apart as paused: they are not work for the workers.
-WITH paused AS (
-    SELECT id FROM notifyhook.endpoints WHERE NOT enabled
-), finished AS (
-    -- deliveries_finished (updated_at): only the last hour's rows are read.
-    SELECT count(*) FILTER (WHERE status = 'delivered') AS delivered_1h,
-           count(*) FILTER (WHERE status = 'dead') AS dead_1h
-    FROM notifyhook.deliveries
-    WHERE status IN ('delivered', 'dead') AND updated_at > now() - interval '1 hour'
-)
-SELECT
-    (SELECT count(*) FROM notifyhook.deliveries
-     WHERE status = 'pending' AND endpoint_id NOT IN (SELECT id FROM paused)) AS pending,
-    (SELECT count(*) FROM notifyhook.deliveries
-     WHERE status = 'pending' AND next_attempt_at <= now()
-       AND endpoint_id NOT IN (SELECT id FROM paused)) AS due,
-    (SELECT count(*) FROM notifyhook.deliveries WHERE status = 'processing') AS processing,
-    (SELECT coalesce(extract(epoch FROM now() - min(next_attempt_at)), 0)::float8
-     FROM notifyhook.deliveries
-     WHERE status = 'pending' AND next_attempt_at <= now()
-       AND endpoint_id NOT IN (SELECT id FROM paused)) AS oldest_due_age_s,
-    (SELECT count(*) FROM notifyhook.deliveries
-     WHERE status = 'pending' AND endpoint_id IN (SELECT id FROM paused)) AS paused,
-    finished.delivered_1h,
-    finished.dead_1h
-FROM finished;
+-- name: finished_last_hour
+-- Beside queries.sql's queue_depth (the partial indexes only), which the dashboard's
+-- queue reads too; not the queue_stats view, whose FILTERs count every delivery ever
+-- kept. deliveries_finished (updated_at): only the last hour's rows are read.
+SELECT count(*) FILTER (WHERE status = 'delivered') AS delivered_1h,
+       count(*) FILTER (WHERE status = 'dead') AS dead_1h
+FROM notifyhook.deliveries
+WHERE status IN ('delivered', 'dead') AND updated_at > now() - interval '1 hour';
 
 -- name: tenants
 -- For the filter: endpoints_tenant_name_key leads with tenant_id.
