@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from databases import Databases, migrate_database
 
-from notifyhook.tools.cluster import Cluster, find_bindir
+from notifyhook.tools.cluster import Cluster, find_bindir, memory_directory
 from notifyhook.tools.receiver import Receiver
 from notifyhook.tools.workers import WorkerProcess, WorkerThread, notifyhook_environment
 
@@ -43,7 +43,9 @@ class Server:
         if external:
             self.admin_url = external
         else:
-            self.cluster = Cluster(fsync=False, max_connections=300).start()
+            self.cluster = Cluster(
+                fsync=False, max_connections=300, directory=memory_directory()
+            ).start()
             self.admin_url = self.cluster.url()
         self.databases = Databases(self.admin_url)
 
@@ -68,7 +70,7 @@ def server() -> Iterator[Server]:
 @pytest.fixture
 def own_cluster() -> Iterator[Cluster]:
     """A migrated PostgreSQL of the test's own, which it may stop, restart or crash."""
-    with Cluster(fsync=False) as cluster:
+    with Cluster(fsync=False, directory=memory_directory()) as cluster:
         migrate_database(cluster.url())
         yield cluster
 
