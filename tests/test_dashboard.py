@@ -6,11 +6,11 @@ import asyncio
 import html
 import re
 import subprocess
-import sys
 
 import httpx
 import psycopg
 import pytest
+from conftest import run_cli
 from dashboard_support import (
     HOSTILE_ANSWER,
     HOSTILE_NAME,
@@ -267,14 +267,7 @@ def test_help_needs_no_database_and_a_bad_port_is_usage():
 
 
 def _run_dashboard(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "notifyhook", "dashboard", "--port", "0", *args],
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(None, "dashboard", "--port", "0", *args, **env)
 
 
 def test_its_connection_is_read_only(database_url):
