@@ -18,6 +18,7 @@ import pytest
 from databases import Databases, migrate_database
 
 from notifyhook import cli
+from notifyhook.tools import cluster
 from notifyhook.tools.cluster import Cluster, find_bindir, memory_directory
 from notifyhook.tools.receiver import Receiver
 from notifyhook.tools.workers import WorkerProcess, WorkerThread, notifyhook_environment
@@ -37,28 +38,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
         time.sleep(0.02)
 
 
-class Server:
-    """The PostgreSQL the suite runs against: our own cluster, or NOTIFYHOOK_TEST_DATABASE_URL;
-    and the fresh databases made in it for the tests."""
+class Server(cluster.Server):
+    """The PostgreSQL the suite runs against: our own cluster (in RAM where there is
+    /dev/shm), or NOTIFYHOOK_TEST_DATABASE_URL; and the fresh databases made in it."""
 
     def __init__(self) -> None:
-        self.cluster: Cluster | None = None
-        external = os.environ.get("NOTIFYHOOK_TEST_DATABASE_URL")
-        if external:
-            self.admin_url = external
-        else:
-            self.cluster = Cluster(
-                fsync=False, max_connections=300, directory=memory_directory()
-            ).start()
-            self.admin_url = self.cluster.url()
+        given = os.environ.get("NOTIFYHOOK_TEST_DATABASE_URL") or None
+        super().__init__(given, fsync=False, max_connections=300, directory=memory_directory())
+        self.start()
         self.databases = Databases(self.admin_url)
 
     def stop(self) -> None:
         try:
             self.databases.stop()
         finally:
-            if self.cluster is not None:
-                self.cluster.stop()
+            super().stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from notifyhook.errors import NotifyhookError
 
@@ -209,3 +210,22 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Server:
+    """A PostgreSQL server to work in: the one `url` names, or, without a URL, a throwaway
+    Cluster of our own (made with `options`). `start` and `stop` start and stop ours and
+    leave a given server alone. The tests', the demo's and the bench's servers build on it.
+    """
+
+    def __init__(self, url: str | None, **options: Any) -> None:
+        self.cluster = Cluster(**options) if url is None else None
+        self.admin_url = self.cluster.url() if self.cluster is not None else str(url)
+
+    def start(self) -> None:
+        if self.cluster is not None:
+            self.cluster.start()
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
