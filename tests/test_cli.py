@@ -349,7 +349,6 @@ def add_through_cli(database_url: str, name: str, url: str) -> tuple[int, str]:
     return added(ok(database_url, "endpoint", "add", "--tenant", "t", "--name", name, "--url", url))
 
 
-@pytest.mark.slow
 def test_endpoint_add_prints_the_secret_once_and_list_and_show_never(db, database_url):
     stdout = ok(
         database_url,

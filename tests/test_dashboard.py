@@ -223,7 +223,6 @@ def test_without_a_token_it_binds_to_loopback_and_needs_none(database_url, db, t
         site.stop()
 
 
-@pytest.mark.slow
 def test_a_wrong_setting_or_schema_exits_2_saying_which(database_url, server):
     short = _run_dashboard(
         ["--database-url", database_url], {"NOTIFYHOOK_DASHBOARD_TOKEN": "short"}
