@@ -181,6 +181,9 @@ class Receiver:
             self._loop.run_until_complete(self.start())
             ready.set()
             self._loop.run_forever()
+            # Handlers still hanging past the runner's shutdown_timeout: cancel them and
+            # let them finish, rather than leave them to be destroyed with the loop.
+            self._loop.run_until_complete(_cancel(asyncio.all_tasks(self._loop)))
             self._loop.close()
 
         self._thread = threading.Thread(target=serve, name="receiver", daemon=True)
@@ -196,3 +199,9 @@ class Receiver:
             asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+
+
+async def _cancel(tasks: set[asyncio.Task[object]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
