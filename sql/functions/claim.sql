@@ -282,7 +282,8 @@ BEGIN
         -- deliveries_active per row. Not "status = 'pending'": that matches the
         -- deliveries_pending index's predicate, and the planner read the whole of it
         -- (a bitmap scan of every pending row of a lone endpoint, 20,000 in a peer run)
-        -- to find the claimed few: PostgreSQL's CPU per delivery went 150 -> 280 µs.
+        -- to find the claimed few, nearly doubling PostgreSQL's CPU per delivery
+        -- (docs/performance.md).
         FROM chosen WHERE d.id = chosen.id AND d.status IN ('pending', 'processing')
         RETURNING d.id, d.event_id, d.endpoint_id, d.tenant_id, d.attempts
     )
