@@ -44,9 +44,9 @@ SELECT pg_try_advisory_lock(hashtextextended('notifyhook worker ' || %(worker)s,
 
 -- name: record_outcomes
 -- Casts spell the array types out: a list of all-None values carries no type. The
--- arrays go in binary format: psycopg writes a list of timestamps as text at ~9 µs
--- an element, which made this statement's parameters cost a worker more than the
--- statement costs the database; binary is about twenty times cheaper.
+-- arrays go in binary format: written as text, a list of timestamps made this
+-- statement's parameters cost a worker more than the statement costs the database
+-- (binary is about twenty times cheaper; docs/performance.md).
 SELECT * FROM notifyhook.record_outcomes(
     %(worker)s, %(delivery_ids)b::bigint[], %(endpoint_ids)b::bigint[],
     %(attempt_numbers)b::integer[], %(statuses)b::text[], %(retry_in_s)b::double precision[],

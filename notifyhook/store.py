@@ -394,10 +394,6 @@ class Store:
             cursor = await conn.execute(self._sql[name], params)
             return await cursor.fetchall()
 
-    async def schema_version(self) -> int | None:
-        async with self._pool.connection() as conn:
-            return await read_schema_version(conn)
-
     async def claim_due(
         self,
         worker: str,

@@ -2,10 +2,9 @@
 
 Why our own engine (DESIGN §7: chosen by measurement). A delivery is one POST of bytes
 already built and a status line read back; the client's machinery around that was most
-of a worker's CPU. aiohttp's `ClientSession._request` spent ~170 µs of CPU per request
-against a local receiver where writing the request's bytes to a kept-alive connection
-and parsing the answer with llhttp (httptools, the parser uvicorn uses) spends ~50 µs
-(same window, docs/performance.md). What is left here is what a webhook needs: one
+of a worker's CPU: aiohttp's `ClientSession._request` spent about three times what
+writing the request's bytes to a kept-alive connection and parsing the answer with
+llhttp (httptools, the parser uvicorn uses) spends (docs/performance.md). What is left here is what a webhook needs: one
 request at a time per connection, the request's bytes as httpx built them, the answer
 parsed by httptools (chunked, Content-Length or to the end of the connection), a pool
 of idle connections per scheme, host and port, TLS from the standard library with the

@@ -181,6 +181,9 @@ def test_outcomes_of_a_deleted_endpoint_are_skipped(db, database_url):
     outcomes = [outcome(d, gone) for d in gone_ids] + [outcome(d, kept) for d in kept_ids]
     assert record(database_url, outcomes) == []
     assert states(db) == {d: ("delivered", None) for d in kept_ids}
+    # The audit log keeps what was sent, as it keeps the deleted endpoint's earlier attempts.
+    logged = db.execute("SELECT delivery_id FROM notifyhook.attempts ORDER BY 1").fetchall()
+    assert [row[0] for row in logged] == sorted(gone_ids + kept_ids)
 
 
 @pytest.mark.parametrize("fast_by", [timedelta(hours=1), timedelta(hours=-1)])

@@ -107,8 +107,8 @@ def test_deleting_an_endpoint_while_its_answers_are_recorded(
     db, database_url, receiver, start_worker
 ):
     # The endpoint is deleted by a transaction that commits while the worker's record
-    # waits for the rows it locks: the record must skip the vanished deliveries (not
-    # fail on the attempts foreign key) and record the rest of its batch.
+    # waits for the rows it updates: the record must skip the vanished deliveries (no
+    # foreign key or partition error) and record the rest of its batch.
     receiver.sequence("doomed", Answer(kind="slow", seconds=1.0))
     receiver.sequence("kept", Answer(kind="slow", seconds=1.0))
     doomed = add_endpoint(db, "t", "doomed", receiver.url("doomed"))

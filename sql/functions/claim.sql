@@ -162,9 +162,16 @@ BEGIN
               AND s.endpoint_id <> ALL (capped) AND s.endpoint_id <> ALL (picked));
     END IF;
     IF cardinality(picked) = 0 THEN
-        RETURN QUERY SELECT '{}'::notifyhook.claimed_delivery[], notifyhook.next_turn_in_s(started),
-            EXISTS (SELECT FROM notifyhook.endpoint_turns AS s WHERE s.turn_at <= started), false,
-            passed_by;
+        -- Seconds to the earliest turn still to come, or null: the head of one index.
+        -- Written out rather than called as an SQL function: PostgreSQL parses and
+        -- plans an SQL function's body at every call that cannot inline it (a third
+        -- of an empty claim's time); a statement here is planned once per connection.
+        RETURN QUERY
+        SELECT '{}'::notifyhook.claimed_delivery[],
+               (SELECT extract(epoch FROM min(s.turn_at) - started)::double precision
+                FROM notifyhook.endpoint_turns AS s WHERE s.turn_at > started),
+               EXISTS (SELECT FROM notifyhook.endpoint_turns AS s WHERE s.turn_at <= started),
+               false, passed_by;
         RETURN;
     END IF;
     bucket_at := clock_timestamp();
@@ -275,7 +282,8 @@ BEGIN
         -- deliveries_active per row. Not "status = 'pending'": that matches the
         -- deliveries_pending index's predicate, and the planner read the whole of it
         -- (a bitmap scan of every pending row of a lone endpoint, 20,000 in a peer run)
-        -- to find the claimed few: PostgreSQL's CPU per delivery went 150 -> 280 µs.
+        -- to find the claimed few, nearly doubling PostgreSQL's CPU per delivery
+        -- (docs/performance.md).
         FROM chosen WHERE d.id = chosen.id AND d.status IN ('pending', 'processing')
         RETURNING d.id, d.event_id, d.endpoint_id, d.tenant_id, d.attempts
     )
@@ -344,9 +352,12 @@ BEGIN
     FROM upcoming AS n;
 
     finished := clock_timestamp();
-    RETURN QUERY SELECT coalesce(claimed, '{}'), notifyhook.next_turn_in_s(finished),
-        EXISTS (SELECT FROM notifyhook.endpoint_turns AS s WHERE s.turn_at <= finished),
-        held_back, passed_by;
+    RETURN QUERY
+    SELECT coalesce(claimed, '{}'),
+           (SELECT extract(epoch FROM min(s.turn_at) - finished)::double precision
+            FROM notifyhook.endpoint_turns AS s WHERE s.turn_at > finished),
+           EXISTS (SELECT FROM notifyhook.endpoint_turns AS s WHERE s.turn_at <= finished),
+           held_back, passed_by;
 END
 $$;
 
@@ -372,15 +383,8 @@ LANGUAGE sql STABLE AS $$
     LIMIT 1
 $$;
 
--- Seconds from `after` to the earliest turn still to come, or null: the head of one
--- index. (`after` is a parameter because a volatile clock_timestamp() in the WHERE
--- clause could not be an index condition.)
-CREATE OR REPLACE FUNCTION notifyhook.next_turn_in_s(after timestamptz) RETURNS double precision
-LANGUAGE sql STABLE AS $$
-    SELECT extract(epoch FROM min(s.turn_at) - after)::double precision
-    FROM notifyhook.endpoint_turns AS s
-    WHERE s.turn_at > after
-$$;
+-- Written out in claim_due since 2026-12-04 (an SQL function is parsed at every call).
+DROP FUNCTION IF EXISTS notifyhook.next_turn_in_s(timestamptz);
 
 -- At a worker's start: take back what a dead predecessor with the same WORKER_ID
 -- (a systemd instance restarted after a crash) still holds, at once rather than when

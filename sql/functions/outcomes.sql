@@ -58,8 +58,6 @@ AS $$
 DECLARE
     -- Positions (1-based) in the arrays of outcomes recorded by an earlier call.
     recorded integer[] := '{}';
-    -- Positions of the outcomes this call records (hardening: issue 13).
-    kept integer[];
     -- The batch's endpoints whose state rows this call could lock.
     locked bigint[];
     circuit_open bigint[];
@@ -74,41 +72,20 @@ BEGIN
                 SELECT FROM notifyhook.attempts AS a WHERE a.attempt_key = o.attempt_key));
     END IF;
 
-    -- (hardening, issue 13) Lock the deliveries against deletion and leave out those
-    -- already gone: an endpoint deleted meanwhile cascades to its deliveries, and an
-    -- attempts row for one of them would fail the whole batch on its foreign key (the
-    -- snapshot that checks "still there" below cannot see a DELETE committed while
-    -- this transaction waited for its row lock). KEY SHARE does not conflict with the
-    -- worker's own updates, and waits for a DELETE in progress, then skips its rows.
-    --
-    -- (0006) The status names the partition: the rows still held are in the queue's
-    -- (deliveries_active), one probe each. Only a row that left it (a lease lost, the
-    -- row reclaimed and dead) is looked for in the history's day partitions.
-    kept := ARRAY(
-        SELECT o.n
-        FROM unnest(delivery_ids) WITH ORDINALITY AS o(delivery_id, n)
-        JOIN notifyhook.deliveries AS d ON d.id = o.delivery_id
-        WHERE o.n <> ALL (recorded) AND d.status IN ('pending', 'processing')
-        ORDER BY d.id
-        FOR KEY SHARE OF d);
-    IF cardinality(kept) + cardinality(recorded) < cardinality(delivery_ids) THEN
-        kept := kept || ARRAY(
-            SELECT o.n
-            FROM unnest(delivery_ids) WITH ORDINALITY AS o(delivery_id, n)
-            JOIN notifyhook.deliveries AS d ON d.id = o.delivery_id
-            WHERE o.n <> ALL (recorded) AND o.n <> ALL (kept)
-              AND d.status IN ('delivered', 'dead')
-            ORDER BY d.id
-            FOR KEY SHARE OF d);
-    END IF;
-
+    -- (hardening, issue 13) A delivery deleted meanwhile (its endpoint or event deleted:
+    -- the cascade) is skipped by the UPDATE below, which waits for a DELETE in
+    -- progress and then passes its row by; its attempt is still written, as the
+    -- attempts of a deleted endpoint's earlier deliveries stay (attempts hold no
+    -- foreign key since 0006_partitioned_history.sql). The rows are no longer locked
+    -- first (FOR KEY SHARE): that guarded an attempts foreign key that is gone, and cost
+    -- a lock record per row.
     WITH batch AS (
         SELECT o.*
         FROM unnest(delivery_ids, endpoint_ids, attempt_numbers, statuses, retry_in_s,
                     started_ats, durations_ms, status_codes, errors, excerpts)
              WITH ORDINALITY AS o(delivery_id, endpoint_id, attempt, status, retry_in_s,
                                   started_at, duration_ms, status_code, error, excerpt, n)
-        WHERE o.n = ANY (kept)
+        WHERE o.n <> ALL (recorded)
     ), settled AS (
         UPDATE notifyhook.deliveries AS d
         SET status = o.status,
@@ -143,24 +120,37 @@ BEGIN
     -- not waited for: the outcomes of every other endpoint of the batch must not wait
     -- with it, or their leases could run out and their webhooks go again (DESIGN §8).
     -- Other records hold these rows for milliseconds (claims never lock them: they
-    -- lock endpoint_turns), so half a second tells one from the other; then the rows
-    -- free now are taken and the held ones get no health update from this batch.
-    lock_wait := current_setting('lock_timeout');
-    BEGIN
-        PERFORM set_config('lock_timeout', '500ms', true);
-        PERFORM FROM notifyhook.endpoint_state AS s
+    -- lock endpoint_turns), so half a second tells one from the other; then the held
+    -- ones get no health update from this batch.
+    --
+    -- So the rows free now are taken first, without waiting: in the usual case (no
+    -- other record at this moment) that is all, with no exception block, whose
+    -- subtransaction would cost a MultiXact on every row locked in it and updated
+    -- outside it. Only rows that were held are then waited for, in id order.
+    locked := ARRAY(
+        SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
         WHERE s.endpoint_id = ANY (endpoint_ids)
         ORDER BY s.endpoint_id
-        FOR UPDATE;
-        locked := endpoint_ids;
-    EXCEPTION WHEN lock_not_available THEN
-        locked := ARRAY(
-            SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
-            WHERE s.endpoint_id = ANY (endpoint_ids)
+        FOR UPDATE SKIP LOCKED);
+    IF EXISTS (SELECT FROM notifyhook.endpoint_state AS s
+               WHERE s.endpoint_id = ANY (endpoint_ids) AND s.endpoint_id <> ALL (locked)) THEN
+        lock_wait := current_setting('lock_timeout');
+        BEGIN
+            PERFORM set_config('lock_timeout', '500ms', true);
+            PERFORM FROM notifyhook.endpoint_state AS s
+            WHERE s.endpoint_id = ANY (endpoint_ids) AND s.endpoint_id <> ALL (locked)
             ORDER BY s.endpoint_id
-            FOR UPDATE SKIP LOCKED);
-    END;
-    PERFORM set_config('lock_timeout', lock_wait, true);
+            FOR UPDATE;
+            locked := endpoint_ids;
+        EXCEPTION WHEN lock_not_available THEN
+            locked := locked || ARRAY(
+                SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
+                WHERE s.endpoint_id = ANY (endpoint_ids) AND s.endpoint_id <> ALL (locked)
+                ORDER BY s.endpoint_id
+                FOR UPDATE SKIP LOCKED);
+        END;
+        PERFORM set_config('lock_timeout', lock_wait, true);
+    END IF;
     -- Before this batch's health is written: endpoints whose circuit was open, held
     -- to one request at a time by the claims (functions/claim.sql), whose turn an
     -- outcome gives back below.
@@ -184,7 +174,7 @@ BEGIN
                    AS started_at
         FROM unnest(endpoint_ids, statuses, durations_ms) WITH ORDINALITY
              AS o(endpoint_id, status, duration_ms, n)
-        WHERE o.n = ANY (kept) AND o.endpoint_id = ANY (locked)
+        WHERE o.n <> ALL (recorded) AND o.endpoint_id = ANY (locked)
     ), per_endpoint AS (
         SELECT o.endpoint_id,
                max(o.started_at) FILTER (WHERE o.status = 'delivered') AS success_at,
@@ -248,7 +238,7 @@ BEGIN
     WITH gone_endpoint AS (
         SELECT DISTINCT o.endpoint_id
         FROM unnest(endpoint_ids, gone) WITH ORDINALITY AS o(endpoint_id, gone, n)
-        WHERE o.gone AND o.n = ANY (kept)
+        WHERE o.gone AND o.n <> ALL (recorded)
     )
     UPDATE notifyhook.endpoints AS e
     SET enabled = false,
