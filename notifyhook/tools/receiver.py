@@ -64,7 +64,8 @@ class Receiver:
 
     In a thread of its own (`start_in_thread`) for synchronous callers, or on the
     caller's loop (`running`). The demo and the bench use receiver_process instead: a
-    process of its own, spending a third of the CPU per request, with fewer answers."""
+    process of its own, with a bare HTTP server that spends less CPU per request
+    (docs/performance.md), and fewer answers."""
 
     def __init__(self) -> None:
         self.arrivals: list[Arrival] = []
