@@ -105,7 +105,6 @@ def _row(page: str, endpoint_id: int) -> str:
     return page[page.rindex("<tr", 0, start) : page.index("</tr>", start)]
 
 
-@pytest.mark.slow
 def test_hostile_names_and_answers_are_escaped(db, receiver, run_worker, dashboard):
     scene = populate(db, receiver, run_worker)
     site = dashboard()
@@ -128,7 +127,6 @@ def test_hostile_names_and_answers_are_escaped(db, receiver, run_worker, dashboa
         assert HOSTILE_ANSWER in html.unescape(text)
 
 
-@pytest.mark.slow
 def test_every_answer_carries_a_strict_content_security_policy(db, dashboard):
     site = dashboard(token=TOKEN)
     answers = [
@@ -153,7 +151,6 @@ def test_every_answer_carries_a_strict_content_security_policy(db, dashboard):
     assert "script-src" not in CSP  # no script at all, so none may run
 
 
-@pytest.mark.slow
 def test_the_token_is_needed_by_bearer_or_login_cookie(db, dashboard):
     site = dashboard(token=TOKEN)
 
@@ -239,7 +236,6 @@ def test_a_wrong_setting_or_schema_exits_2_saying_which(database_url, server):
     assert "run `notifyhook migrate` first" in unmigrated.stderr
 
 
-@pytest.mark.slow
 def test_a_database_gone_after_start_is_a_503_page_naming_no_host(database_url, server, dashboard):
     site = dashboard()
     name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
