@@ -261,17 +261,16 @@ def test_the_worker_never_logs_the_password_while_it_waits_for_the_database(star
 # -- stats -----------------------------------------------------------------------------
 
 
-def test_stats_match_the_database(db, database_url, receiver, start_worker):
+def test_stats_match_the_database(db, database_url, receiver, run_worker):
     receiver.sequence("strict", Answer(status=400))
     add_endpoint(db, "t", "ok", receiver.url("ok"), event_types="{call.*}")
     add_endpoint(db, "t", "strict", receiver.url("strict"), event_types="{call.failed}")
     add_endpoint(db, "t", "paused", receiver.url("paused"), event_types="{job.*}", enabled=False)
-    worker = start_worker()
+    worker = run_worker()
     insert_events(db, "t", 4, "call.completed")
     insert_events(db, "t", 2, "call.failed")
-    wait_until(lambda: statuses(db) == {"delivered": 6, "dead": 2}, what="the outcomes")
-    worker.signal(signal.SIGTERM)
-    assert worker.wait(20) == 0
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 6, "dead": 2}, what="the outcomes")
+    worker.stop()  # SIGTERM's way: nothing leased is left behind
     insert_events(db, "t", 3, "job.done")
 
     printed = json.loads(ok(database_url, "stats", "--json"))
