@@ -107,9 +107,9 @@ def run_cli(
 
     In this process by default: `notifyhook.cli.main`, the function the console script
     calls, with the same environment a process would have (`environment`), its output
-    captured and what it sets up undone. A process costs the second it takes to import
-    notifyhook; `process=True` runs one, for what only a process shows (the exit status
-    the interpreter passes on, buffering, signals). `check`: fail unless it exits 0."""
+    captured and what it sets up undone: a process would spend most of its time
+    importing notifyhook (docs/testing.md). `process=True` runs one, for what only a
+    process shows (the exit status the interpreter passes on, buffering, signals). `check`: fail unless it exits 0."""
     if process:
         result = subprocess.run(
             [sys.executable, "-m", "notifyhook", *args],

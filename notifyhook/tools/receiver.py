@@ -174,7 +174,7 @@ class Receiver:
             await self.stop()
 
     def start_in_thread(self) -> Receiver:
-        """Run on its own event loop in a daemon thread (for synchronous callers: tests, the demo)."""
+        """Run on its own event loop in a daemon thread (for synchronous callers: the tests, the chaos run)."""
         ready = threading.Event()
 
         def serve() -> None:
