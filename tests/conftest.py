@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -14,7 +17,9 @@ import psycopg
 import pytest
 from databases import Databases, migrate_database
 
-from notifyhook.tools.cluster import Cluster, find_bindir
+from notifyhook import cli
+from notifyhook.tools import cluster
+from notifyhook.tools.cluster import Cluster, find_bindir, memory_directory
 from notifyhook.tools.receiver import Receiver
 from notifyhook.tools.workers import WorkerProcess, WorkerThread, notifyhook_environment
 
@@ -33,26 +38,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
         time.sleep(0.02)
 
 
-class Server:
-    """The PostgreSQL the suite runs against: our own cluster, or NOTIFYHOOK_TEST_DATABASE_URL;
-    and the fresh databases made in it for the tests."""
+class Server(cluster.Server):
+    """The PostgreSQL the suite runs against: our own cluster (in RAM where there is
+    /dev/shm), or NOTIFYHOOK_TEST_DATABASE_URL; and the fresh databases made in it."""
 
     def __init__(self) -> None:
-        self.cluster: Cluster | None = None
-        external = os.environ.get("NOTIFYHOOK_TEST_DATABASE_URL")
-        if external:
-            self.admin_url = external
-        else:
-            self.cluster = Cluster(fsync=False, max_connections=300).start()
-            self.admin_url = self.cluster.url()
+        given = os.environ.get("NOTIFYHOOK_TEST_DATABASE_URL") or None
+        super().__init__(given, fsync=False, max_connections=300, directory=memory_directory())
+        self.start()
         self.databases = Databases(self.admin_url)
 
     def stop(self) -> None:
         try:
             self.databases.stop()
         finally:
-            if self.cluster is not None:
-                self.cluster.stop()
+            super().stop()
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +68,7 @@ def server() -> Iterator[Server]:
 @pytest.fixture
 def own_cluster() -> Iterator[Cluster]:
     """A migrated PostgreSQL of the test's own, which it may stop, restart or crash."""
-    with Cluster(fsync=False) as cluster:
+    with Cluster(fsync=False, directory=memory_directory()) as cluster:
         migrate_database(cluster.url())
         yield cluster
 
@@ -96,21 +96,85 @@ def environment(database_url: str | None, /, **settings: str) -> dict[str, str]:
 
 
 def run_cli(
-    database_url: str | None, /, *args: str, check: bool = False, **settings: str
+    database_url: str | None,
+    /,
+    *args: str,
+    check: bool = False,
+    process: bool = False,
+    **settings: str,
 ) -> subprocess.CompletedProcess[str]:
-    """`notifyhook ARGS…` as an operator runs it, a process, with these settings; bounded
-    in time. `check`: fail the test unless it exits 0."""
-    result = subprocess.run(
-        [sys.executable, "-m", "notifyhook", *args],
-        env=environment(database_url, **settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    """`notifyhook ARGS…` with these settings: its exit code, stdout and stderr.
+
+    In this process by default: `notifyhook.cli.main`, the function the console script
+    calls, with the same environment a process would have (`environment`), its output
+    captured and what it sets up undone: a process would spend most of its time
+    importing notifyhook (docs/testing.md). `process=True` runs one, for what only a
+    process shows (the exit status the interpreter passes on, buffering, signals). `check`: fail unless it exits 0."""
+    if process:
+        result = subprocess.run(
+            [sys.executable, "-m", "notifyhook", *args],
+            env=environment(database_url, **settings),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    else:
+        result = _run_in_process(environment(database_url, **settings), list(args))
     if check:
         assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     return result
+
+
+def _run_in_process(env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess[str]:
+    # A worker would run until stopped, taking over this process's signals.
+    assert args[:1] != ["worker"] or "--help" in args, "a worker: start_worker or run_worker"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (
+        _notifyhook_variables(env),
+        _logging_restored(),
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
+        try:
+            code = cli.main(args)
+        except SystemExit as exit:  # argparse's --help and usage errors
+            code = exit.code if isinstance(exit.code, int) else 1
+    return subprocess.CompletedProcess(
+        ["notifyhook", *args], code, stdout.getvalue(), stderr.getvalue()
+    )
+
+
+@contextlib.contextmanager
+def _notifyhook_variables(env: dict[str, str]) -> Iterator[None]:
+    """os.environ's NOTIFYHOOK_* variables as in `env` for the block. Only those change:
+    other threads (workers, libpq) may read the environment meanwhile."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("NOTIFYHOOK_")}
+    wanted = {k: v for k, v in env.items() if k.startswith("NOTIFYHOOK_")}
+    try:
+        for key in saved.keys() - wanted.keys():
+            del os.environ[key]
+        os.environ.update(wanted)
+        yield
+    finally:
+        for key in wanted.keys() - saved.keys():
+            os.environ.pop(key, None)
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _logging_restored() -> Iterator[None]:
+    """Undo what `logs.configure` does to the root logger and the libraries' loggers."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, saved in levels.items():
+            logging.getLogger(name).setLevel(saved)
 
 
 def psql_binary() -> str:

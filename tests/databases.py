@@ -26,9 +26,8 @@ class Databases:
     """A template database migrated once, and a thread that keeps `ahead` copies of it
     ready and drops the ones the tests are done with.
 
-    A copy costs PostgreSQL a fifth of a second to make and a few hundredths to drop
-    (more on a loaded machine): made while the previous test runs, and dropped while
-    the next one does, a test waits for neither. Each test still gets a database of
+    A copy costs PostgreSQL time to make and to drop (docs/testing.md): made while the
+    previous test runs, and dropped while the next one does, a test waits for neither. Each test still gets a database of
     its own, as fresh as one made for it.
     """
 

@@ -11,6 +11,7 @@ import sys
 
 import psycopg
 import pytest
+from conftest import run_cli
 
 from notifyhook.tools.bench import SCENARIO_NAMES, format_report
 from notifyhook.tools.bench_scenarios import SCENARIOS
@@ -112,7 +113,7 @@ def test_bench_with_its_own_postgresql_cleans_up():
 
 
 def test_unknown_scenario_is_a_usage_error():
-    result = run_bench("--scenarios", "backlog,warp")
+    result = run_cli(None, "bench", "--scenarios", "backlog,warp")
     assert result.returncode == 2
     assert "unknown scenario warp" in result.stderr
 

@@ -1,4 +1,5 @@
-"""The `notifyhook` command line, run as a real process against the test's database."""
+"""The `notifyhook` command line against the test's database: `main` in process, as the console
+script calls it, and a real process where only one shows (signals, buffering, exit status)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,23 @@ def test_bad_usage_exits_2(args):
     usage_error(run("postgresql://nobody@127.0.0.1:1/none", *args))
 
 
+@pytest.mark.parametrize(
+    ("args", "code"), [(["--help"], 0), (["stats"], 1), (["bogus"], 2)], ids=["0", "1", "2"]
+)
+def test_a_process_exits_and_prints_as_main_does_in_process(args, code):
+    # The other tests run `notifyhook` in process (conftest.run_cli): what a process
+    # does with main's answer, the exit status and the output, must be the same.
+    url = f"postgresql://app:{PASSWORD}@127.0.0.1:{free_port()}/app"
+    in_process = run(url, *args)
+    real = run(url, *args, process=True)
+    assert real.returncode == code
+    assert (real.returncode, real.stdout, real.stderr) == (
+        in_process.returncode,
+        in_process.stdout,
+        in_process.stderr,
+    )
+
+
 def test_replay_since_with_one_delivery_is_bad_usage():
     # Refused before any connection is tried: the database here does not exist.
     result = run(
@@ -142,7 +160,7 @@ def test_a_wrong_setting_exits_2_naming_the_variable(settings, variable):
 
 def test_the_worker_refuses_a_wrong_setting_before_it_starts():
     url = f"postgresql://app:{PASSWORD}@127.0.0.1:1/app"
-    result = run(url, "worker", http_timeout="90", lease="60")
+    result = run(url, "worker", process=True, http_timeout="90", lease="60")
     assert "NOTIFYHOOK_HTTP_TIMEOUT" in one_line_error(result, 2)
 
 
@@ -161,7 +179,7 @@ def test_demo_and_bench_check_the_database_url_as_every_command_does(command):
 
 def test_the_worker_refuses_a_malformed_sentry_dsn_before_it_starts():
     url = f"postgresql://app:{PASSWORD}@127.0.0.1:{free_port()}/app"
-    result = run(url, "worker", sentry_dsn="not-a-dsn")
+    result = run(url, "worker", process=True, sentry_dsn="not-a-dsn")
     assert "NOTIFYHOOK_SENTRY_DSN: is not a Sentry DSN" in one_line_error(result, 2)
 
 
@@ -243,17 +261,16 @@ def test_the_worker_never_logs_the_password_while_it_waits_for_the_database(star
 # -- stats -----------------------------------------------------------------------------
 
 
-def test_stats_match_the_database(db, database_url, receiver, start_worker):
+def test_stats_match_the_database(db, database_url, receiver, run_worker):
     receiver.sequence("strict", Answer(status=400))
     add_endpoint(db, "t", "ok", receiver.url("ok"), event_types="{call.*}")
     add_endpoint(db, "t", "strict", receiver.url("strict"), event_types="{call.failed}")
     add_endpoint(db, "t", "paused", receiver.url("paused"), event_types="{job.*}", enabled=False)
-    worker = start_worker()
+    worker = run_worker()
     insert_events(db, "t", 4, "call.completed")
     insert_events(db, "t", 2, "call.failed")
-    wait_until(lambda: statuses(db) == {"delivered": 6, "dead": 2}, what="the outcomes")
-    worker.signal(signal.SIGTERM)
-    assert worker.wait(20) == 0
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 6, "dead": 2}, what="the outcomes")
+    worker.stop()  # SIGTERM's way: nothing leased is left behind
     insert_events(db, "t", 3, "job.done")
 
     printed = json.loads(ok(database_url, "stats", "--json"))
@@ -331,7 +348,6 @@ def add_through_cli(database_url: str, name: str, url: str) -> tuple[int, str]:
     return added(ok(database_url, "endpoint", "add", "--tenant", "t", "--name", name, "--url", url))
 
 
-@pytest.mark.slow
 def test_endpoint_add_prints_the_secret_once_and_list_and_show_never(db, database_url):
     stdout = ok(
         database_url,

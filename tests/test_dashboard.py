@@ -6,11 +6,11 @@ import asyncio
 import html
 import re
 import subprocess
-import sys
 
 import httpx
 import psycopg
 import pytest
+from conftest import run_cli
 from dashboard_support import (
     HOSTILE_ANSWER,
     HOSTILE_NAME,
@@ -105,7 +105,6 @@ def _row(page: str, endpoint_id: int) -> str:
     return page[page.rindex("<tr", 0, start) : page.index("</tr>", start)]
 
 
-@pytest.mark.slow
 def test_hostile_names_and_answers_are_escaped(db, receiver, run_worker, dashboard):
     scene = populate(db, receiver, run_worker)
     site = dashboard()
@@ -128,7 +127,6 @@ def test_hostile_names_and_answers_are_escaped(db, receiver, run_worker, dashboa
         assert HOSTILE_ANSWER in html.unescape(text)
 
 
-@pytest.mark.slow
 def test_every_answer_carries_a_strict_content_security_policy(db, dashboard):
     site = dashboard(token=TOKEN)
     answers = [
@@ -153,7 +151,6 @@ def test_every_answer_carries_a_strict_content_security_policy(db, dashboard):
     assert "script-src" not in CSP  # no script at all, so none may run
 
 
-@pytest.mark.slow
 def test_the_token_is_needed_by_bearer_or_login_cookie(db, dashboard):
     site = dashboard(token=TOKEN)
 
@@ -223,7 +220,6 @@ def test_without_a_token_it_binds_to_loopback_and_needs_none(database_url, db, t
         site.stop()
 
 
-@pytest.mark.slow
 def test_a_wrong_setting_or_schema_exits_2_saying_which(database_url, server):
     short = _run_dashboard(
         ["--database-url", database_url], {"NOTIFYHOOK_DASHBOARD_TOKEN": "short"}
@@ -240,7 +236,6 @@ def test_a_wrong_setting_or_schema_exits_2_saying_which(database_url, server):
     assert "run `notifyhook migrate` first" in unmigrated.stderr
 
 
-@pytest.mark.slow
 def test_a_database_gone_after_start_is_a_503_page_naming_no_host(database_url, server, dashboard):
     site = dashboard()
     name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
@@ -267,14 +262,7 @@ def test_help_needs_no_database_and_a_bad_port_is_usage():
 
 
 def _run_dashboard(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "notifyhook", "dashboard", "--port", "0", *args],
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(None, "dashboard", "--port", "0", *args, **env)
 
 
 def test_its_connection_is_read_only(database_url):

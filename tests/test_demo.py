@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import scalar
+from conftest import run_cli, scalar
 
 SMALL = ["--events", "40", "--duration", "2"]
 
@@ -164,6 +164,6 @@ def test_ctrl_c_removes_everything_the_demo_started():
 
 
 def test_bad_arguments_exit_2():
-    result = run_demo("--events", "3")
+    result = run_cli(None, "demo", "--events", "3")
     assert result.returncode == 2
     assert result.stderr.startswith("notifyhook: --events must be at least 10")

@@ -260,7 +260,6 @@ def test_endpoint_add_takes_a_given_whsk_key_and_refuses_a_malformed_one(db, dat
     assert "32-byte seed" in one_line_error(bad, 2)
 
 
-@pytest.mark.slow
 def test_a_worker_signs_v1a_for_a_receiver_holding_the_public_key_through_a_rotation(
     db, database_url, receiver, run_worker
 ):

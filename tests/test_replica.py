@@ -30,7 +30,10 @@ def replicated(own_cluster: Cluster) -> Iterator[tuple[str, str]]:
         try:
             # One more row after the base backup: the standby shows it only by streaming.
             insert_events(db, "acme", 2)
-            primary_lsn = scalar(db, "SELECT pg_current_wal_lsn()")
+            # The insert position, not pg_current_wal_lsn(): with synchronous_commit off
+            # (own_cluster has fsync off) the commits may not be written yet, and the
+            # write position can stand before them.
+            primary_lsn = scalar(db, "SELECT pg_current_wal_insert_lsn()")
             with psycopg.connect(standby.url(), autocommit=True) as replica:
                 wait_until(
                     lambda: scalar(

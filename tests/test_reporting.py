@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import psycopg
@@ -18,44 +15,37 @@ from test_worker import statuses
 
 from notifyhook import __version__, signing
 from notifyhook.reporting import REDACTED, scrub
+from notifyhook.tools.receiver import Answer, Receiver
 
 PASSWORD = "db-pa55word-never-shown"
 PAYLOAD_TEXT = "payload-text-never-reported"
 
 
+ENVELOPES = "api/1/envelope/"
+"""Where the sentry-sdk posts for the DSN below: /api/<project>/envelope/."""
+
+
 class Ingest:
-    """Sentry's envelope endpoint on 127.0.0.1: records every envelope it is sent, decompressed."""
+    """Sentry's envelope endpoint on 127.0.0.1: the harness's receiver, which reads every
+    envelope as sent (aiohttp undoes the SDK's gzip) and answers as Sentry does."""
 
-    def __init__(self) -> None:
-        self.envelopes: list[bytes] = []
-        ingest = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                ingest.envelopes.append(body)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+    def __init__(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+        json_answer = Answer(headers={"Content-Type": "application/json"}, body=b"{}")
+        receiver.sequence(ENVELOPES, json_answer)
 
     @property
     def dsn(self) -> str:
-        return f"http://public@127.0.0.1:{self.port}/1"
+        return f"http://public@127.0.0.1:{self._receiver.port}/1"
+
+    @property
+    def envelopes(self) -> list[bytes]:
+        return [arrival.body for arrival in self._receiver.received(ENVELOPES)]
 
     def events(self) -> list[dict[str, Any]]:
         """The event items of every envelope (an envelope is header, then item header and payload lines)."""
         found = []
-        for envelope in list(self.envelopes):
+        for envelope in self.envelopes:
             lines = envelope.split(b"\n")
             for header, payload in zip(lines[1::2], lines[2::2], strict=False):
                 if json.loads(header).get("type") == "event":
@@ -65,11 +55,9 @@ class Ingest:
 
 @pytest.fixture
 def ingest() -> Iterator[Ingest]:
-    server = Ingest()
-    server._thread.start()
-    yield server
-    server._server.shutdown()
-    server._server.server_close()
+    running = Receiver().start_in_thread()
+    yield Ingest(running)
+    running.stop_thread()
 
 
 def database_lost(ingest: Ingest) -> list[dict[str, Any]]:

@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 import pytest
 import standardwebhooks
-from aiohttp import web
 
 from notifyhook.delivery import AttemptResult, Delivery, Verdict
 from notifyhook.sender import _RESERVED_HEADERS, EXCERPT_BYTES, Sender, refusal_reason
 from notifyhook.signing import generate_secret
+from notifyhook.tools.receiver import Answer, Receiver
 from notifyhook.transport import Http11Transport
 
 SECRET = generate_secret()
@@ -65,47 +65,17 @@ async def send(url: str, *, allow_private_networks: bool = True, **overrides: An
         return await s.send(delivery(url, **overrides))
 
 
-class Receiver:
-    """An aiohttp server: `/status/<code>` answers that code, anything else 200; all recorded."""
-
-    def __init__(self) -> None:
-        self.requests: list[web.Request] = []
-        self.bodies: list[bytes] = []
-        self.peers: list[Any] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append(request)
-        self.bodies.append(await request.read())
-        self.peers.append(
-            request.transport.get_extra_info("peername") if request.transport else None
-        )
-        code = (
-            int(request.path.removeprefix("/status/"))
-            if request.path.startswith("/status/")
-            else 200
-        )
-        headers = {"Set-Cookie": "session=abc; Path=/"}
-        if "retry_after" in request.query:
-            headers["Retry-After"] = request.query["retry_after"]
-        if 300 <= code < 400:
-            headers["Location"] = f"http://127.0.0.1:{self.port}/target"
-        return web.Response(status=code, text=f"answer {code}", headers=headers)
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[Receiver]:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        self.port = runner.addresses[0][1]
-        try:
-            yield self
-        finally:
-            await runner.cleanup()
-
-    def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+def scripted(receiver: Receiver, name: str, status: int = 200, retry_after: str = "") -> str:
+    """Script path `name` to answer `status` with "answer <status>", a cookie, a Retry-After
+    when given and a Location for a redirect; its URL."""
+    headers = {"Set-Cookie": "session=abc; Path=/"}
+    if retry_after:
+        headers["Retry-After"] = retry_after
+    if 300 <= status < 400:
+        headers["Location"] = receiver.url("target")
+    answer = Answer(status=status, headers=headers, body=f"answer {status}".encode())
+    receiver.sequence(name, answer)
+    return receiver.url(name)
 
 
 @contextlib.asynccontextmanager
@@ -164,7 +134,8 @@ def test_delivered_with_exact_body_and_verifiable_headers() -> None:
         async with Receiver().running() as receiver:
             previous = generate_secret()
             extra = {"X-Tenant": "acme", "Authorization": "Bearer t0ken"}
-            result = await send(receiver.url(), secrets=(SECRET, previous), headers=extra)
+            url = scripted(receiver, "hook")
+            result = await send(url, secrets=(SECRET, previous), headers=extra)
             assert result.verdict is Verdict.DELIVERED
             assert (result.status_code, result.error, result.response_excerpt) == (
                 200,
@@ -173,10 +144,11 @@ def test_delivered_with_exact_body_and_verifiable_headers() -> None:
             )
             assert result.started_at.tzinfo is not None
             assert result.duration_ms > 0
-            [request], [body] = receiver.requests, receiver.bodies
-            assert request.method == "POST"
+            # The receiver takes POST only: any other method would be answered 405, unrecorded.
+            [request] = receiver.arrivals
+            body = request.body
             assert body == BODY
-            headers = {name.lower(): value for name, value in request.headers.items()}
+            headers = {name.lower(): value for name, value in request.header_lines}
             assert headers["content-type"] == "application/json"
             assert headers["user-agent"] == "notifyhook/test"
             assert headers["webhook-id"] == EVENT_ID
@@ -194,12 +166,16 @@ def test_endpoint_headers_cannot_replace_ours() -> None:
     async def scenario() -> None:
         async with Receiver().running() as receiver:
             forged = {"Content-Type": "text/plain", "webhook-id": "forged", "User-Agent": "x"}
-            result = await send(receiver.url(), headers=forged)
+            result = await send(receiver.url("hook"), headers=forged)
             assert result.verdict is Verdict.DELIVERED
-            headers = receiver.requests[0].headers
-            assert headers.getall("content-type") == ["application/json"]
-            assert headers.getall("webhook-id") == [EVENT_ID]
-            assert headers.getall("user-agent") == ["notifyhook/test"]
+            lines = receiver.arrivals[0].header_lines
+
+            def every(name: str) -> list[str]:
+                return [value for key, value in lines if key.lower() == name]
+
+            assert every("content-type") == ["application/json"]
+            assert every("webhook-id") == [EVENT_ID]
+            assert every("user-agent") == ["notifyhook/test"]
 
     run(scenario())
 
@@ -207,10 +183,10 @@ def test_endpoint_headers_cannot_replace_ours() -> None:
 def test_invalid_endpoint_header_is_permanent_and_nothing_is_sent() -> None:
     async def scenario() -> None:
         async with Receiver().running() as receiver:
-            result = await send(receiver.url(), headers={"X-Evil": "a\r\nX-Injected: 1"})
+            result = await send(receiver.url("hook"), headers={"X-Evil": "a\r\nX-Injected: 1"})
             assert result.verdict is Verdict.PERMANENT
             assert "X-Evil" in (result.error or "")
-            assert receiver.requests == []
+            assert receiver.arrivals == []
 
     run(scenario())
 
@@ -296,15 +272,15 @@ def test_endpoint_headers_follow_a_changed_header_set() -> None:
             Sender(allow_private_networks=True, user_agent="notifyhook/test") as sender,
         ):
             for headers in sets:
-                result = await sender.send(delivery(receiver.url(), headers=headers))
+                result = await sender.send(delivery(receiver.url("hook"), headers=headers))
                 assert result.verdict is Verdict.DELIVERED
             for headers in refused:
-                result = await sender.send(delivery(receiver.url(), headers=headers))
+                result = await sender.send(delivery(receiver.url("hook"), headers=headers))
                 assert (result.verdict, result.status_code) == (Verdict.PERMANENT, None)
                 assert result.error == "endpoint header 'X-Evil' is not a valid HTTP header"
             sent = [
-                {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-")}
-                for request in receiver.requests
+                {k.lower(): v for k, v in request.header_lines if k.lower().startswith("x-")}
+                for request in receiver.arrivals
             ]
             assert sent == [{k.lower(): v for k, v in headers.items()} for headers in sets]
 
@@ -328,7 +304,7 @@ def test_endpoint_headers_follow_a_changed_header_set() -> None:
 def test_status_classification(code: int, verdict: Verdict) -> None:
     async def scenario() -> None:
         async with Receiver().running() as receiver:
-            result = await send(receiver.url(f"/status/{code}"))
+            result = await send(scripted(receiver, "status", code))
             assert (result.verdict, result.status_code) == (verdict, code)
             assert result.error == (None if verdict is Verdict.DELIVERED else f"HTTP {code}")
             assert result.response_excerpt == f"answer {code}"
@@ -341,16 +317,16 @@ def test_status_classification(code: int, verdict: Verdict) -> None:
 def test_retry_after_in_seconds_and_as_a_date(code: int) -> None:
     async def scenario() -> None:
         async with Receiver().running() as receiver:
-            result = await send(receiver.url(f"/status/{code}?retry_after=7"))
+            result = await send(scripted(receiver, "seconds", code, retry_after="7"))
             assert (result.verdict, result.retry_after_s) == (Verdict.RETRY, 7.0)
             date = email.utils.format_datetime(
                 datetime.now(UTC) + timedelta(seconds=7), usegmt=True
             )
-            result = await send(receiver.url(f"/status/{code}?retry_after={date}"))
+            result = await send(scripted(receiver, "date", code, retry_after=date))
             assert result.retry_after_s is not None
             assert 5.0 < result.retry_after_s <= 7.0
             # Only 429 and 503 carry a meaningful Retry-After.
-            result = await send(receiver.url("/status/500?retry_after=7"))
+            result = await send(scripted(receiver, "other", 500, retry_after="7"))
             assert result.retry_after_s is None
 
     run(scenario())
@@ -359,13 +335,13 @@ def test_retry_after_in_seconds_and_as_a_date(code: int) -> None:
 def test_redirect_is_a_permanent_status_not_followed() -> None:
     async def scenario() -> None:
         async with Receiver().running() as receiver:
-            result = await send(receiver.url("/status/301"))
+            result = await send(scripted(receiver, "moved", 301))
             assert (result.verdict, result.status_code, result.error) == (
                 Verdict.PERMANENT,
                 301,
                 "HTTP 301",
             )
-            assert [request.path for request in receiver.requests] == ["/status/301"]
+            assert [request.path for request in receiver.arrivals] == ["moved"]
 
     run(scenario())
 
@@ -376,11 +352,16 @@ def test_connections_are_kept_alive_and_cookies_are_not() -> None:
             Receiver().running() as receiver,
             Sender(allow_private_networks=True, user_agent="notifyhook/test") as sender,
         ):
+            url = scripted(receiver, "hook")  # with a Set-Cookie
             for _ in range(3):
-                assert (await sender.send(delivery(receiver.url()))).verdict is Verdict.DELIVERED
-            assert len(set(receiver.peers)) == 1
+                assert (await sender.send(delivery(url))).verdict is Verdict.DELIVERED
+            assert len({request.peer for request in receiver.arrivals}) == 1
             # A receiver's Set-Cookie must not follow the next tenant's delivery to that host.
-            assert all("Cookie" not in request.headers for request in receiver.requests)
+            assert all(
+                key.lower() != "cookie"
+                for request in receiver.arrivals
+                for key, _ in request.header_lines
+            )
 
     run(scenario())
 

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from notifyhook.errors import NotifyhookError
 
@@ -49,6 +50,19 @@ def find_bindir() -> Path:
     raise ClusterError(INSTALL_HINT)
 
 
+def memory_directory() -> Path | None:
+    """A directory in RAM (/dev/shm, a tmpfs) to put throwaway clusters in, when there is one.
+
+    With fsync off, PostgreSQL still writes every page it copies or checkpoints through
+    the file system, and a CREATE DATABASE from a migrated template copies a few
+    megabytes: in RAM the tests wait far less for their fresh databases (the figures are
+    in docs/testing.md). For the tests; a crash of the server loses nothing of tmpfs,
+    only a crash of the machine does.
+    """
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -56,7 +70,8 @@ def free_port() -> int:
 
 
 class Cluster:
-    """initdb into a temporary directory, start on a free port, remove everything on stop.
+    """initdb into a temporary directory (under `directory`, else the system's), start on
+    a free port, remove everything on stop.
 
     initdb refuses to run as root, so as root the cluster belongs to the `postgres`
     user (or NOTIFYHOOK_CLUSTER_USER) and every server command runs through runuser.
@@ -68,10 +83,11 @@ class Cluster:
         fsync: bool = True,
         max_connections: int = 200,
         settings: Mapping[str, str] | None = None,
+        directory: Path | None = None,
     ) -> None:
         self.bindir = find_bindir()
         self.port = free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="notifyhook-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix="notifyhook-pg-", dir=directory))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
         self._user = self._server_user()
@@ -149,7 +165,7 @@ class Cluster:
         directory are appended after it (the last line wins). initdb's pg_hba.conf
         already trusts replication connections from 127.0.0.1.
         """
-        standby = Cluster()
+        standby = Cluster(directory=self.root.parent)
         try:
             if standby._user is not None:
                 shutil.chown(standby.root, standby._user)
@@ -195,3 +211,22 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Server:
+    """A PostgreSQL server to work in: the one `url` names, or, without a URL, a throwaway
+    Cluster of our own (made with `options`). `start` and `stop` start and stop ours and
+    leave a given server alone. The tests', the demo's and the bench's servers build on it.
+    """
+
+    def __init__(self, url: str | None, **options: Any) -> None:
+        self.cluster = Cluster(**options) if url is None else None
+        self.admin_url = self.cluster.url() if self.cluster is not None else str(url)
+
+    def start(self) -> None:
+        if self.cluster is not None:
+            self.cluster.start()
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()

@@ -1,11 +1,12 @@
-"""A webhook receiver on 127.0.0.1 for the demo, the bench and the tests: verifies, records, misbehaves on cue."""
+"""An HTTP receiver on 127.0.0.1 for the tests and the chaos run: verifies, records, misbehaves on cue."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -15,7 +16,7 @@ from notifyhook import signing
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """How to answer one request. `kind`: status, hang, reset, slow, big."""
+    """How to answer one request. `kind`: status, hang, reset, slow, big, raw."""
 
     kind: str = "status"
     status: int = 200
@@ -25,7 +26,9 @@ class Answer:
     size: int = 0
     """big: bytes of body to send."""
     body: bytes | None = None
-    """status: the body to answer with (default "ok" or "no")."""
+    """status: the body to answer with (default "ok" or "no"); raw: the bytes to send as
+    they are, status line and headers included, before closing the connection (for an
+    answer no HTTP server would write)."""
 
 
 OK = Answer()
@@ -40,11 +43,16 @@ class Arrival:
     received_at: float
     """time.time() when the request was read."""
     headers: dict[str, str]
+    """The first value of each header name; `header_lines` has every one, in order."""
     body: bytes
     verified: bool | None
     """Signature checked against the path's secret: True, False, or None when no secret is known."""
     answered: int | None
-    """The status sent back; None for hang and reset."""
+    """The status sent back; None for hang, reset and raw."""
+    peer: tuple[str, int] | None = None
+    """The client's address and port: one connection or several."""
+    header_lines: tuple[tuple[str, str], ...] = ()
+    """Every header as sent, a name repeated as often as it came."""
 
 
 Script = Callable[[int], Answer]
@@ -52,7 +60,12 @@ Script = Callable[[int], Answer]
 
 
 class Receiver:
-    """An aiohttp server: POST /{name} is answered by the script for `name` (200 by default)."""
+    """An aiohttp server: POST /{name} is answered by the script for `name` (200 by default).
+
+    In a thread of its own (`start_in_thread`) for synchronous callers, or on the
+    caller's loop (`running`). The demo and the bench use receiver_process instead: a
+    process of its own, with a bare HTTP server that spends less CPU per request
+    (docs/performance.md), and fewer answers."""
 
     def __init__(self) -> None:
         self.arrivals: list[Arrival] = []
@@ -98,6 +111,8 @@ class Receiver:
                 body=body,
                 verified=self._verify(name, headers, body),
                 answered=answer.status if answer.kind in ("status", "slow", "big") else None,
+                peer=request.transport.get_extra_info("peername") if request.transport else None,
+                header_lines=tuple(request.headers.items()),
             )
         )
         return await self._answer(request, answer)
@@ -112,6 +127,11 @@ class Receiver:
         elif answer.kind == "reset":
             assert request.transport is not None
             request.transport.abort()
+            return web.Response()
+        elif answer.kind == "raw":
+            assert request.transport is not None
+            request.transport.write(answer.body or b"")
+            request.transport.close()  # once the bytes are sent; aiohttp's answer goes nowhere
             return web.Response()
         elif answer.kind == "slow":
             await asyncio.sleep(answer.seconds)
@@ -130,7 +150,8 @@ class Receiver:
 
     async def start(self, port: int = 0) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/{name}", self._handle)
+        # A name may hold slashes: Sentry's ingest is /api/<project>/envelope/ (tests/test_reporting.py).
+        app.router.add_post("/{name:.+}", self._handle)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=0.5
         )
@@ -143,8 +164,17 @@ class Receiver:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Receiver]:
+        """Serve on the caller's event loop for the block (for async callers)."""
+        await self.start()
+        try:
+            yield self
+        finally:
+            await self.stop()
+
     def start_in_thread(self) -> Receiver:
-        """Run on its own event loop in a daemon thread (for synchronous callers: tests, the demo)."""
+        """Run on its own event loop in a daemon thread (for synchronous callers: the tests, the chaos run)."""
         ready = threading.Event()
 
         def serve() -> None:
@@ -152,6 +182,9 @@ class Receiver:
             self._loop.run_until_complete(self.start())
             ready.set()
             self._loop.run_forever()
+            # Handlers still hanging past the runner's shutdown_timeout: cancel them and
+            # let them finish, rather than leave them to be destroyed with the loop.
+            self._loop.run_until_complete(_cancel(asyncio.all_tasks(self._loop)))
             self._loop.close()
 
         self._thread = threading.Thread(target=serve, name="receiver", daemon=True)
@@ -167,3 +200,9 @@ class Receiver:
             asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+
+
+async def _cancel(tasks: set[asyncio.Task[object]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -24,8 +24,7 @@ from notifyhook.store import (
 from notifyhook.store import (
     statements as load_statements,
 )
-from notifyhook.tools import usage
-from notifyhook.tools.cluster import Cluster
+from notifyhook.tools import cluster, usage
 from notifyhook.tools.workers import WorkerProcess
 
 Connection = Any
@@ -51,15 +50,13 @@ async def fetch(
 # -- where the scenario runs ---------------------------------------------------------------
 
 
-class Server:
+class Server(cluster.Server):
     """A PostgreSQL server to make scenario databases in: a throwaway cluster started here,
     or the server of a given URL. Everything made is removed by `close`."""
 
     def __init__(self, url: str | None, prefix: str) -> None:
-        self._given_url = url
+        super().__init__(url, fsync=True)
         self._prefix = prefix
-        self.cluster: Cluster | None = None
-        self.admin_url = url or ""
         self.databases: list[str] = []
         self.postmaster: int | None = None
         self.version = ""
@@ -75,10 +72,7 @@ class Server:
             await server.close()
 
     async def _start(self) -> None:
-        if self._given_url is None:
-            self.cluster = Cluster(fsync=True)
-            self.admin_url = self.cluster.url()
-            await _uninterrupted(self.cluster.start)
+        await _uninterrupted(self.start)
         await self._learn_facts()
 
     async def _learn_facts(self) -> None:
@@ -122,8 +116,7 @@ class Server:
                 if self.cluster is None:
                     await self.drop_database(name)
         finally:
-            if self.cluster is not None:
-                await asyncio.to_thread(self.cluster.stop)
+            await asyncio.to_thread(self.stop)
 
 
 async def _uninterrupted(action: Callable[[], Any]) -> None:
