@@ -50,6 +50,10 @@ def find_bindir() -> Path:
     raise ClusterError(INSTALL_HINT)
 
 
+MEMORY_DIRECTORY_MIN_FREE = 2 << 30
+"""The free space a RAM directory needs to hold the test processes' clusters."""
+
+
 def memory_directory() -> Path | None:
     """A directory in RAM (/dev/shm, a tmpfs) to put throwaway clusters in, when there is one.
 
@@ -60,7 +64,11 @@ def memory_directory() -> Path | None:
     only a crash of the machine does.
     """
     shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+    if not (shm.is_dir() and os.access(shm, os.W_OK | os.X_OK)):
+        return None
+    # A container's /dev/shm is often 64 MB, less than one test process's cluster with
+    # its databases: a full tmpfs would fail tests at random, so such a one is not used.
+    return shm if shutil.disk_usage(shm).free >= MEMORY_DIRECTORY_MIN_FREE else None
 
 
 def free_port() -> int:
