@@ -45,8 +45,9 @@ def unseal(stored: str, key: str | None) -> str:
 
 
 # The worker unseals its endpoint's secrets for every attempt, and Fernet costs tens of
-# microseconds (a key derivation, an HMAC, AES): endpoints are few, so remember them.
+# microseconds (a key derivation, an HMAC, AES): remember them, room for every endpoint of
+# a SaaS fleet (10,000 tenants' endpoints, each with a secret being rotated out).
 # A failure is not cached: an operator may be fixing the key.
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=32_768)
 def _decrypt(stored: str, key: str) -> str:
     return Fernet(key.encode()).decrypt(stored[len(ENCRYPTED_PREFIX) :].encode()).decode()
