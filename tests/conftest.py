@@ -8,10 +8,11 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import psycopg
 import pytest
@@ -129,7 +130,7 @@ def run_cli(
 def _run_in_process(env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess[str]:
     # A worker would run until stopped, taking over this process's signals.
     assert args[:1] != ["worker"] or "--help" in args, "a worker: start_worker or run_worker"
-    stdout, stderr = io.StringIO(), io.StringIO()
+    stdout, stderr = _ThisThreadOnly(sys.stdout), _ThisThreadOnly(sys.stderr)
     with (
         _notifyhook_variables(env),
         _logging_restored(),
@@ -143,6 +144,22 @@ def _run_in_process(env: dict[str, str], args: list[str]) -> subprocess.Complete
     return subprocess.CompletedProcess(
         ["notifyhook", *args], code, stdout.getvalue(), stderr.getvalue()
     )
+
+
+class _ThisThreadOnly(io.StringIO):
+    """Captures what the calling thread writes. What other threads write meanwhile goes
+    where it went before: an in-process worker's log lines reach the handlers the command
+    sets up while it runs, and are not the command's output."""
+
+    def __init__(self, elsewhere: TextIO) -> None:
+        super().__init__()
+        self._owner = threading.get_ident()
+        self._elsewhere = elsewhere
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() == self._owner:
+            return super().write(text)
+        return self._elsewhere.write(text)
 
 
 @contextlib.contextmanager

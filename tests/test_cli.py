@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -123,6 +124,27 @@ def test_a_process_exits_and_prints_as_main_does_in_process(args, code):
         in_process.stdout,
         in_process.stderr,
     )
+
+
+def test_in_process_output_is_the_commands_alone(database_url):
+    # An in-process worker logging while a command runs in process wrote its lines into
+    # the command's captured stderr (a test asserting a quiet command failed at random).
+    stop = threading.Event()
+
+    def chatter() -> None:
+        while not stop.is_set():
+            print("another thread's line", file=sys.stderr)
+            time.sleep(0.001)
+
+    other = threading.Thread(target=chatter)
+    other.start()
+    try:
+        result = run(database_url, "stats")
+    finally:
+        stop.set()
+        other.join()
+    assert result.returncode == 0, result.stderr
+    assert "another thread" not in result.stdout + result.stderr
 
 
 def test_replay_since_with_one_delivery_is_bad_usage():
