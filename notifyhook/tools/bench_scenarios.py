@@ -283,15 +283,19 @@ async def history(bench: Bench) -> list[Result]:
     return [result]
 
 
-ENDPOINT_COUNTS = (10, 1_000, 10_000)
+ENDPOINT_COUNTS = (10, 1_000, 10_000, 10)
+"""The 10-endpoint run comes first and last: the machine's speed drifts over a minute (±20%
+between runs on the project's VM), and a ratio to one run before the others would carry
+the drift to the 10,000-endpoint case, which runs last."""
 
 
 async def endpoints(bench: Bench) -> list[Result]:
     """The multi-tenant shape: the same backlog spread over 10, 1,000 and 10,000 endpoints,
-    each its own tenant, drained by one worker; with how long its claims took."""
+    each its own tenant, drained by one worker; with how long its claims took. Rates are
+    compared with the mean of the two 10-endpoint runs, one before and one after."""
     count = bench.size.endpoints_backlog
     results = []
-    for spread in ENDPOINT_COUNTS:
+    for run, spread in enumerate(ENDPOINT_COUNTS):
         async with bench.trial([]) as trial:
             async with connect(trial.url) as conn:
                 await conn.execute(
@@ -306,7 +310,8 @@ async def endpoints(bench: Bench) -> list[Result]:
             await wait_delivered(trial.url, count, 60)
             used, rss = meter.read(), trial.peak_rss()
             claims = await claim_percentiles(port)
-        result = _backlog_result(f"{spread:,} endpoints", count, used, rss, "")
+        again = ", again" if spread in ENDPOINT_COUNTS[:run] else ""
+        result = _backlog_result(f"{spread:,} endpoints{again}", count, used, rss, "")
         result.scenario = "endpoints"
         result.figures.update(claims)
         result.summary += (
@@ -315,12 +320,12 @@ async def endpoints(bench: Bench) -> list[Result]:
         )
         result.note = _with_unverified("", hits)
         results.append(result)
-    base = results[0].figures["deliveries_per_s"]
-    for result in results[1:]:
+    base = (results[0].figures["deliveries_per_s"] + results[-1].figures["deliveries_per_s"]) / 2
+    for result in results[1:-1]:
         ratio = result.figures["deliveries_per_s"] / base
         result.figures["vs_10_endpoints"] = ratio
-        result.summary += f"; {ratio:.0%} of the 10-endpoint rate"
-    results[-1].target = "≥ 80% of the 10-endpoint rate"
+        result.summary += f"; {ratio:.0%} of the 10-endpoint rate ({base:,.0f}/s, before and after)"
+    results[-2].target = "≥ 80% of the 10-endpoint rate"
     return results
 
 
