@@ -22,6 +22,12 @@ from notifyhook.tools.workers import WorkerProcess
 SECRET = signing.generate_secret()
 """One secret for every bench endpoint, so that the receiver checks one HMAC per request."""
 FAST, SLOW, CEILING_PATH = "fast", "slow", "ceiling"
+PEER_PATH = "peer"
+"""The peer scenario's path: answered as FAST, with no signature checked, as
+benchmarks/pgqueuer_compare.py's path is (pgqueuer signs nothing). The receiver shares the
+two cores with the system under test; checking an HMAC per request there would charge
+notifyhook for work the peer's receiver never does (docs/performance.md). The other
+scenarios check every request."""
 SLOW_S = 2.0
 TENANTS = [f"bench-{n}" for n in range(10)]
 
@@ -31,6 +37,7 @@ def receiver_paths() -> dict[str, PathSpec]:
         FAST: PathSpec(Behaviour(), (SECRET,)),
         SLOW: PathSpec(Behaviour("slow", seconds=SLOW_S), (SECRET,)),
         CEILING_PATH: PathSpec(Behaviour(), (SECRET,)),
+        PEER_PATH: PathSpec(Behaviour(), ()),
     }
 
 
