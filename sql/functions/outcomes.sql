@@ -126,7 +126,10 @@ BEGIN
     -- So the rows free now are taken first, without waiting: in the usual case (no
     -- other record at this moment) that is all, with no exception block, whose
     -- subtransaction would cost a MultiXact on every row locked in it and updated
-    -- outside it. Only rows that were held are then waited for, in id order.
+    -- outside it. Only rows that were held are then waited for, in id order. Two
+    -- records that each took some of the other's rows first wait for each other at
+    -- most the half second (lock_timeout comes before deadlock_timeout's second),
+    -- then go on without those rows' health.
     locked := ARRAY(
         SELECT s.endpoint_id FROM notifyhook.endpoint_state AS s
         WHERE s.endpoint_id = ANY (endpoint_ids)
