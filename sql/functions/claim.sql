@@ -184,7 +184,10 @@ BEGIN
     bucket_at := clock_timestamp();
 
     -- 3. Take the rows, in a statement that starts after the locks (see above).
-    WITH candidate AS (
+    --    MATERIALIZED: inlined, `candidate` copied its in-flight count subquery into
+    --    every expression that reads in_flight, and each copy's plan was built at every
+    --    claim (building plans is a third of a small claim's CPU: docs/performance.md).
+    WITH candidate AS MATERIALIZED (
         SELECT e.id AS endpoint_id, e.tenant_id, e.rate_limit, e.max_in_flight, e.ordered,
                s.consecutive_failures >= circuit_threshold AS circuit_open,
                notifyhook.bucket_tokens(e.rate_limit, tu.tokens, tu.tokens_at, bucket_at) AS tokens,
