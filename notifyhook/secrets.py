@@ -7,6 +7,7 @@ from functools import lru_cache
 from cryptography.fernet import Fernet, InvalidToken
 
 from notifyhook.errors import SecretError
+from notifyhook.signing import ENDPOINT_CACHE_SIZE
 
 ENCRYPTED_PREFIX = "enc:"
 
@@ -45,9 +46,8 @@ def unseal(stored: str, key: str | None) -> str:
 
 
 # The worker unseals its endpoint's secrets for every attempt, and Fernet costs tens of
-# microseconds (a key derivation, an HMAC, AES): remember them, room for every endpoint of
-# a SaaS fleet (10,000 tenants' endpoints, each with a secret being rotated out).
+# microseconds (a key derivation, an HMAC, AES): remember them, per endpoint.
 # A failure is not cached: an operator may be fixing the key.
-@lru_cache(maxsize=32_768)
+@lru_cache(maxsize=ENDPOINT_CACHE_SIZE)
 def _decrypt(stored: str, key: str) -> str:
     return Fernet(key.encode()).decrypt(stored[len(ENCRYPTED_PREFIX) :].encode()).decode()

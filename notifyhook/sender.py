@@ -247,10 +247,9 @@ class Sender:
         return status, retry_after, excerpt
 
 
-@functools.lru_cache(maxsize=32_768)
+@functools.lru_cache(maxsize=signing.ENDPOINT_CACHE_SIZE)
 def _target(text: str, allow_private_networks: bool) -> _Target:
-    """The parsed URL, or _Refused. Cached, with room for every endpoint of a SaaS fleet
-    (10,000 tenants' endpoints): parsing is ~8% of a send.
+    """The parsed URL, or _Refused. Cached per endpoint: parsing is ~8% of a send.
 
     Only literal addresses are checked here, and they cannot change; names are
     checked by the resolver at every connection, so caching never skips a lookup.

@@ -52,10 +52,15 @@ def decode_secret(secret: str) -> bytes:
     return _decode_secret(secret)
 
 
-# Every HTTP attempt decodes its endpoint's secrets; a cache makes that a dict lookup, with
-# room for every endpoint of a SaaS fleet (10,000 tenants' endpoints, mid-rotation).
+ENDPOINT_CACHE_SIZE = 32_768
+"""Entries in each per-endpoint cache of a worker (a URL parsed, a secret decoded or
+unsealed, a signing key loaded): room for every endpoint of a SaaS fleet, 10,000 tenants'
+endpoints each mid-rotation with two secrets, and more."""
+
+
+# Every HTTP attempt decodes its endpoint's secrets; a cache makes that a dict lookup.
 # A wrapper keeps decode_secret's signature typed (lru_cache's wrapper accepts any Hashable).
-@lru_cache(maxsize=32_768)
+@lru_cache(maxsize=ENDPOINT_CACHE_SIZE)
 def _decode_secret(secret: str) -> bytes:
     # Messages never quote the secret: they end up in logs.
     if not secret.startswith(SECRET_PREFIX):
@@ -104,7 +109,7 @@ def check_secret(secret: str) -> None:
         decode_secret(secret)
 
 
-@lru_cache(maxsize=32_768)  # per endpoint, as _decode_secret
+@lru_cache(maxsize=ENDPOINT_CACHE_SIZE)
 def _private_key(signing_key: str) -> Ed25519PrivateKey:
     if not signing_key.startswith(SIGNING_KEY_PREFIX):
         raise SecretError(f"an ed25519 signing key must start with {SIGNING_KEY_PREFIX!r}")
