@@ -64,8 +64,10 @@ class Pacing:
 
     async def wait(self) -> None:
         """Wait for a wake-up or the next deadline, whichever comes first."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), self.timeout())
+        if not self.wake.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.timeout()):
+                    await self.wake.wait()
         self.wake.clear()
 
     def claimed(self, claim: Claim, asked: int, in_flight: int) -> None:
