@@ -150,3 +150,26 @@ CHECKPOINT;
 
 -- name: set_rate_limit
 UPDATE notifyhook.endpoints SET rate_limit = %(rate_limit)s WHERE id = %(endpoint_id)s;
+
+-- name: floor_claim
+-- benchmarks/latency_floor.py: the claim of a minimal queue, one statement (what a job
+-- queue like pgqueuer does), on notifyhook's own tables: due rows, oldest first, taken
+-- with SKIP LOCKED and leased, with what a request needs.
+UPDATE notifyhook.deliveries AS d
+SET status = 'processing', attempts = d.attempts + 1, locked_by = 'floor',
+    locked_until = now() + interval '60 seconds', updated_at = now()
+FROM notifyhook.events AS e
+WHERE e.id = d.event_id AND d.status IN ('pending', 'processing')
+  AND d.id IN (SELECT p.id FROM notifyhook.deliveries AS p
+               WHERE p.status = 'pending' AND p.next_attempt_at <= now()
+               ORDER BY p.next_attempt_at LIMIT %(max_rows)s
+               FOR UPDATE SKIP LOCKED)
+RETURNING d.event_id::text, e.payload::text AS body;
+
+-- name: claim_due_rows
+-- benchmarks/latency_floor.py: notifyhook.claim_due as a worker calls it (nothing held),
+-- its deliveries unnested to what a request needs.
+SELECT c.event_id::text, c.body
+FROM notifyhook.claim_due('floor', %(max_rows)s, interval '60 seconds', 100,
+                          '{}', '{}', '{}') AS f,
+     unnest(f.deliveries) AS c;
