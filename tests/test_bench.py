@@ -95,6 +95,14 @@ def test_small_bench_reports_every_scenario_and_leaves_nothing(server):
         # Every claim the worker made is in its histogram, and took some time.
         assert result["figures"]["claims"] >= 2_000 / 100
         assert 0 < result["figures"]["claim_p50_ms"] <= result["figures"]["claim_p99_ms"]
+        assert 1 <= result["figures"]["rows_per_claim"] <= 100
+    # The peer's rate is its claims' rows over their time: both reported.
+    peer = next(r for r in report["results"] if r["scenario"] == "peer")
+    assert (
+        peer["figures"]["claims"] * peer["figures"]["rows_per_claim"]
+        >= peer["figures"]["deliveries"]
+    )
+    assert 0 < peer["figures"]["claim_p50_ms"] <= peer["figures"]["claim_p99_ms"]
     # Compared with the mean of the 10-endpoint runs before and after them.
     assert spread[1]["figures"]["vs_10_endpoints"] > 0
     assert spread[2]["figures"]["vs_10_endpoints"] > 0
