@@ -153,8 +153,9 @@ UPDATE notifyhook.endpoints SET rate_limit = %(rate_limit)s WHERE id = %(endpoin
 
 -- name: floor_claim
 -- benchmarks/latency_floor.py: the claim of a minimal queue, one statement (what a job
--- queue like pgqueuer does), on notifyhook's own tables: due rows, oldest first, taken
--- with SKIP LOCKED and leased, with what a request needs.
+-- queue like pgqueuer does), on notifyhook's own tables: due rows in the order of the
+-- pending rows' index (oldest first, for the script's one endpoint), taken with SKIP
+-- LOCKED and leased, with what a request needs.
 UPDATE notifyhook.deliveries AS d
 SET status = 'processing', attempts = d.attempts + 1, locked_by = 'floor',
     locked_until = now() + interval '60 seconds', updated_at = now()
@@ -162,7 +163,7 @@ FROM notifyhook.events AS e
 WHERE e.id = d.event_id AND d.status IN ('pending', 'processing')
   AND d.id IN (SELECT p.id FROM notifyhook.deliveries AS p
                WHERE p.status = 'pending' AND p.next_attempt_at <= now()
-               ORDER BY p.next_attempt_at LIMIT %(max_rows)s
+               ORDER BY p.endpoint_id, p.next_attempt_at LIMIT %(max_rows)s
                FOR UPDATE SKIP LOCKED)
 RETURNING d.event_id::text, e.payload::text AS body;
 
