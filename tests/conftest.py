@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -214,6 +215,26 @@ def receiver() -> Iterator[Receiver]:
     running = Receiver().start_in_thread()
     yield running
     running.stop_thread()
+
+
+def cluster_directory(output: str) -> Path:
+    """The throwaway cluster's directory, from a demo's or bench's progress lines."""
+    match = re.search(r"cluster in (\S+) on port", output)
+    assert match, output
+    return Path(match.group(1))
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """The processes whose command line holds `text` (a cluster's directory: its server)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def scalar(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:

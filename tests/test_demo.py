@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import run_cli, scalar
+from conftest import cluster_directory, processes_mentioning, run_cli, scalar
 
 SMALL = ["--events", "40", "--duration", "2"]
 
@@ -58,24 +58,6 @@ def assert_consistent_summary(output: str, events: int) -> None:
     assert int(alerts.group(1)) >= 1
     assert int(alerts.group(2)) == 1
     assert "select * from notifyhook.queue_stats" in output
-
-
-def cluster_directory(output: str) -> Path:
-    match = re.search(r"cluster in (\S+) on port", output)
-    assert match, output
-    return Path(match.group(1))
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def pids(output: str) -> list[int]:
@@ -132,7 +114,9 @@ def test_demo_in_a_given_server_works_in_a_database_of_its_own(server):
 
 
 @pytest.mark.slow
-def test_ctrl_c_removes_everything_the_demo_started():
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_removes_everything_the_demo_started(signum):
+    # SIGTERM is what `kill`, a CI job's timeout and systemd send.
     process = subprocess.Popen(
         [sys.executable, "-m", "notifyhook", "demo", "--events", "200", "--duration", "30"],
         env=environment(),
@@ -147,7 +131,7 @@ def test_ctrl_c_removes_everything_the_demo_started():
             seen.append(line)
             if line.startswith("Enqueueing"):
                 break
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         rest, errors = process.communicate(timeout=60)
     finally:
         if process.poll() is None:

@@ -79,7 +79,9 @@ def bench_command(args: argparse.Namespace) -> int:
         find_bindir()  # fail at once, naming what to install
     directory = Path(tempfile.mkdtemp(prefix="notifyhook-bench-"))
     try:
-        report = run_async(_bench(url, chosen, size, args.workers, directory))
+        report = run_async(
+            _bench(url, chosen, size, args.workers, directory), sigterm_as_ctrl_c=True
+        )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     if args.json:

@@ -82,7 +82,9 @@ def demo_command(args: argparse.Namespace) -> int:
         raise UsageError("--events must be at least 10 and --duration positive")
     directory = Path(tempfile.mkdtemp(prefix="notifyhook-demo-"))
     try:
-        code = int(run_async(_demo(url, args.events, args.duration, directory)))
+        code = int(
+            run_async(_demo(url, args.events, args.duration, directory), sigterm_as_ctrl_c=True)
+        )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print("Cleaned up: worker and receiver stopped, " + _removed(url))
