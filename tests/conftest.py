@@ -217,6 +217,38 @@ def receiver() -> Iterator[Receiver]:
     running.stop_thread()
 
 
+def interrupted(
+    args: list[str], until: str, signum: int, *, watch: str = "stdout"
+) -> tuple[int, str, str]:
+    """Run `python -m notifyhook *args` (no NOTIFYHOOK_ variables), send `signum` once a
+    line of its `watch` stream starts with `until`: (exit status, that stream's whole
+    text, the other stream's)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "notifyhook", *args],
+        env={k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = []
+    try:
+        watched = process.stdout if watch == "stdout" else process.stderr
+        assert watched is not None
+        for line in watched:
+            seen.append(line)
+            if line.startswith(until):
+                break
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if watch == "stdout":
+        return process.returncode, "".join(seen) + out, err
+    return process.returncode, "".join(seen) + err, out
+
+
 def cluster_directory(output: str) -> Path:
     """The throwaway cluster's directory, from a demo's or bench's progress lines."""
     match = re.search(r"cluster in (\S+) on port", output)

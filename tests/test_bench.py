@@ -12,7 +12,7 @@ import sys
 
 import psycopg
 import pytest
-from conftest import cluster_directory, processes_mentioning, run_cli
+from conftest import cluster_directory, interrupted, processes_mentioning, run_cli
 
 from notifyhook.tools.bench import SCENARIO_NAMES, format_report
 from notifyhook.tools.bench_scenarios import SCENARIOS
@@ -122,29 +122,13 @@ def test_small_bench_reports_every_scenario_and_leaves_nothing(server):
 def test_sigterm_stops_the_bench_and_removes_its_postgresql():
     # SIGTERM is what `kill`, a CI job's timeout and systemd send; Python's default for it
     # left the throwaway cluster running.
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "notifyhook", "bench", "--small", "--scenarios", "backlog"],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    status, progress, _ = interrupted(
+        ["bench", "--small", "--scenarios", "backlog"],
+        "bench: backlog",
+        signal.SIGTERM,
+        watch="stderr",
     )
-    seen = []
-    try:
-        assert process.stderr is not None
-        for line in process.stderr:
-            seen.append(line)
-            if line.startswith("bench: backlog"):
-                break
-        process.send_signal(signal.SIGTERM)
-        _, rest = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    progress = "".join(seen) + rest
-    assert process.returncode == 130, progress
+    assert status == 130, progress
     directory = cluster_directory(progress)
     assert not directory.exists()
     assert processes_mentioning(str(directory)) == []

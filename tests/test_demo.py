@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import cluster_directory, processes_mentioning, run_cli, scalar
+from conftest import cluster_directory, interrupted, processes_mentioning, run_cli, scalar
 
 SMALL = ["--events", "40", "--duration", "2"]
 
@@ -117,28 +117,10 @@ def test_demo_in_a_given_server_works_in_a_database_of_its_own(server):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_removes_everything_the_demo_started(signum):
     # SIGTERM is what `kill`, a CI job's timeout and systemd send.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "notifyhook", "demo", "--events", "200", "--duration", "30"],
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    status, output, errors = interrupted(
+        ["demo", "--events", "200", "--duration", "30"], "Enqueueing", signum
     )
-    seen = []
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            seen.append(line)
-            if line.startswith("Enqueueing"):
-                break
-        process.send_signal(signum)
-        rest, errors = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    output = "".join(seen) + rest
-    assert process.returncode == 130, output + errors
+    assert status == 130, output + errors
     assert "Interrupted" in output
     directory = cluster_directory(output)
     assert not directory.exists()
