@@ -220,11 +220,11 @@ def receiver() -> Iterator[Receiver]:
 def interrupted(
     args: list[str], until: str, signum: int, *, watch: str = "stdout"
 ) -> tuple[int, str, str]:
-    """Run `python -m notifyhook *args` (no NOTIFYHOOK_ variables), send `signum` once a
-    line of its `watch` stream starts with `until`: (exit status, that stream's whole
-    text, the other stream's)."""
+    """Run `python -m *args` (no NOTIFYHOOK_ variables), send `signum` once a line of its
+    `watch` stream starts with `until`: (exit status, that stream's whole text, the
+    other stream's)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "notifyhook", *args],
+        [sys.executable, "-m", *args],
         env={k: v for k, v in os.environ.items() if not k.startswith("NOTIFYHOOK_")},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

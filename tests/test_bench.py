@@ -123,7 +123,7 @@ def test_sigterm_stops_the_bench_and_removes_its_postgresql():
     # SIGTERM is what `kill`, a CI job's timeout and systemd send; Python's default for it
     # left the throwaway cluster running.
     status, progress, _ = interrupted(
-        ["bench", "--small", "--scenarios", "backlog"],
+        ["notifyhook", "bench", "--small", "--scenarios", "backlog"],
         "bench: backlog",
         signal.SIGTERM,
         watch="stderr",

@@ -118,7 +118,7 @@ def test_demo_in_a_given_server_works_in_a_database_of_its_own(server):
 def test_ctrl_c_or_sigterm_removes_everything_the_demo_started(signum):
     # SIGTERM is what `kill`, a CI job's timeout and systemd send.
     status, output, errors = interrupted(
-        ["demo", "--events", "200", "--duration", "30"], "Enqueueing", signum
+        ["notifyhook", "demo", "--events", "200", "--duration", "30"], "Enqueueing", signum
     )
     assert status == 130, output + errors
     assert "Interrupted" in output

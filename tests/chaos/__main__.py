@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +34,16 @@ def main() -> int:
     }
     config = dataclasses.replace(config, **changes)
     workdir = Path(tempfile.mkdtemp(prefix="notifyhook-chaos-"))
-    verdict = judge(run(config, workdir))
+    # SIGTERM (`kill`, a CI job's timeout) as Ctrl-C: KeyboardInterrupt, so that run's
+    # finally blocks kill the workers and stop the cluster. Python's default for SIGTERM
+    # left both running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        observed = run(config, workdir)
+    except KeyboardInterrupt:
+        print(f"interrupted: workers and PostgreSQL stopped; worker logs: {workdir}")
+        return 130
+    verdict = judge(observed)
     print(report(verdict))
     print(f"worker logs: {workdir}")
     return 1 if verdict.failures else 0

@@ -125,7 +125,10 @@ def run(config: Config, workdir: Path, say: Any = print) -> Observed:
             plans = {plan.name: plan for plan in endpoints(config)}
             endpoint_ids = _create_endpoints(url, receiver, plans)
             fleet.start()
-            say(f"chaos[{config.name}]: PostgreSQL at {url}, logs in {workdir}")
+            say(
+                f"chaos[{config.name}]: PostgreSQL at {url} (cluster in {cluster.root} on port "
+                f"{cluster.port}), logs in {workdir}"
+            )
             _wait_until_ready(fleet, workdir)
             origin = time.monotonic()
             producer = Producer(url, config.rate, config.seconds, config.seed, origin)

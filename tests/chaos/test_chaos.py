@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+
 import pytest
-from conftest import SUMMARY
+from conftest import SUMMARY, cluster_directory, interrupted, processes_mentioning
 
 from .checks import judge, report
 from .plan import CI
@@ -20,3 +23,19 @@ def test_nothing_is_lost_under_faults(tmp_path, record_property):
     # point of the run (tests/conftest.py's pytest_terminal_summary prints it).
     record_property(SUMMARY, summary)
     assert not verdict.failures, "\n".join([*timeline, summary])
+
+
+def test_sigterm_stops_the_workers_and_postgresql():
+    # SIGTERM is what `kill` and a CI job's timeout send: the run's workers and cluster
+    # were left running.
+    status, output, errors = interrupted(
+        ["tests.chaos"], "chaos[ci]: PostgreSQL at", signal.SIGTERM
+    )
+    assert status == 130, output + errors
+    assert "interrupted: workers and PostgreSQL stopped" in output
+    directory = cluster_directory(output)
+    assert not directory.exists()
+    assert processes_mentioning(str(directory)) == []
+    port = int(output.split(" on port ", 1)[1].split(")", 1)[0])
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), 1):
+        pass
