@@ -122,7 +122,7 @@ async def measure(server: Server, receiver: ReceiverProcess, mode: str, events: 
     return latencies(committed, first_arrivals(hits), [PATH])
 
 
-def line(mode: str, seconds: list[float]) -> str:
+def summary_line(mode: str, seconds: list[float]) -> str:
     figures = summarize(seconds)
     return (
         f"{mode:>13}: p50 {figures['p50_ms']:.2f} / p95 {figures['p95_ms']:.2f} / "
@@ -141,7 +141,7 @@ async def main(rounds: int, events: int) -> None:
                 for mode in CLAIMS:
                     seconds = await measure(server, receiver, mode, events)
                     medians[mode].append(summarize(seconds)["p50_ms"])
-                    print("  " + line(mode, seconds), flush=True)
+                    print("  " + summary_line(mode, seconds), flush=True)
         finally:
             receiver.stop()
         for mode, p50s in medians.items():

@@ -249,11 +249,19 @@ def interrupted(
     return process.returncode, "".join(seen) + err, out
 
 
-def cluster_directory(output: str) -> Path:
-    """The throwaway cluster's directory, from a demo's or bench's progress lines."""
-    match = re.search(r"cluster in (\S+) on port", output)
+def cluster_place(output: str) -> tuple[Path, int]:
+    """The throwaway cluster's directory and port, from the progress lines of a demo, a
+    bench or a chaos run ("cluster in DIRECTORY on port PORT")."""
+    match = re.search(r"cluster in (\S+) on port (\d+)", output)
     assert match, output
-    return Path(match.group(1))
+    return Path(match.group(1)), int(match.group(2))
+
+
+def assert_cluster_gone(output: str) -> None:
+    """The cluster named in `output` is stopped and its directory removed."""
+    directory, _ = cluster_place(output)
+    assert not directory.exists()
+    assert processes_mentioning(str(directory)) == []
 
 
 def processes_mentioning(text: str) -> list[int]:

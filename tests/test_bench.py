@@ -12,7 +12,7 @@ import sys
 
 import psycopg
 import pytest
-from conftest import cluster_directory, interrupted, processes_mentioning, run_cli
+from conftest import assert_cluster_gone, interrupted, run_cli
 
 from notifyhook.tools.bench import SCENARIO_NAMES, format_report
 from notifyhook.tools.bench_scenarios import SCENARIOS
@@ -129,9 +129,7 @@ def test_sigterm_stops_the_bench_and_removes_its_postgresql():
         watch="stderr",
     )
     assert status == 130, progress
-    directory = cluster_directory(progress)
-    assert not directory.exists()
-    assert processes_mentioning(str(directory)) == []
+    assert_cluster_gone(progress)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import cluster_directory, interrupted, processes_mentioning, run_cli, scalar
+from conftest import assert_cluster_gone, interrupted, run_cli, scalar
 
 SMALL = ["--events", "40", "--duration", "2"]
 
@@ -81,9 +81,7 @@ def test_demo_starts_its_own_postgresql_and_removes_it():
     result = run_demo(*SMALL)
     assert result.returncode == 0, result.stdout + result.stderr
     assert_consistent_summary(result.stdout, 40)
-    directory = cluster_directory(result.stdout)
-    assert not directory.exists()
-    assert processes_mentioning(str(directory)) == []
+    assert_cluster_gone(result.stdout)
     for pid in pids(result.stdout):
         assert_gone(pid)
     assert "PostgreSQL cluster stopped and its directory removed" in result.stdout
@@ -122,9 +120,7 @@ def test_ctrl_c_or_sigterm_removes_everything_the_demo_started(signum):
     )
     assert status == 130, output + errors
     assert "Interrupted" in output
-    directory = cluster_directory(output)
-    assert not directory.exists()
-    assert processes_mentioning(str(directory)) == []
+    assert_cluster_gone(output)
     for pid in pids(output):
         assert_gone(pid)
 

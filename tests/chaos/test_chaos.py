@@ -6,7 +6,7 @@ import signal
 import socket
 
 import pytest
-from conftest import SUMMARY, cluster_directory, interrupted, processes_mentioning
+from conftest import SUMMARY, assert_cluster_gone, cluster_place, interrupted
 
 from .checks import judge, report
 from .plan import CI
@@ -33,9 +33,7 @@ def test_sigterm_stops_the_workers_and_postgresql():
     )
     assert status == 130, output + errors
     assert "interrupted: workers and PostgreSQL stopped" in output
-    directory = cluster_directory(output)
-    assert not directory.exists()
-    assert processes_mentioning(str(directory)) == []
-    port = int(output.split(" on port ", 1)[1].split(")", 1)[0])
+    assert_cluster_gone(output)
+    _, port = cluster_place(output)
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), 1):
         pass
