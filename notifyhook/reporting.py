@@ -11,7 +11,7 @@ import sentry_sdk
 from sentry_sdk.integrations.atexit import AtexitIntegration
 from sentry_sdk.integrations.dedupe import DedupeIntegration
 from sentry_sdk.integrations.excepthook import ExcepthookIntegration
-from sentry_sdk.integrations.logging import LoggingIntegration
+from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 
 from notifyhook import __version__
 from notifyhook.settings import Settings
@@ -22,6 +22,10 @@ FLUSH_TIMEOUT_S = 2.0
 
 REDACTED = "[redacted]"
 
+UNEXPECTED_LOGGER = "notifyhook.worker.unexpected"
+"""Where the worker logs a bug met in a delivery, which it reports with report_exception:
+not captured again as a message event."""
+
 # Secrets whose values no code here knows in advance: endpoint secrets as stored
 # (whsec_…, or enc: + a Fernet token) and the password part of any URL.
 _SECRET_PATTERNS = (
@@ -31,6 +35,10 @@ _SECRET_PATTERNS = (
     re.compile(r"(?<=://)[^/@\s:]*:[^/@\s]+(?=@)"),
     re.compile(r"(?<=password=)\S+"),
 )
+
+# The path and query of a web address: an endpoint's may hold tokens (the host stays, to
+# tell endpoints apart).
+_URL_PATH = re.compile(r"(https?://[^/?#\s'\"<>]+)[/?#][^\s'\"<>]*")
 
 # Event fields that can carry request bodies, headers, cookies, users or variables.
 _DROPPED_FIELDS = ("request", "user", "extra")
@@ -67,6 +75,7 @@ def start(settings: Settings) -> bool:
         before_send=before_send,
         shutdown_timeout=FLUSH_TIMEOUT_S,
     )
+    ignore_logger(UNEXPECTED_LOGGER)
     # The global scope: events captured outside the worker's task (an uncaught
     # exception reaching the interpreter) carry the tag too.
     sentry_sdk.get_global_scope().set_tag("worker_id", worker_id)
@@ -122,7 +131,7 @@ def _redact(value: Any, secrets: list[str]) -> Any:
             value = value.replace(secret, REDACTED)
         for pattern in _SECRET_PATTERNS:
             value = pattern.sub(REDACTED, value)
-        return value
+        return _URL_PATH.sub(rf"\1/{REDACTED}", value)
     if isinstance(value, dict):
         return {key: _redact(item, secrets) for key, item in value.items()}
     if isinstance(value, list | tuple):

@@ -181,7 +181,7 @@ class Sender:
             verdict, error = Verdict.RETRY, f"timeout after {delivery.timeout_s}s"
         except (httpx.HTTPError, OSError, SecretError) as failure:
             verdict, error = _describe_failure(failure)
-            error = _without_url(error, delivery.url)
+            error = without_url(error, delivery.url)
         else:
             verdict = _status_verdict(status)
             return AttemptResult(
@@ -387,7 +387,7 @@ def _causes(failure: BaseException) -> list[BaseException]:
     return causes
 
 
-def _without_url(error: str, url: str) -> str:
+def without_url(error: str, url: str) -> str:
     """`error` without the endpoint's URL, nor its path and query: they may hold tokens, and
     attempts.error, dead_letters and the log are read by more people than the endpoint's
     owner. A second line behind the descriptions above, for texts they do not foresee."""

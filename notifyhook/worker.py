@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +23,7 @@ from notifyhook.metrics import serve as serve_metrics
 from notifyhook.migrate import check_schema
 from notifyhook.pacing import Pacing
 from notifyhook.recorder import Recorder
-from notifyhook.sender import Sender
+from notifyhook.sender import Sender, without_url
 from notifyhook.settings import Settings
 from notifyhook.store import (
     ClaimedDelivery,
@@ -37,6 +38,9 @@ from notifyhook.store import (
 from notifyhook.systemd import SystemdNotifier
 
 log = logging.getLogger("notifyhook.worker")
+# A bug met in a delivery: logged here as text, reported to Sentry as the exception itself
+# (reporting.UNEXPECTED_LOGGER is not also sent as a message).
+unexpected_log = logging.getLogger(reporting.UNEXPECTED_LOGGER)
 
 SHUTDOWN_DATABASE_S = 10.0
 """After the grace, how long a stopping worker tries to record outcomes and give back
@@ -289,9 +293,16 @@ class Worker:
             # A bug, since the sender turns every failure it knows into a value. Recorded
             # as a failed attempt that will be retried, rather than left to escape the
             # task, which would leave the row leased and its attempt unrecorded.
-            log.exception("delivery %d: unexpected error while sending", delivery.id)
+            # Its message may quote the endpoint's URL, whose path and query may hold
+            # tokens (DESIGN §8): the log and attempts.error get it without, and the
+            # traceback as frames only.
+            text = without_url(f"{type(error).__name__}: {error}", delivery.url)
+            frames = "".join(traceback.format_tb(error.__traceback__)).rstrip()
+            unexpected_log.error(
+                "delivery %d: unexpected error while sending: %s\n%s", delivery.id, text, frames
+            )
             reporting.report_exception(error)
-            return _unsent(f"internal error: {type(error).__name__}: {error}"[:500])
+            return _unsent(f"internal error: {text}"[:500])
 
     def _note(self, delivery: Delivery, outcome: Outcome) -> None:
         result = outcome.result

@@ -140,13 +140,17 @@ def test_scrub_drops_request_data_and_variables_and_redacts_secrets():
                 }
             ]
         },
+        "threads": {"values": [{"name": "https://hooks.example.com/in/PATHTOKEN?k=QTOKEN"}]},
         "breadcrumbs": {
             "values": [{"message": f"password={PASSWORD} host=db", "data": {"body": PAYLOAD_TEXT}}]
         },
     }
     scrubbed = scrub(event, ["sentry-dsn-value"])
     text = json.dumps(scrubbed)
-    for never in (PASSWORD, PAYLOAD_TEXT, secret, "gAAAAAB", "Bearer", "10.0.0.1"):
+    never_sent = (PASSWORD, PAYLOAD_TEXT, secret, "gAAAAAB", "Bearer", "10.0.0.1", "TOKEN")
+    for never in never_sent:
         assert never not in text, never
     assert scrubbed["message"] == f"failed for postgresql://{REDACTED}@db/app with {REDACTED}"
     assert scrubbed["exception"]["values"][0]["stacktrace"]["frames"] == [{"function": "send"}]
+    # A web address keeps its host, to tell endpoints apart.
+    assert scrubbed["threads"]["values"][0]["name"] == f"https://hooks.example.com/{REDACTED}"

@@ -294,6 +294,32 @@ def test_a_malformed_response_is_recorded_without_the_endpoints_url(
     assert "malformed response" in caplog.text
 
 
+def test_a_bug_quoting_the_url_is_recorded_and_logged_without_it(
+    db, receiver, run_worker, caplog, monkeypatch
+):
+    # A bug in the sender: an exception the sender does not turn into a value, whose
+    # message quotes the endpoint's URL. Its text reached attempts.error and the log whole.
+    def broken_target(text: str, allow_private_networks: bool) -> None:
+        raise RuntimeError(f"cannot route {text}")
+
+    monkeypatch.setattr("notifyhook.sender._target", broken_target)
+    url = receiver.url("PATHTOKEN123?token=QUERYTOKEN456")
+    add_endpoint(db, "t", "buggy", url)
+    caplog.set_level(logging.DEBUG, logger="notifyhook")
+    worker = run_worker(retry_schedule="0.1")
+    insert_events(db, "t", 1)
+    worker.wait_recorded(lambda: statuses(db) == {"dead": 1}, what="the delivery to die")
+    worker.stop()
+    errors = [row[0] for row in db.execute("SELECT error FROM notifyhook.attempts")]
+    assert errors == ["internal error: RuntimeError: cannot route <the endpoint's URL>"] * 2
+    recorded = str(db.execute("SELECT * FROM notifyhook.deliveries").fetchall())
+    assert "unexpected error while sending: RuntimeError" in caplog.text
+    assert "broken_target" in caplog.text  # the traceback's frames are kept
+    for token in ("PATHTOKEN123", "QUERYTOKEN456"):
+        assert token not in recorded
+        assert token not in caplog.text
+
+
 def test_sigterm_while_waiting_for_the_database_exits_zero(database_url, start_worker):
     import socket
 
