@@ -56,6 +56,10 @@ class AttemptResult:
     """At most the first 1 KiB of the response body, decoded leniently."""
     retry_after_s: float | None = None
     """The receiver's Retry-After (429/503 only), in seconds from now, uncapped."""
+    sent: bool = True
+    """False when the attempt ended on our side before a request left (a secret this
+    worker cannot decrypt, a bug): it says nothing of the receiver, whose health
+    (circuit, failing clock, disable_after) does not count it."""
     attempt_key: uuid.UUID = field(default_factory=uuid.uuid4)
     """Drawn for each attempt: the database knows a record sent twice by it (attempts.attempt_key)."""
 

@@ -471,6 +471,7 @@ class Store:
                     "excerpts": [_storable(r.response_excerpt) for r in results],
                     "gone": [r.verdict.value == "gone" for r in results],
                     "attempt_keys": [r.attempt_key for r in results],
+                    "sent": [r.sent for r in results],
                     "disable_after": timedelta(seconds=disable_after_s),
                     "retried": retried,
                 },

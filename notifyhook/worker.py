@@ -48,8 +48,9 @@ claims: SHUTDOWN_GRACE plus this stays within the unit's TimeoutStopSec (30 + 10
 
 
 def _unsent(error: str) -> AttemptResult:
-    """An attempt that ended on our side, before an answer: retried on the schedule."""
-    return AttemptResult(Verdict.RETRY, datetime.now(UTC), 0.0, error=error)
+    """An attempt that ended on our side, before a request left: retried on the schedule,
+    not counted against the endpoint's health."""
+    return AttemptResult(Verdict.RETRY, datetime.now(UTC), 0.0, error=error, sent=False)
 
 
 class Worker:

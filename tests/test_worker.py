@@ -11,9 +11,12 @@ import signal
 import pytest
 import standardwebhooks
 from conftest import add_endpoint, psql, scalar, wait_until
+from cryptography.fernet import Fernet
 from databases import with_dbname
 from psycopg.conninfo import make_conninfo
 
+from notifyhook.secrets import seal
+from notifyhook.signing import generate_secret
 from notifyhook.tools.receiver import Answer
 
 
@@ -318,6 +321,34 @@ def test_a_bug_quoting_the_url_is_recorded_and_logged_without_it(
     for token in ("PATHTOKEN123", "QUERYTOKEN456"):
         assert token not in recorded
         assert token not in caplog.text
+
+
+def test_a_secret_the_worker_cannot_decrypt_does_not_count_against_the_endpoint(
+    db, receiver, run_worker
+):
+    # A worker with the wrong NOTIFYHOOK_SECRET_KEY cannot sign. Its attempts are
+    # recorded and retried, but they say nothing of the receiver: counted as the
+    # endpoint's failures they opened its circuit (one request at a time for every
+    # worker) and started its failing clock, and DISABLE_AFTER then disabled a healthy
+    # endpoint.
+    sealed = seal(generate_secret(), Fernet.generate_key().decode())
+    endpoint_id = add_endpoint(db, "t", "sealed", receiver.url("sealed"), secret=sealed)
+    worker = run_worker(
+        secret_key=Fernet.generate_key().decode(), retry_schedule="0.1,0.1,0.1,0.1,0.1,0.1"
+    )
+    insert_events(db, "t", 1)
+    worker.wait_recorded(lambda: statuses(db) == {"dead": 1}, what="the delivery to die")
+    worker.stop()
+    errors = [row[0] for row in db.execute("SELECT error FROM notifyhook.attempts")]
+    assert errors == ["an endpoint secret cannot be decrypted with NOTIFYHOOK_SECRET_KEY"] * 7
+    assert receiver.received("sealed") == []
+    health = db.execute(
+        "SELECT s.consecutive_failures, s.failing_since, s.last_failure_at, e.enabled "
+        "FROM notifyhook.endpoint_state AS s JOIN notifyhook.endpoints AS e "
+        "ON e.id = s.endpoint_id WHERE s.endpoint_id = %s",
+        [endpoint_id],
+    ).fetchone()
+    assert health == (0, None, None, True)
 
 
 def test_sigterm_while_waiting_for_the_database_exits_zero(database_url, start_worker):

@@ -32,6 +32,9 @@ DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
 DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
     text, bigint[], bigint[], integer[], text[], double precision[], timestamptz[],
     double precision[], integer[], text[], text[], boolean[], interval, boolean);
+DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
+    text, bigint[], bigint[], integer[], text[], double precision[], timestamptz[],
+    double precision[], integer[], text[], text[], boolean[], interval, boolean, uuid[]);
 CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     worker text,
     delivery_ids bigint[],
@@ -49,7 +52,11 @@ CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     retried boolean,
     -- Last and optional, so that callers written before it keep working; without
     -- keys a record sent again cannot be told from the first (0005_attempt_keys.sql).
-    attempt_keys uuid[] DEFAULT NULL
+    attempt_keys uuid[] DEFAULT NULL,
+    -- false: the attempt ended on the worker's side before a request left (a secret it
+    -- cannot decrypt, a bug in it): recorded, retried, but not the receiver's failure,
+    -- so not counted in the endpoint's health. Null: every attempt was sent.
+    sent boolean[] DEFAULT NULL
 ) RETURNS TABLE (endpoint_id bigint, disabled_reason text)
 LANGUAGE plpgsql
 -- Planned once per connection and reused (see claim_due).
@@ -175,9 +182,11 @@ BEGIN
         SELECT o.endpoint_id, o.status,
                now() - make_interval(secs => greatest(coalesce(o.duration_ms, 0), 0) / 1000)
                    AS started_at
-        FROM unnest(endpoint_ids, statuses, durations_ms) WITH ORDINALITY
-             AS o(endpoint_id, status, duration_ms, n)
+        FROM unnest(endpoint_ids, statuses, durations_ms, sent) WITH ORDINALITY
+             AS o(endpoint_id, status, duration_ms, sent, n)
         WHERE o.n <> ALL (recorded) AND o.endpoint_id = ANY (locked)
+          -- An attempt that never left says nothing of the receiver.
+          AND coalesce(o.sent, true)
     ), per_endpoint AS (
         SELECT o.endpoint_id,
                max(o.started_at) FILTER (WHERE o.status = 'delivered') AS success_at,
