@@ -16,18 +16,27 @@ It claims in one of two ways:
 Each way in turn, `--rounds` times interleaved, each in a fresh database. What separates
 the two is what claim_due costs on the path; what separates claim_due from `notifyhook
 bench --scenarios latency` is the worker's own code (signing, the HTTP engine, recording).
+
+With `--statements` the cluster runs pg_stat_statements, nested statements counted too,
+and each measurement prints the mean execution time of every statement run about once
+per event: the claim as called, the statements inside claim_due (and inside the
+producer's triggers), so that what a cold claim spends is read statement by statement.
+What the top-level claim takes beyond the sum of its statements is their executor set-up
+and tear-down, which pg_stat_statements leaves out of each.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 from urllib.parse import urlsplit
 
 from notifyhook.store import connect, queries
 from notifyhook.tools.bench_context import SECRET, collect_hits
+from notifyhook.tools.bench_workload import install_statement_counts, preloaded_statement_counts
 from notifyhook.tools.latency import first_arrivals, latencies, summarize
 from notifyhook.tools.receiver_process import Behaviour, Hit, PathSpec, ReceiverProcess
 from notifyhook.tools.scenario import Server, fetch, insert_event, paced, statements
@@ -77,8 +86,11 @@ async def _read_answer(reader: asyncio.StreamReader) -> None:
 # -- the measurement ---------------------------------------------------------------------------
 
 
-async def measure(server: Server, receiver: ReceiverProcess, mode: str, events: int) -> list[float]:
-    """Seconds from each event's COMMIT to its request, with the claimer claiming by `mode`."""
+async def measure(
+    server: Server, receiver: ReceiverProcess, mode: str, events: int, statements_too: bool
+) -> list[float]:
+    """Seconds from each event's COMMIT to its request, with the claimer claiming by `mode`
+    (and, with `statements_too`, the statements' mean times printed)."""
     name, url = await server.create_database()
     try:
         async with connect(url) as conn:
@@ -87,6 +99,10 @@ async def measure(server: Server, receiver: ReceiverProcess, mode: str, events: 
                 "add_tenant_endpoints",
                 {"count": 1, "url": receiver.url(PATH), "secret": SECRET},
             )
+            if statements_too:
+                if not await install_statement_counts(conn):
+                    raise RuntimeError("pg_stat_statements could not be loaded")
+                await fetch(conn, "track_nested_statements")
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             __file__,
@@ -101,6 +117,9 @@ async def measure(server: Server, receiver: ReceiverProcess, mode: str, events: 
             if (await process.stdout.readline()).strip() != b"ready":
                 raise RuntimeError(f"the {mode} claimer exited ({process.returncode})")
             receiver.drain()
+            if statements_too:
+                async with connect(url) as conn:
+                    await fetch(conn, "reset_statement_counts")
             committed: dict[str, float] = {}
             async with connect(url) as producer:
 
@@ -114,6 +133,11 @@ async def measure(server: Server, receiver: ReceiverProcess, mode: str, events: 
                 return receiver.drain()
 
             hits = await collect_hits(drain, events, 30, PATH)
+            if statements_too:
+                async with connect(url) as conn:
+                    timed = await fetch(conn, "statement_times", {"calls": events * 9 // 10})
+                for row in timed:
+                    print(f"      {row['mean_us']:>6,.0f} µs {row['nested']:>6} {row['query']}")
         finally:
             process.terminate()
             await process.wait()
@@ -130,16 +154,18 @@ def summary_line(mode: str, seconds: list[float]) -> str:
     )
 
 
-async def main(rounds: int, events: int) -> None:
-    async with Server.open(None, "latency_floor") as server:
+async def main(rounds: int, events: int, statements_too: bool) -> None:
+    async with Server.open(None, "latency_floor") as server, contextlib.AsyncExitStack() as stack:
         print(server.describe(), file=sys.stderr)
+        if statements_too:
+            await stack.enter_async_context(preloaded_statement_counts(server))
         receiver = ReceiverProcess({PATH: PathSpec(Behaviour(), ())}).start()
         medians: dict[str, list[float]] = {mode: [] for mode in CLAIMS}
         try:
             for round_number in range(1, rounds + 1):
                 print(f"round {round_number}, {events} events at {RATE}/s:")
                 for mode in CLAIMS:
-                    seconds = await measure(server, receiver, mode, events)
+                    seconds = await measure(server, receiver, mode, events, statements_too)
                     medians[mode].append(summarize(seconds)["p50_ms"])
                     print("  " + summary_line(mode, seconds), flush=True)
         finally:
@@ -157,5 +183,10 @@ if __name__ == "__main__":
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         parser.add_argument("--rounds", type=int, default=3, help="each way this many times (3)")
         parser.add_argument("--events", type=int, default=500, help="events per measurement (500)")
+        parser.add_argument(
+            "--statements",
+            action="store_true",
+            help="print each statement's mean time (pg_stat_statements, nested statements too)",
+        )
         arguments = parser.parse_args()
-        asyncio.run(main(arguments.rounds, arguments.events))
+        asyncio.run(main(arguments.rounds, arguments.events, arguments.statements))

@@ -126,6 +126,29 @@ WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND query !~* 'pg_stat_statements|pg_stat_database'
 ORDER BY calls DESC;
 
+-- name: track_nested_statements
+-- Sessions opened in this database from now on count nested statements too (a
+-- function's own): the default counts the call only.
+DO $$
+BEGIN
+    EXECUTE format('ALTER DATABASE %I SET pg_stat_statements.track = ''all''', current_database());
+END
+$$;
+
+-- name: statement_times
+-- benchmarks/latency_floor.py --statements: the statements run at least %(calls)s times
+-- in this database since the last reset, nested ones included (pg_stat_statements.track
+-- = all), with their mean execution time, the costliest first.
+SELECT round(mean_exec_time * 1000) AS mean_us,
+       CASE WHEN toplevel THEN 'top' ELSE 'nested' END AS nested,
+       left(regexp_replace(regexp_replace(query, '--[^\n]*\n', '', 'g'), '\s+', ' ', 'g'), 90) AS query
+FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND calls >= %(calls)s
+  AND query !~* 'pg_stat_statements|pg_stat_database'
+ORDER BY total_exec_time DESC
+LIMIT 16;
+
 -- name: commit_count
 -- Committed transactions in this database: every statement of an autocommit
 -- session is one. Backends report at most once a second (and idle ones within
