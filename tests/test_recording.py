@@ -133,3 +133,52 @@ def test_deleting_an_endpoint_while_its_answers_are_recorded(
     log = worker.log()
     assert "refused" not in log
     assert "foreign key" not in log
+
+
+def test_an_operators_lock_on_an_endpoint_row_holds_up_no_outcome(
+    db, database_url, receiver, run_worker
+):
+    # An admin tool locks an endpoint row before an edit (SELECT ... FOR UPDATE) for longer
+    # than a lease, while requests to it and to another endpoint are answered 200. Before
+    # 0008 each outcome moved its row into the history, whose foreign key check waits for
+    # that lock: the whole batch waited, the leases ran out, and both 200s went again.
+    receiver.sequence("edited", Answer(kind="slow", seconds=1.0))
+    receiver.sequence("other", Answer(kind="slow", seconds=1.5))
+    edited = add_endpoint(db, "t", "edited", receiver.url("edited"), event_types=["edited"])
+    add_endpoint(db, "t", "other", receiver.url("other"), event_types=["other"])
+    worker = run_worker(lease="3", http_timeout="2")
+    for event_type in ("edited", "other"):
+        db.execute(
+            "INSERT INTO notifyhook.events (tenant_id, event_type, payload) VALUES ('t', %s, '{}')",
+            [event_type],
+        )
+    wait_until(lambda: len(receiver.received()) == 2, what="both requests in flight")
+    with psycopg.connect(database_url) as operator:
+        operator.execute("SELECT * FROM notifyhook.endpoints WHERE id = %s FOR UPDATE", [edited])
+        # Recorded while the lock is held, well within the lease.
+        worker.wait_recorded(lambda: statuses(db) == {"delivered": 2}, what="both delivered")
+        time.sleep(4)  # past the lease: nothing may be taken back and sent again
+        operator.rollback()
+    assert Counter(hit.path for hit in receiver.received()) == {"edited": 1, "other": 1}
+    assert set(attempts_per_delivery(db).values()) == {1}
+
+
+def test_an_operators_lock_on_an_endpoint_row_holds_up_no_claim(
+    db, database_url, receiver, run_worker
+):
+    # The same lock, with rows of that endpoint and of another due when the worker
+    # starts: a claim gives each picked turn row its wake and then its next turn, and the
+    # second update of a row its own transaction wrote checked the turn's foreign key
+    # against the locked endpoint row. Every claim waited, the other endpoint's included.
+    edited = add_endpoint(db, "t", "edited", receiver.url("edited"), event_types=["edited"])
+    add_endpoint(db, "t", "other", receiver.url("other"), event_types=["other"])
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
+        "SELECT 't', kind, '{}' FROM unnest(ARRAY['edited', 'other', 'other']) AS kind"
+    )
+    with psycopg.connect(database_url) as operator:
+        operator.execute("SELECT * FROM notifyhook.endpoints WHERE id = %s FOR UPDATE", [edited])
+        worker = run_worker()
+        worker.wait_recorded(lambda: statuses(db) == {"delivered": 3}, what="all three delivered")
+        operator.rollback()
+    assert Counter(hit.path for hit in receiver.received()) == {"edited": 1, "other": 2}

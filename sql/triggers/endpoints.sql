@@ -107,3 +107,22 @@ DROP TRIGGER IF EXISTS endpoints_create_state ON notifyhook.endpoints;
 CREATE TRIGGER endpoints_create_state
     AFTER INSERT ON notifyhook.endpoints
     FOR EACH ROW EXECUTE FUNCTION notifyhook.create_endpoint_state();
+
+-- AFTER DELETE: the endpoint's turn row goes with it. A trigger rather than a foreign
+-- key (0008): a claim that folds a wake into a turn row and then gives it its next turn
+-- updates that row twice in one transaction, and PostgreSQL checks a foreign key again
+-- on the second update of a row its own transaction wrote, taking a key-share lock on
+-- the endpoint row. An operator's lock on that row (SELECT ... FOR UPDATE, a DELETE
+-- held open) then held up the claim, every endpoint's.
+CREATE OR REPLACE FUNCTION notifyhook.delete_endpoint_turn() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM notifyhook.endpoint_turns WHERE endpoint_id = OLD.id;
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS endpoints_delete_turn ON notifyhook.endpoints;
+CREATE TRIGGER endpoints_delete_turn
+    AFTER DELETE ON notifyhook.endpoints
+    FOR EACH ROW EXECUTE FUNCTION notifyhook.delete_endpoint_turn();
