@@ -291,6 +291,9 @@ def _secret_key(settings: Settings) -> str | None:
 
 SIGNATURE_SCHEMES = ("hmac", "ed25519")
 
+MAX_COMMAND_DURATION_S = 10 * 365.25 * 86400.0
+"""Longest duration a command takes (a rotation's grace, --since, --watch): 10 years."""
+
 
 def _fresh_secret(scheme: str) -> str:
     return signing.generate_signing_key() if scheme == "ed25519" else signing.generate_secret()
@@ -646,9 +649,13 @@ def dashboard_command(args: argparse.Namespace) -> int:
 
 def _duration(text: str) -> float:
     try:
-        return retry.parse_duration(text)
+        seconds = retry.parse_duration(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    # Past this, the database's timestamps (now() + a grace) and Python's timedelta fail.
+    if seconds > MAX_COMMAND_DURATION_S:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than 10 years")
+    return seconds
 
 
 def _retry_schedule(text: str) -> list[int]:

@@ -15,7 +15,7 @@ from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 
 from notifyhook import __version__
 from notifyhook.settings import Settings
-from notifyhook.store import conninfo_password
+from notifyhook.store import conninfo_credentials
 
 FLUSH_TIMEOUT_S = 2.0
 """How long shutdown waits for reports still being sent."""
@@ -144,9 +144,7 @@ def _known_secrets(settings: Settings) -> list[str]:
     known = [settings.database_url.get_secret_value()]
     # Parsed again here (settings has checked it) because the password alone
     # can appear in a message where the whole DSN does not.
-    password = conninfo_password(known[0])
-    if password:
-        known.append(str(password))
+    known.extend(conninfo_credentials(known[0]))
     for secret in (settings.sentry_dsn, settings.secret_key):
         if secret is not None:
             known.append(secret.get_secret_value())

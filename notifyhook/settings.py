@@ -85,10 +85,12 @@ class Settings(BaseSettings):
     )
     lease: Seconds = Field(
         60.0,
-        gt=0,
+        # At least a second: the statements' timeouts are fractions of it, in whole
+        # milliseconds, and 0 ms would mean no timeout at all (DESIGN §8).
+        ge=1,
         le=DAY,
         description="Seconds a claimed delivery stays with its worker before others may take it; "
-        "at most 1 day.",
+        "at least 1 s, at most 1 day.",
     )
     http_timeout: Seconds = Field(
         10.0,

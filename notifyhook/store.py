@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -85,6 +86,12 @@ def check_conninfo(url: str) -> None:
         value = params.get(name)
         if value is not None and value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    if "@" in str(params.get("host") or ""):
+        # An @ left unencoded in the password: libpq splits the URL at the first one, and
+        # the rest of the password becomes the host, which every connection error quotes.
+        raise ValueError(
+            "has an @ in its host name: an @ in the user name or password is written %40"
+        )
 
 
 # libpq's parse errors, by the start of their message, and what we say instead. Only
@@ -109,21 +116,27 @@ def _conninfo_mistake(message: str) -> str:
     return "libpq could not parse it"
 
 
+# The DSN keys that hold a credential: the password, and the passphrase of the client
+# certificate's key.
+_CREDENTIALS = ("password", "sslpassword")
+
+
 def redact_conninfo(url: str) -> str:
-    """The DSN as safe to print: the password replaced by ***."""
+    """The DSN as safe to print: its credentials replaced by ***."""
     try:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError:
         return "<unparseable DSN>"
-    if "password" in params:
-        params["password"] = "***"
+    for key in _CREDENTIALS:
+        if key in params:
+            params[key] = "***"
     return make_conninfo("", **params)
 
 
-def conninfo_password(url: str) -> str | None:
-    """The password in a DSN, if any (so that it can be kept out of reports)."""
-    password = conninfo_to_dict(url).get("password")
-    return str(password) if password else None
+def conninfo_credentials(url: str) -> list[str]:
+    """The credentials in a DSN (password, key passphrase), to keep out of reports."""
+    params = conninfo_to_dict(url)
+    return [str(params[key]) for key in _CREDENTIALS if params.get(key)]
 
 
 def with_dbname(url: str, dbname: str) -> str:
@@ -279,10 +292,13 @@ class Timeouts:
 
     def options(self) -> str:
         """libpq `options`: the session settings, in milliseconds."""
+        # Whole milliseconds, at least 1: PostgreSQL reads 0 as no timeout at all.
+        statement_ms = max(1, math.ceil(self.statement_s * 1000))
+        lock_ms = max(1, math.ceil(self.lock_s * 1000))
         return (
-            f"-c statement_timeout={round(self.statement_s * 1000)}"
-            f" -c lock_timeout={round(self.lock_s * 1000)}"
-            f" -c idle_in_transaction_session_timeout={round(self.statement_s * 1000)}"
+            f"-c statement_timeout={statement_ms}"
+            f" -c lock_timeout={lock_ms}"
+            f" -c idle_in_transaction_session_timeout={statement_ms}"
         )
 
 

@@ -636,3 +636,12 @@ def test_prune_waits_for_no_one_when_another_prune_holds_the_lock(db, database_u
     db.execute("SELECT pg_advisory_lock(7305872156748263002)")
     line = one_line_error(run(database_url, "prune"), 1)
     assert "another prune is running" in line
+
+
+def test_a_duration_too_long_for_a_command_is_a_usage_error(db, database_url):
+    # 10^11 days overflowed timedelta: a traceback and exit 1 (review, session 8).
+    endpoint = add_endpoint(db, "t", "a", "https://crm.example/hook")
+    result = run(
+        database_url, "endpoint", "rotate-secret", str(endpoint), "--grace", "99999999999d"
+    )
+    assert "'99999999999d' is longer than 10 years" in usage_error(result)

@@ -6,6 +6,7 @@ import pytest
 
 from notifyhook.errors import ConfigurationError
 from notifyhook.settings import ENV_PREFIX, Settings, load_settings, warn_unknown_variables
+from notifyhook.store import Timeouts
 
 URL = "postgresql://app:s3cr3t-pw@127.0.0.1:5432/app"
 
@@ -84,7 +85,23 @@ WRONG = [
         "host=db password=s3cr3t-pw target_session_attrs=writable",
         "NOTIFYHOOK_DATABASE_URL: target_session_attrs must be one of any, read-write",
     ),
+    # An @ left unencoded in the password: libpq took the rest of it for the host, and
+    # every connection error quoted it (review, session 8).
+    (
+        "NOTIFYHOOK_DATABASE_URL",
+        "postgresql://app:s3cr3t@s3cr3t-pw@127.0.0.1/app",
+        "NOTIFYHOOK_DATABASE_URL: has an @ in its host name",
+    ),
+    # Below a second the statements' timeouts rounded to 0 ms: no timeout at all.
+    ("NOTIFYHOOK_LEASE", "0.0009", "NOTIFYHOOK_LEASE"),
 ]
+
+
+def test_statement_timeouts_are_never_zero():
+    # PostgreSQL reads 0 as "no timeout": a bound of a fraction of a millisecond is 1 ms.
+    options = Timeouts(statement_s=0.0004, lock_s=0.0001).options()
+    assert "statement_timeout=1 " in options
+    assert "lock_timeout=1 " in options
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), WRONG)

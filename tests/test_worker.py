@@ -351,6 +351,27 @@ def test_a_secret_the_worker_cannot_decrypt_does_not_count_against_the_endpoint(
     assert health == (0, None, None, True)
 
 
+def test_the_listeners_reconnection_log_shows_no_key_passphrase(
+    db, database_url, receiver, start_worker
+):
+    # sslpassword (the client key's passphrase) is a credential like the password, which
+    # the "listener reconnected to ..." line masked alone (review, session 8). libpq
+    # reads it only when a key needs it, so a plain connection works with it set.
+    passphrase = "client-key-passphrase-4711"
+    add_endpoint(db, "t", "a", receiver.url("a"))
+    worker = start_worker(make_conninfo(database_url, sslpassword=passphrase), poll_interval="30")
+    insert_events(db, "t", 1)
+    wait_until(lambda: statuses(db) == {"delivered": 1}, what="the delivery")
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND application_name = 'notifyhook'"
+    )
+    wait_until(lambda: "listener reconnected" in worker.log(), timeout=30, what="a reconnection")
+    assert "sslpassword=***" in worker.log()
+    assert passphrase not in worker.log()
+
+
 def test_sigterm_while_waiting_for_the_database_exits_zero(database_url, start_worker):
     import socket
 
