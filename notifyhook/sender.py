@@ -190,7 +190,9 @@ class Sender:
                 _elapsed_ms(start),
                 status_code=status,
                 error=None if verdict is Verdict.DELIVERED else f"HTTP {status}",
-                response_excerpt=excerpt,
+                # Receivers often echo the path of a request they refuse ("Cannot POST
+                # /in/…"): the excerpt is read on the dashboard, which never shows it.
+                response_excerpt=without_url(excerpt, delivery.url),
                 retry_after_s=parse_retry_after(retry_after),
             )
         return AttemptResult(verdict, started_at, _elapsed_ms(start), error=error)
@@ -387,16 +389,26 @@ def _causes(failure: BaseException) -> list[BaseException]:
     return causes
 
 
-def without_url(error: str, url: str) -> str:
-    """`error` without the endpoint's URL, nor its path and query: they may hold tokens, and
-    attempts.error, dead_letters and the log are read by more people than the endpoint's
-    owner. A second line behind the descriptions above, for texts they do not foresee."""
-    if url in error:
-        error = error.replace(url, "<the endpoint's URL>")
+MIN_ECHOED_PATH = 8
+"""Shortest path that without_url replaces when it appears without its query."""
+
+
+def without_url(text: str, url: str) -> str:
+    """`text` (an error, a response's excerpt) without the endpoint's URL, nor its path
+    and query: they may hold tokens, and attempts, dead_letters, the dashboard and the log
+    are read by more people than the endpoint's owner. For errors, a second line behind
+    the descriptions above, for texts they do not foresee."""
+    if url in text:
+        text = text.replace(url, "<the endpoint's URL>")
     path_and_query = url.split("://", 1)[-1].partition("/")[2]
-    if len(path_and_query) > 1 and path_and_query in error:
-        error = error.replace(path_and_query, "<path>")
-    return error
+    if len(path_and_query) > 1 and path_and_query in text:
+        text = text.replace(path_and_query, "<path>")
+    # The path without its query, as a receiver echoes it; only a long one, which may be
+    # a token: a short one ("hooks") would replace common words.
+    path = path_and_query.partition("?")[0]
+    if len(path) >= MIN_ECHOED_PATH and path in text:
+        text = text.replace(path, "<path>")
+    return text
 
 
 def _elapsed_ms(start: float) -> float:

@@ -507,6 +507,7 @@ class Store:
                 "retry_in_s": outcome.retry_in_s,
                 "reason": reason,
                 "attempt_key": outcome.result.attempt_key,
+                "endpoint_id": outcome.endpoint_id,
             },
         )
         return bool(rows[0][0])

@@ -186,6 +186,27 @@ def test_outcomes_of_a_deleted_endpoint_are_skipped(db, database_url):
     assert [row[0] for row in logged] == sorted(gone_ids + kept_ids)
 
 
+def test_a_refused_outcome_of_a_deleted_endpoint_still_has_its_attempt(db, database_url):
+    # The same, when the deleted delivery's outcome is also refused for one of its values:
+    # the isolated record found no delivery and wrote nothing, so a request that was
+    # made had no row in the audit log (review, session 8).
+    db.execute(
+        "ALTER TABLE notifyhook.attempts ADD CONSTRAINT no_poison "
+        "CHECK (response_excerpt IS DISTINCT FROM 'poison')"
+    )
+    gone = add_endpoint(db, "t", "gone", "http://127.0.0.1:9/gone")
+    kept = add_endpoint(db, "t", "kept", "http://127.0.0.1:9/kept")
+    (gone_id,) = leased(db, gone, 1)
+    (kept_id,) = leased(db, kept, 1)
+    db.execute("DELETE FROM notifyhook.endpoints WHERE id = %s", [gone])
+    outcomes = [outcome(gone_id, gone, excerpt="poison"), outcome(kept_id, kept)]
+    assert record(database_url, outcomes) == []
+    logged = db.execute(
+        "SELECT delivery_id, endpoint_id FROM notifyhook.attempts ORDER BY 1"
+    ).fetchall()
+    assert logged == sorted([(gone_id, gone), (kept_id, kept)])
+
+
 @pytest.mark.parametrize("fast_by", [timedelta(hours=1), timedelta(hours=-1)])
 def test_endpoint_health_reads_the_database_clock_not_the_workers(db, database_url, fast_by):
     # A worker an hour fast records a success "in the future"; the failures recorded

@@ -297,6 +297,20 @@ def test_a_malformed_response_is_recorded_without_the_endpoints_url(
     assert "malformed response" in caplog.text
 
 
+def test_a_receiver_echoing_the_path_is_recorded_without_it(db, receiver, run_worker):
+    # Frameworks answer a route they do not know by echoing its path ("Cannot POST
+    # /in/..."); the excerpt is shown on the dashboard, which never shows an endpoint's
+    # path: it may hold a token (review, session 8).
+    token = "in-7f3a9c-path-token"
+    receiver.sequence(token, Answer(status=404, body=f"Cannot POST /{token}".encode()))
+    add_endpoint(db, "t", "crm", receiver.url(f"{token}?key=QUERYTOKEN456"))
+    worker = run_worker()
+    insert_events(db, "t", 1)
+    worker.wait_recorded(lambda: statuses(db) == {"dead": 1}, what="the 404")
+    excerpts = [row[0] for row in db.execute("SELECT response_excerpt FROM notifyhook.attempts")]
+    assert excerpts == ["Cannot POST /<path>"]
+
+
 def test_a_bug_quoting_the_url_is_recorded_and_logged_without_it(
     db, receiver, run_worker, caplog, monkeypatch
 ):

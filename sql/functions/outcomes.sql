@@ -290,6 +290,8 @@ $$;
 -- The endpoint's health is left as it was. Returns whether the attempt was written
 -- (false: the delivery is gone, or this was recorded by an earlier call whose
 -- answer was lost).
+DROP FUNCTION IF EXISTS notifyhook.record_rejected_outcome(
+    text, bigint, integer, text, double precision, text, uuid);
 CREATE OR REPLACE FUNCTION notifyhook.record_rejected_outcome(
     worker text,
     delivery_id bigint,
@@ -297,19 +299,36 @@ CREATE OR REPLACE FUNCTION notifyhook.record_rejected_outcome(
     status text,
     retry_in_s double precision,
     reason text,
-    attempt_key uuid
+    attempt_key uuid,
+    -- The delivery's endpoint, for its attempt's row when the delivery is gone.
+    endpoint_id bigint DEFAULT NULL
 ) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     target notifyhook.deliveries%ROWTYPE;
+    gone boolean;
 BEGIN
     SELECT d.* INTO target FROM notifyhook.deliveries AS d
     WHERE d.id = record_rejected_outcome.delivery_id
     FOR NO KEY UPDATE;
-    IF NOT FOUND OR EXISTS (
+    gone := NOT FOUND;
+    IF EXISTS (
         SELECT FROM notifyhook.attempts AS a
         WHERE a.attempt_key = record_rejected_outcome.attempt_key
     ) THEN
+        RETURN false;
+    END IF;
+    IF gone THEN
+        -- Deleted meanwhile (its endpoint or event deleted): the request was made all the
+        -- same, and its attempt is written, as record_outcomes writes it.
+        IF record_rejected_outcome.endpoint_id IS NOT NULL THEN
+            INSERT INTO notifyhook.attempts
+                (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code,
+                 error, worker, attempt_key)
+            VALUES (record_rejected_outcome.delivery_id, record_rejected_outcome.endpoint_id,
+                    record_rejected_outcome.attempt, now(), NULL, NULL, reason, worker,
+                    record_rejected_outcome.attempt_key);
+        END IF;
         RETURN false;
     END IF;
     INSERT INTO notifyhook.attempts
