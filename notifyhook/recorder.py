@@ -10,12 +10,15 @@ from notifyhook import reporting, retry
 from notifyhook.delivery import Outcome
 from notifyhook.metrics import Metrics
 from notifyhook.settings import Settings
-from notifyhook.store import PARTITIONS_AHEAD, DatabaseError, DisabledEndpoint, Store
+from notifyhook.store import PARTITIONS_AHEAD, DatabaseError, Recorded, Store
 
 log = logging.getLogger("notifyhook.recorder")
 
 PATIENCE_S = 0.005
 """How long finished attempts may wait for others to share their transaction."""
+
+HELD_RETRY_S = 0.5
+"""How soon an outcome whose row another transaction held is tried again."""
 
 # SQLSTATE classes of a statement the database refused for what it holds, not for how
 # it was sent or where: a value out of range or badly encoded (22), a constraint (23),
@@ -74,13 +77,16 @@ class Recorder:
         self._recorded = recorded
         self._patient = patient
         self._outcomes: list[Outcome] = []
+        # Outcomes whose delivery rows another transaction held at their last try (an
+        # operator's DELETE held open): tried again after HELD_RETRY_S, not at once.
+        self._held: list[Outcome] = []
         self._ready = asyncio.Event()
         self._lock = asyncio.Lock()
         self._unconfirmed = False
 
     def __len__(self) -> int:
         """Outcomes waiting to be written."""
-        return len(self._outcomes)
+        return len(self._outcomes) + len(self._held)
 
     def add(self, outcome: Outcome) -> None:
         self._outcomes.append(outcome)
@@ -96,33 +102,51 @@ class Recorder:
             self._ready.clear()
             await self.flush()
 
-    async def flush(self) -> None:
-        """Write every buffered outcome; wait out a database outage (rows stay leased)."""
+    async def flush(self, *, final: bool = False) -> None:
+        """Write every buffered outcome; wait out a database outage (rows stay leased).
+        `final`: the last flush, which tries the held outcomes again at once too."""
         async with self._lock:
+            if final:
+                self._outcomes.extend(self._held)
+                self._held.clear()
             delays = retry.reconnect_delays()
             while self._outcomes:
                 batch = self._outcomes[: self._settings.batch_size]
                 try:
-                    disabled = await self._record(batch)
+                    recorded = await self._record(batch)
                 except DatabaseError as error:
                     await self._trouble("record", error, next(delays))
                     continue
                 self._recovered()
                 del self._outcomes[: len(batch)]
+                self._hold([o for o in batch if o.delivery_id in recorded.deferred])
                 self._recorded()
-                for endpoint in disabled:
+                for endpoint in recorded.disabled:
                     self._metrics.endpoint_disables.inc()
                     log.warning(
                         "endpoint %d disabled: %s", endpoint.endpoint_id, endpoint.disabled_reason
                     )
 
-    async def _record(self, batch: Sequence[Outcome]) -> list[DisabledEndpoint]:
+    def _hold(self, outcomes: list[Outcome]) -> None:
+        """Keep `outcomes` aside and try them again after HELD_RETRY_S."""
+        if not outcomes:
+            return
+        if not self._held:
+            asyncio.get_running_loop().call_later(HELD_RETRY_S, self._retry_held)
+        self._held.extend(outcomes)
+
+    def _retry_held(self) -> None:
+        self._outcomes.extend(self._held)
+        self._held.clear()
+        self._ready.set()
+
+    async def _record(self, batch: Sequence[Outcome]) -> Recorded:
         """Record `batch`; an outcome the database refuses is isolated by halving the batch
         until it stands alone, then recorded as a failed attempt naming why."""
         retried = self._unconfirmed
         self._unconfirmed = True
         try:
-            disabled = await self._store.record_outcomes(
+            recorded = await self._store.record_outcomes(
                 self._settings.worker_id, batch, self._settings.disable_after, retried=retried
             )
         except DatabaseError as error:
@@ -136,11 +160,12 @@ class Recorder:
                 return await self._record(batch)
             if len(batch) == 1:
                 await self._record_refused(batch[0], error)
-                return []
+                return Recorded([], set())
             middle = len(batch) // 2
-            return [*await self._record(batch[:middle]), *await self._record(batch[middle:])]
+            first, second = await self._record(batch[:middle]), await self._record(batch[middle:])
+            return Recorded(first.disabled + second.disabled, first.deferred | second.deferred)
         self._unconfirmed = False
-        return disabled
+        return recorded
 
     async def _made_partitions(self) -> bool:
         """Whether day partitions of the history were missing, and are made now. A row

@@ -192,7 +192,7 @@ class Sender:
                 error=None if verdict is Verdict.DELIVERED else f"HTTP {status}",
                 # Receivers often echo the path of a request they refuse ("Cannot POST
                 # /in/…"): the excerpt is read on the dashboard, which never shows it.
-                response_excerpt=without_url(excerpt, delivery.url),
+                response_excerpt=without_url(excerpt, delivery.url, shortest=MIN_ECHOED_PATH),
                 retry_after_s=parse_retry_after(retry_after),
             )
         return AttemptResult(verdict, started_at, _elapsed_ms(start), error=error)
@@ -390,23 +390,25 @@ def _causes(failure: BaseException) -> list[BaseException]:
 
 
 MIN_ECHOED_PATH = 8
-"""Shortest path that without_url replaces when it appears without its query."""
+"""Shortest path that without_url replaces when it appears without its query, or in a
+receiver's answer."""
 
 
-def without_url(text: str, url: str) -> str:
+def without_url(text: str, url: str, *, shortest: int = 2) -> str:
     """`text` (an error, a response's excerpt) without the endpoint's URL, nor its path
     and query: they may hold tokens, and attempts, dead_letters, the dashboard and the log
     are read by more people than the endpoint's owner. For errors, a second line behind
-    the descriptions above, for texts they do not foresee."""
+    the descriptions above, for texts they do not foresee. A path shorter than `shortest`
+    is left: in a receiver's answer a short one ("hooks") would replace common words."""
     if url in text:
         text = text.replace(url, "<the endpoint's URL>")
     path_and_query = url.split("://", 1)[-1].partition("/")[2]
-    if len(path_and_query) > 1 and path_and_query in text:
+    if len(path_and_query) >= shortest and path_and_query in text:
         text = text.replace(path_and_query, "<path>")
     # The path without its query, as a receiver echoes it; only a long one, which may be
-    # a token: a short one ("hooks") would replace common words.
+    # a token.
     path = path_and_query.partition("?")[0]
-    if len(path) >= MIN_ECHOED_PATH and path in text:
+    if len(path) >= max(shortest, MIN_ECHOED_PATH) and path in text:
         text = text.replace(path, "<path>")
     return text
 

@@ -310,6 +310,24 @@ class DisabledEndpoint:
     disabled_reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class _RecordRow:
+    """A row of record_outcomes' answer: a disabled endpoint, or a deferred delivery."""
+
+    endpoint_id: int | None
+    disabled_reason: str | None
+    deferred_delivery_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What one record_outcomes call did beyond recording: the endpoints it disabled, and
+    the deliveries whose rows another transaction held, whose outcomes it left."""
+
+    disabled: list[DisabledEndpoint]
+    deferred: set[int]
+
+
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
 
 
@@ -459,8 +477,9 @@ class Store:
         disable_after_s: float,
         *,
         retried: bool = False,
-    ) -> list[DisabledEndpoint]:
-        """Write a batch of outcomes; returns the endpoints it disabled, with why.
+    ) -> Recorded:
+        """Write a batch of outcomes; returns the endpoints it disabled, with why, and the
+        deliveries whose outcomes it left because another transaction held their rows.
 
         `retried`: an earlier call with some of these outcomes ended without an answer
         (an error, a cancellation), so they may be recorded already; the function then
@@ -469,7 +488,7 @@ class Store:
         results = [o.result for o in outcomes]
         async with (
             self._pool.connection() as conn,
-            conn.cursor(row_factory=class_row(DisabledEndpoint)) as cursor,
+            conn.cursor(row_factory=class_row(_RecordRow)) as cursor,
         ):
             await cursor.execute(
                 self._sql["record_outcomes"],
@@ -492,7 +511,15 @@ class Store:
                     "retried": retried,
                 },
             )
-            return await cursor.fetchall()
+            rows = await cursor.fetchall()
+        return Recorded(
+            disabled=[
+                DisabledEndpoint(row.endpoint_id, row.disabled_reason or "")
+                for row in rows
+                if row.endpoint_id is not None
+            ],
+            deferred={row.deferred_delivery_id for row in rows if row.deferred_delivery_id},
+        )
 
     async def record_rejected_outcome(self, worker: str, outcome: Outcome, reason: str) -> bool:
         """Record an outcome the database refused in full: an attempt naming `reason` and

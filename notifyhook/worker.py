@@ -350,7 +350,7 @@ class Worker:
         try:
             # Bounded: systemd's TimeoutStopSec must not run out while the database is away.
             async with asyncio.timeout(SHUTDOWN_DATABASE_S):
-                await self.recorder.flush()
+                await self.recorder.flush(final=True)
                 if unfinished:
                     await self._release(unfinished)
         except TimeoutError:

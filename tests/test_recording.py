@@ -182,3 +182,40 @@ def test_an_operators_lock_on_an_endpoint_row_holds_up_no_claim(
         worker.wait_recorded(lambda: statuses(db) == {"delivered": 3}, what="all three delivered")
         operator.rollback()
     assert Counter(hit.path for hit in receiver.received()) == {"edited": 1, "other": 2}
+
+
+def test_an_operators_open_delete_of_one_endpoint_holds_up_no_other_outcome(
+    db, database_url, receiver, run_worker
+):
+    # An operator deletes an endpoint in a transaction held open past the lease while a
+    # request to it is in flight; another endpoint's request is answered 200 meanwhile.
+    # The record waited on the row the DELETE's cascade held, with its whole batch, and
+    # the other endpoint's answered webhook went again after the lease (review, session
+    # 8). Now the held row's outcome waits alone, and is recorded once the DELETE ends.
+    receiver.sequence("doomed", Answer(kind="slow", seconds=0.5))
+    receiver.sequence("kept", Answer(kind="slow", seconds=1.0))
+    doomed = add_endpoint(db, "t", "doomed", receiver.url("doomed"), event_types=["doomed"])
+    add_endpoint(db, "t", "kept", receiver.url("kept"), event_types=["kept"])
+    worker = run_worker(lease="3", http_timeout="2")
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload) VALUES ('t', 'doomed', '{}')"
+    )
+    wait_until(lambda: receiver.received("doomed"), what="the doomed endpoint's request")
+    with psycopg.connect(database_url) as operator:
+        operator.execute("DELETE FROM notifyhook.endpoints WHERE id = %s", [doomed])
+        db.execute(
+            "INSERT INTO notifyhook.events (tenant_id, event_type, payload) VALUES ('t', 'kept', '{}')"
+        )
+        worker.wait_recorded(
+            lambda: statuses(db).get("delivered") == 1, what="kept's 200 recorded meanwhile"
+        )
+        time.sleep(4)  # past the lease
+        operator.rollback()
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 2}, what="both recorded")
+    assert len(receiver.received("kept")) == 1
+    kept_attempts = scalar(
+        db, "SELECT count(*) FROM notifyhook.attempts WHERE endpoint_id <> %s", [doomed]
+    )
+    assert kept_attempts == 1
+    # The held row itself may go again: its outcome could not be written before its lease
+    # ran out (docs/operations.md).

@@ -35,6 +35,11 @@ DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
 DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
     text, bigint[], bigint[], integer[], text[], double precision[], timestamptz[],
     double precision[], integer[], text[], text[], boolean[], interval, boolean, uuid[]);
+-- Its result gained deferred_delivery_id: a result type cannot be replaced.
+DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
+    text, bigint[], bigint[], integer[], text[], double precision[], timestamptz[],
+    double precision[], integer[], text[], text[], boolean[], interval, boolean, uuid[],
+    boolean[]);
 CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     worker text,
     delivery_ids bigint[],
@@ -57,7 +62,14 @@ CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     -- cannot decrypt, a bug in it): recorded, retried, but not the receiver's failure,
     -- so not counted in the endpoint's health. Null: every attempt was sent.
     sent boolean[] DEFAULT NULL
-) RETURNS TABLE (endpoint_id bigint, disabled_reason text)
+) RETURNS TABLE (
+    -- An endpoint this call disabled, and why.
+    endpoint_id bigint,
+    disabled_reason text,
+    -- Or (the other two null) a delivery whose row another transaction holds: its
+    -- outcome is not recorded by this call; the worker sends it again in a later one.
+    deferred_delivery_id bigint
+)
 LANGUAGE plpgsql
 -- Planned once per connection and reused (see claim_due).
 SET plan_cache_mode = force_generic_plan
@@ -69,6 +81,8 @@ DECLARE
     locked bigint[];
     circuit_open bigint[];
     lock_wait text;
+    -- Positions of outcomes whose rows another transaction holds: left for a later call.
+    held integer[];
 BEGIN
     IF retried THEN
         -- An attempt is known by the key its worker drew for it (0005_attempt_keys.sql).
@@ -77,6 +91,26 @@ BEGIN
             FROM unnest(attempt_keys) WITH ORDINALITY AS o(attempt_key, n)
             WHERE EXISTS (
                 SELECT FROM notifyhook.attempts AS a WHERE a.attempt_key = o.attempt_key));
+    END IF;
+
+    -- Rows another transaction holds (an operator's DELETE of their endpoint or event
+    -- held open, an UPDATE of them) are not waited for: the whole batch would wait with
+    -- them, every endpoint's, until the leases ran out and answered webhooks were sent
+    -- again (DESIGN §8). The other rows are locked here, so that nothing below waits
+    -- for a delivery row; the held ones' outcomes are handed back and recorded by a
+    -- later call, attempt and all. A row deleted and committed is not held: its
+    -- attempt is written below and its update finds nothing.
+    held := ARRAY(
+        SELECT o.n
+        FROM unnest(delivery_ids) WITH ORDINALITY AS o(delivery_id, n)
+        WHERE o.n <> ALL (recorded)
+          AND o.delivery_id IN (SELECT d.id FROM notifyhook.deliveries_active AS d
+                                WHERE d.id = ANY (delivery_ids))
+          AND o.delivery_id NOT IN (SELECT d.id FROM notifyhook.deliveries_active AS d
+                                    WHERE d.id = ANY (delivery_ids)
+                                    FOR NO KEY UPDATE SKIP LOCKED));
+    IF held <> '{}' THEN
+        recorded := recorded || held;
     END IF;
 
     -- (hardening, issue 13) A delivery deleted meanwhile (its endpoint or event deleted:
@@ -242,6 +276,8 @@ BEGIN
                              WHERE o.status = 'pending'))) AS p
     WHERE p.due_at IS NOT NULL;
 
+    RETURN QUERY SELECT NULL::bigint, NULL::text, delivery_ids[h.n] FROM unnest(held) AS h(n);
+
     -- Only a failure can start or prolong a failing streak, or be a 410.
     IF 'delivered' = ALL (statuses) THEN
         RETURN;
@@ -269,7 +305,7 @@ BEGIN
       AND e.enabled
       AND (e.id IN (SELECT g.endpoint_id FROM gone_endpoint AS g)
            OR s.failing_since < now() - disable_after)
-    RETURNING e.id, e.disabled_reason;
+    RETURNING e.id, e.disabled_reason, NULL::bigint;
 
     -- Alerts (features, sql/functions/alerts.sql): one NOTIFY notifyhook_alerts per
     -- endpoint this call disabled, found by the updated_at the endpoints trigger set
