@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -347,6 +348,18 @@ def run_worker(database_url: str) -> Iterator[Callable[..., WorkerThread]]:
     yield start
     for worker in started:
         worker.kill()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM (a CI job's timeout, `timeout`, kill) ends the run as Ctrl-C does, so that
+    # the session's fixtures stop the PostgreSQL servers they started; by default it
+    # ended the process at once and left them running (six found after one session).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 SUMMARY = "summary"
