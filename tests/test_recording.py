@@ -21,6 +21,21 @@ from notifyhook.tools.receiver import Answer
 pytestmark = pytest.mark.slow
 
 
+def own_endpoints(db, receiver, *names: str) -> list[int]:
+    """Endpoints of tenant t, each at the receiver's path of its name and subscribed to
+    events of that type only; their ids."""
+    return [add_endpoint(db, "t", n, receiver.url(n), event_types=[n]) for n in names]
+
+
+def insert_typed(db, *event_types: str) -> None:
+    """One event of tenant t for each type given, in one INSERT."""
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
+        "SELECT 't', kind, '{}' FROM unnest(%s::text[]) AS kind",
+        [list(event_types)],
+    )
+
+
 def attempts_per_delivery(db) -> Counter[int]:
     return Counter(
         row[0] for row in db.execute("SELECT delivery_id FROM notifyhook.attempts").fetchall()
@@ -144,14 +159,9 @@ def test_an_operators_lock_on_an_endpoint_row_holds_up_no_outcome(
     # that lock: the whole batch waited, the leases ran out, and both 200s went again.
     receiver.sequence("edited", Answer(kind="slow", seconds=1.0))
     receiver.sequence("other", Answer(kind="slow", seconds=1.5))
-    edited = add_endpoint(db, "t", "edited", receiver.url("edited"), event_types=["edited"])
-    add_endpoint(db, "t", "other", receiver.url("other"), event_types=["other"])
+    edited, _ = own_endpoints(db, receiver, "edited", "other")
     worker = run_worker(lease="3", http_timeout="2")
-    for event_type in ("edited", "other"):
-        db.execute(
-            "INSERT INTO notifyhook.events (tenant_id, event_type, payload) VALUES ('t', %s, '{}')",
-            [event_type],
-        )
+    insert_typed(db, "edited", "other")
     wait_until(lambda: len(receiver.received()) == 2, what="both requests in flight")
     with psycopg.connect(database_url) as operator:
         operator.execute("SELECT * FROM notifyhook.endpoints WHERE id = %s FOR UPDATE", [edited])
@@ -170,12 +180,8 @@ def test_an_operators_lock_on_an_endpoint_row_holds_up_no_claim(
     # starts: a claim gives each picked turn row its wake and then its next turn, and the
     # second update of a row its own transaction wrote checked the turn's foreign key
     # against the locked endpoint row. Every claim waited, the other endpoint's included.
-    edited = add_endpoint(db, "t", "edited", receiver.url("edited"), event_types=["edited"])
-    add_endpoint(db, "t", "other", receiver.url("other"), event_types=["other"])
-    db.execute(
-        "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
-        "SELECT 't', kind, '{}' FROM unnest(ARRAY['edited', 'other', 'other']) AS kind"
-    )
+    edited, _ = own_endpoints(db, receiver, "edited", "other")
+    insert_typed(db, "edited", "other", "other")
     with psycopg.connect(database_url) as operator:
         operator.execute("SELECT * FROM notifyhook.endpoints WHERE id = %s FOR UPDATE", [edited])
         worker = run_worker()
@@ -194,18 +200,13 @@ def test_an_operators_open_delete_of_one_endpoint_holds_up_no_other_outcome(
     # 8). Now the held row's outcome waits alone, and is recorded once the DELETE ends.
     receiver.sequence("doomed", Answer(kind="slow", seconds=0.5))
     receiver.sequence("kept", Answer(kind="slow", seconds=1.0))
-    doomed = add_endpoint(db, "t", "doomed", receiver.url("doomed"), event_types=["doomed"])
-    add_endpoint(db, "t", "kept", receiver.url("kept"), event_types=["kept"])
+    doomed, _ = own_endpoints(db, receiver, "doomed", "kept")
     worker = run_worker(lease="3", http_timeout="2")
-    db.execute(
-        "INSERT INTO notifyhook.events (tenant_id, event_type, payload) VALUES ('t', 'doomed', '{}')"
-    )
+    insert_typed(db, "doomed")
     wait_until(lambda: receiver.received("doomed"), what="the doomed endpoint's request")
     with psycopg.connect(database_url) as operator:
         operator.execute("DELETE FROM notifyhook.endpoints WHERE id = %s", [doomed])
-        db.execute(
-            "INSERT INTO notifyhook.events (tenant_id, event_type, payload) VALUES ('t', 'kept', '{}')"
-        )
+        insert_typed(db, "kept")
         worker.wait_recorded(
             lambda: statuses(db).get("delivered") == 1, what="kept's 200 recorded meanwhile"
         )
