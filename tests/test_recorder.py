@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
-from conftest import add_endpoint, run_cli, scalar
+from conftest import add_endpoint, run_cli, scalar, wait_until
 
 from notifyhook.dashboard import charts
 from notifyhook.dashboard.charts import Chart
@@ -349,6 +351,59 @@ def test_a_caller_that_does_not_say_how_long_ago_keeps_the_workers_started_at(db
         [endpoint],
     )
     assert 0.9 < failed_at < 60
+
+
+def test_a_record_sent_again_while_the_first_still_runs_writes_nothing_twice(db, database_url):
+    # The first call's answer was lost with its connection, but the call itself still
+    # runs on the server (held open here) when the worker sends the batch again. Its
+    # delivery is gone (an endpoint deleted meanwhile), so no row lock orders the two
+    # calls, and the second computes another started_at, which the unique index on
+    # (attempt_key, started_at) does not refuse: the second call must wait for the first
+    # and then find its attempt recorded.
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    (delivery,) = leased(db, endpoint, 1)
+    db.execute("DELETE FROM notifyhook.endpoints WHERE id = %s", [endpoint])
+    sent = outcome(delivery, endpoint, "pending", code=503, retry_in_s=30, began_s_ago=1)
+    first = psycopg.connect(database_url)
+    first.execute(
+        "SELECT * FROM notifyhook.record_outcomes(%(w)s, ARRAY[%(d)s]::bigint[], "
+        "ARRAY[%(e)s]::bigint[], '{1}', '{pending}', '{30}', ARRAY[now()], '{12}', '{503}', "
+        "'{HTTP 503}', '{NULL}', '{false}', interval '5 days', false, ARRAY[%(k)s]::uuid[], "
+        "'{true}', '{1.0}')",
+        {"w": WORKER, "d": delivery, "e": endpoint, "k": sent.result.attempt_key},
+    )
+    failures: list[BaseException] = []
+
+    def record_again() -> None:
+        async def run() -> None:
+            async with Store.open(database_url) as store:
+                await store.record_outcomes(WORKER, [sent], 86400, retried=True)
+
+        try:
+            asyncio.run(run())
+        except BaseException as error:  # reported by the test's thread
+            failures.append(error)
+
+    again = threading.Thread(target=record_again)
+    again.start()
+    try:
+        wait_until(
+            lambda: (
+                not again.is_alive()
+                or scalar(
+                    db,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE '%%record_outcomes%%'",
+                )
+            ),
+            what="the second call to wait for the first, or to end",
+        )
+        first.commit()
+    finally:
+        again.join(timeout=30)
+        first.close()
+    assert not failures, failures
+    assert scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 1
 
 
 def test_a_record_sent_again_knows_each_attempt_by_its_key(db, database_url):

@@ -107,6 +107,14 @@ DECLARE
         SELECT statement_timestamp() - make_interval(secs => o.ago_s)
         FROM unnest(started_ago_s) WITH ORDINALITY AS o(ago_s, n) ORDER BY o.n);
 BEGIN
+    -- One record of a worker at a time. A retried call's search below does not see what
+    -- the call it repeats has not committed yet: that call may still be running, its
+    -- answer lost with a connection cut under it. The search used to be backed by the
+    -- unique index on (attempt_key, started_at), but a call made again computes another
+    -- started_at. Waiting for the earlier call (at most lock_timeout) makes the search
+    -- see all it did. A worker records one batch at a time, so it never waits otherwise.
+    PERFORM pg_advisory_xact_lock(hashtextextended('notifyhook record ' || worker, 0));
+
     IF retried THEN
         -- An attempt is known by the key its worker drew for it (0005_attempt_keys.sql).
         recorded := ARRAY(
@@ -368,6 +376,9 @@ DECLARE
     target notifyhook.deliveries%ROWTYPE;
     gone boolean;
 BEGIN
+    -- After a record of this worker's whose answer was lost, and that may still be
+    -- running: its attempt must be seen below (see record_outcomes).
+    PERFORM pg_advisory_xact_lock(hashtextextended('notifyhook record ' || worker, 0));
     SELECT d.* INTO target FROM notifyhook.deliveries AS d
     WHERE d.id = record_rejected_outcome.delivery_id
     FOR NO KEY UPDATE;
