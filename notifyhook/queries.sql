@@ -35,6 +35,9 @@ SELECT * FROM notifyhook.claim_due(
 -- name: take_over
 SELECT notifyhook.take_over(%(worker)s, %(max_attempts)s);
 
+-- name: release_lost_claims
+SELECT notifyhook.release_lost_claims(%(worker)s, %(known)s::bigint[]);
+
 -- name: repair_turns
 SELECT notifyhook.repair_turns();
 

@@ -80,6 +80,9 @@ class Recorder:
         # Outcomes whose delivery rows another transaction held at their last try (an
         # operator's DELETE held open): tried again after HELD_RETRY_S, not at once.
         self._held: list[Outcome] = []
+        # Deliveries whose outcome was dropped (even its bare attempt row refused): their
+        # rows stay leased to this worker until the lease runs out, as they should.
+        self._dropped: set[int] = set()
         self._ready = asyncio.Event()
         self._lock = asyncio.Lock()
         self._unconfirmed = False
@@ -87,6 +90,11 @@ class Recorder:
     def __len__(self) -> int:
         """Outcomes waiting to be written."""
         return len(self._outcomes) + len(self._held)
+
+    def delivery_ids(self) -> set[int]:
+        """The deliveries whose rows are leased to this worker for the recorder's sake:
+        outcomes waiting, being written, set aside, or dropped."""
+        return {o.delivery_id for o in (*self._outcomes, *self._held)} | self._dropped
 
     def add(self, outcome: Outcome) -> None:
         self._outcomes.append(outcome)
@@ -197,6 +205,7 @@ class Recorder:
             # drop the outcome rather than hold up every other one. Its lease expires
             # and it is sent again, the one case of a repeat this leaves.
             self._unconfirmed = retried
+            self._dropped.add(outcome.delivery_id)
             log.error(
                 "delivery %d: even the bare attempt row was refused (%s); the outcome is "
                 "dropped and the delivery will be sent again when its lease expires",

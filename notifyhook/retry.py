@@ -60,27 +60,40 @@ def next_delay(
     return max(delay, 0.0)
 
 
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+def parse_retry_after(
+    value: str | None, now: datetime | None = None, *, date: str | None = None
+) -> float | None:
     """Seconds from `now` that a Retry-After header asks for; None when absent or unreadable.
 
-    Accepts delta-seconds or an HTTP-date; a date in the past gives 0.
+    Accepts delta-seconds or an HTTP-date; a date in the past gives 0. An HTTP-date is
+    read against the answer's own `Date` header when it has a readable one (RFC 9110
+    §10.2.3): the receiver meant "so long after I answered", and a worker whose clock is
+    an hour slow would otherwise read a date two seconds ahead as an hour ahead.
     """
     if value is None or not value.strip():
         return None
     value = value.strip()
     if _DELTA_SECONDS.fullmatch(value):
         return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
+    when = _http_date(value)
+    if when is None:
         return None
-    now = now if now is not None else datetime.now(UTC)
-    # Naive datetimes (a "-0000" zone, or a caller's naive now) are taken as UTC.
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
+    now = _http_date(date) or now or datetime.now(UTC)
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     return max((when - now).total_seconds(), 0.0)
+
+
+def _http_date(value: str | None) -> datetime | None:
+    """An HTTP-date as an aware datetime, or None when absent or unreadable."""
+    if value is None:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    # A naive datetime (a "-0000" zone) is taken as UTC.
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def parse_duration(value: str | float | int) -> float:

@@ -176,7 +176,7 @@ class Sender:
         start = time.perf_counter()
         try:
             request = self._request(delivery)
-            status, retry_after, excerpt = await self._exchange(request, delivery.timeout_s)
+            status, retry_after_s, excerpt = await self._exchange(request, delivery.timeout_s)
         except TimeoutError:
             verdict, error = Verdict.RETRY, f"timeout after {delivery.timeout_s}s"
         except (httpx.HTTPError, OSError, SecretError) as failure:
@@ -193,7 +193,7 @@ class Sender:
                 # Receivers often echo the path of a request they refuse ("Cannot POST
                 # /in/…"): the excerpt is read on the dashboard, which never shows it.
                 response_excerpt=without_url(excerpt, delivery.url, shortest=MIN_ECHOED_PATH),
-                retry_after_s=parse_retry_after(retry_after),
+                retry_after_s=retry_after_s,
                 started_monotonic=started_monotonic,
             )
         return AttemptResult(
@@ -224,8 +224,9 @@ class Sender:
 
     async def _exchange(
         self, request: httpx.Request, timeout_s: float
-    ) -> tuple[int, str | None, str]:
-        """Status, Retry-After (429 and 503 only) and body excerpt, all within one deadline."""
+    ) -> tuple[int, float | None, str]:
+        """Status, Retry-After in seconds (429 and 503 only) and body excerpt, all within
+        one deadline."""
         response: httpx.Response | None = None
         body = bytearray()
         try:
@@ -250,10 +251,12 @@ class Sender:
         status = response.status_code
         # Only 429 and 503 carry a meaningful Retry-After, and a lookup in httpx.Headers
         # is not free.
-        retry_after = (
-            response.headers.get("retry-after") if status in _RETRY_AFTER_STATUSES else None
-        )
-        return status, retry_after, excerpt
+        retry_after_s = None
+        if status in _RETRY_AFTER_STATUSES:
+            retry_after_s = parse_retry_after(
+                response.headers.get("retry-after"), date=response.headers.get("date")
+            )
+        return status, retry_after_s, excerpt
 
 
 @functools.lru_cache(maxsize=signing.ENDPOINT_CACHE_SIZE)

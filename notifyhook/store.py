@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -468,6 +468,15 @@ class Store:
         """
         rows = await self._fetch(
             "take_over", {"worker": worker, "max_attempts": max_attempts}, pool=self._claims
+        )
+        return None if rows[0][0] is None else int(rows[0][0])
+
+    async def release_lost_claims(self, worker: str, known: Iterable[int]) -> int | None:
+        """Give back, uncharged, the rows leased to `worker` that it does not know of: a
+        claim whose answer was lost. `known`: what it is sending or has still to record.
+        None when another live session claims under this id (see take_over)."""
+        rows = await self._fetch(
+            "release_lost_claims", {"worker": worker, "known": list(known)}, pool=self._claims
         )
         return None if rows[0][0] is None else int(rows[0][0])
 

@@ -96,6 +96,8 @@ class Worker:
         self.database_ok = True
         self._signals = 0
         self._ready_sent = False
+        # A claim failed: it may have committed with only its answer lost.
+        self._claim_unanswered = False
         self._on_recorded = recorded
 
     # -- lifecycle ---------------------------------------------------------------
@@ -175,6 +177,8 @@ class Worker:
             asked = min(free, self.settings.batch_size)
             began = time.perf_counter()
             try:
+                if self._claim_unanswered:
+                    await self._release_lost_claims()
                 claim = await self._store.claim_due(
                     self.settings.worker_id,
                     asked,
@@ -183,6 +187,9 @@ class Worker:
                     list(self._holdings.values()),
                 )
             except DatabaseError as error:
+                # The claim may have committed and only its answer been lost: the next
+                # cycle first gives back what this worker holds without knowing it.
+                self._claim_unanswered = True
                 await self._database_trouble("claim", error, next(delays))
                 continue
             self._database_recovered()
@@ -197,6 +204,19 @@ class Worker:
             for claimed in claim.deliveries:
                 self._start(claimed)
             self.pacing.claimed(claim, asked, len(self._in_flight))
+
+    async def _release_lost_claims(self) -> None:
+        """Give back, uncharged, the rows of a claim whose answer never came: never sent,
+        they would otherwise wait out the lease and be charged an attempt not made."""
+        known = {*self._in_flight, *self.recorder.delivery_ids()}
+        released = await self._store.release_lost_claims(self.settings.worker_id, known)
+        self._claim_unanswered = False
+        if released:
+            log.warning(
+                "gave back %d deliveries of a claim whose answer was lost, without "
+                "charging an attempt (they were never sent)",
+                released,
+            )
 
     async def _keep_partitions(self) -> None:
         """The history's day partitions a week ahead, before the first claim (0006)."""

@@ -92,6 +92,55 @@ def test_listener_killed_by_pg_terminate_backend_reconnects(db, receiver, start_
     assert worker.process.poll() is None
 
 
+def test_a_claim_whose_answer_was_lost_is_sent_at_once_and_not_charged(db, receiver, run_worker):
+    # A claim commits and its answer never reaches the worker (the connection drops in
+    # between): its rows are leased to a worker that does not know of them. Left to the
+    # lease, they waited it out and were charged an attempt never made; one on its last
+    # attempt went dead without a request ever leaving.
+    add_endpoint(db, "t", "a", receiver.url("a"))
+    worker = run_worker(lease="60")
+    insert_events(db, "t", 1)
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 1}, what="a first delivery")
+    # A request in flight meanwhile is the worker's own: not given back.
+    receiver.sequence("slow", Answer(kind="slow", seconds=1.5))
+    add_endpoint(db, "u", "slow", receiver.url("slow"))
+    insert_events(db, "u", 1)
+    wait_until(lambda: receiver.received("slow"), what="a request in flight")
+    # What a committed claim of an event's last attempt leaves (the third, with the
+    # tests' two retries)...
+    with db.transaction():
+        insert_events(db, "t", 1)
+        lost = scalar(
+            db,
+            "UPDATE notifyhook.deliveries SET status = 'processing', attempts = 3, "
+            "locked_by = %s, locked_until = now() + interval '60 seconds', updated_at = now() "
+            "WHERE status = 'pending' RETURNING id",
+            [worker.worker_id],
+        )
+    # ...and the connection its answer was to come on, gone.
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+        "current_database() AND pid <> pg_backend_pid() AND application_name = 'notifyhook'"
+    )
+    worker.wait_recorded(
+        lambda: statuses(db) == {"delivered": 3}, timeout=20, what="the lost claim's row sent"
+    )
+    attempts = db.execute(
+        "SELECT attempt, status_code, error FROM notifyhook.attempts WHERE delivery_id = %s "
+        "ORDER BY id",
+        [lost],
+    ).fetchall()
+    assert [(attempt, code) for attempt, code, _ in attempts] == [(3, None), (3, 200)], attempts
+    assert attempts[0][2].startswith("claim lost:"), attempts[0][2]
+    assert len(receiver.received("a")) == 2
+    assert len(receiver.received("slow")) == 1
+    assert scalar(
+        db,
+        "SELECT array_agg(a.status_code) FROM notifyhook.attempts AS a "
+        "JOIN notifyhook.endpoints AS e ON e.id = a.endpoint_id WHERE e.name = 'slow'",
+    ) == [200]
+
+
 def test_postgres_restart_mid_stream(own_cluster, receiver, start_worker):
     url = own_cluster.url()
     with psycopg.connect(url, autocommit=True) as conn:

@@ -171,6 +171,18 @@ def test_parse_retry_after_takes_a_naive_now_as_utc():
     assert parse_retry_after("Sat, 01 Mar 2025 12:00:30 GMT", now=naive) == 30.0
 
 
+def test_parse_retry_after_reads_a_date_against_the_answers_own_date():
+    # The receiver's Date says when it answered on its own clock: the delay it meant is
+    # the difference, whatever our clock reads.
+    header = "Sat, 01 Mar 2025 12:01:30 GMT"
+    an_hour_late = NOW + timedelta(hours=1)
+    assert parse_retry_after(header, now=an_hour_late, date="Sat, 01 Mar 2025 12:01:28 GMT") == 2.0
+    # An unreadable Date is no better than none: our clock it is.
+    assert parse_retry_after(header, now=NOW, date="yesterday") == 90.0
+    # Delta-seconds need no date at all.
+    assert parse_retry_after("5", now=NOW, date="Sat, 01 Mar 2025 13:00:00 GMT") == 5.0
+
+
 def test_parse_retry_after_defaults_to_the_current_time():
     in_an_hour = (datetime.now(UTC) + timedelta(hours=1)).strftime("%a, %d %b %Y %H:%M:%S GMT")
     assert 3590 <= parse_retry_after(in_an_hour) <= 3600

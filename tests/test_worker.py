@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import signal
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import pytest
 import standardwebhooks
@@ -140,6 +142,33 @@ def test_retry_after_is_honoured(db, receiver, run_worker):
     )
     first, second = receiver.received("busy")
     assert second.received_at - first.received_at >= 2.0
+
+
+def test_a_retry_after_date_is_read_against_the_answers_own_date(db, receiver, run_worker):
+    # A receiver whose clock is an hour fast asks for "two seconds after my Date": read
+    # against the worker's clock, the date is an hour away and the retry waits for the
+    # longest scheduled delay (here 10 minutes) instead of two seconds.
+    fast = datetime.now(UTC) + timedelta(hours=1)
+    receiver.sequence(
+        "busy",
+        Answer(
+            status=503,
+            headers={
+                "Retry-After": format_datetime(fast + timedelta(seconds=2), usegmt=True),
+                "Date": format_datetime(fast, usegmt=True),
+            },
+        ),
+    )
+    add_endpoint(db, "t", "busy", receiver.url("busy"))
+    worker = run_worker(retry_schedule="1,600", jitter="0")
+    insert_events(db, "t", 1)
+    worker.wait_recorded(
+        lambda: scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 1, what="the 503"
+    )
+    due_in = scalar(
+        db, "SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM notifyhook.deliveries"
+    )
+    assert due_in <= 3, f"the retry is due in {due_in:.0f} s"
 
 
 def test_410_gone_kills_the_delivery_and_disables_the_endpoint(db, receiver, run_worker):

@@ -418,6 +418,40 @@ BEGIN
 END
 $$;
 
+-- Give back what `worker` holds but does not know it holds: the rows of a claim whose
+-- answer it never got (the connection dropped after the claim committed). They were
+-- never sent, so their attempt is not charged (release_claims); left to their leases,
+-- they would wait the whole lease and be charged an attempt that never happened, and
+-- one on its last attempt would go dead without a request. `known`: the deliveries
+-- the worker is sending or has outcomes of still to record. Like take_over, only
+-- while no other live session claims under this id (its advisory lock is free or this
+-- session's). Returns the number given back, or null when the id is in use elsewhere.
+CREATE OR REPLACE FUNCTION notifyhook.release_lost_claims(worker text, known bigint[])
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    id_lock bigint := hashtextextended('notifyhook worker ' || worker, 0);
+    lost_ids bigint[];
+    lost_attempts integer[];
+BEGIN
+    IF NOT pg_try_advisory_lock(id_lock) THEN
+        RETURN NULL;
+    END IF;
+    -- Taken once more by this call (session locks count): give that one back.
+    PERFORM pg_advisory_unlock(id_lock);
+    SELECT array_agg(d.id), array_agg(d.attempts) INTO lost_ids, lost_attempts
+    FROM notifyhook.deliveries AS d
+    WHERE d.status = 'processing' AND d.locked_by = worker AND d.id <> ALL (known);
+    IF lost_ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN notifyhook.release_claims(
+        worker, lost_ids, lost_attempts,
+        'claim lost: the worker lost its database connection before the claim''s answer '
+        'reached it; never sent, given back without charging the attempt');
+END
+$$;
+
 -- The turns' safety net, run by one worker of the fleet every few minutes: an enabled
 -- endpoint whose first pending row is due before its turn (or that has no turn) gets a
 -- wake. notifyhook's own writers never need it (each leaves a wake or writes the turn

@@ -436,12 +436,15 @@ $$;
 -- Give back claims a worker could not finish (graceful shutdown): pending again,
 -- due now, and the attempt is not charged. Only rows the worker still holds
 -- under the claim it made are touched. The request may have reached the
--- receiver, so the audit log says it was interrupted; the next attempt carries
--- the same number, since this one was not counted.
+-- receiver, so the audit log says it was interrupted (or `reason`: see
+-- release_lost_claims); the next attempt carries the same number, since this one
+-- was not counted.
+DROP FUNCTION IF EXISTS notifyhook.release_claims(text, bigint[], integer[]);
 CREATE OR REPLACE FUNCTION notifyhook.release_claims(
     worker text,
     delivery_ids bigint[],
-    attempt_numbers integer[]
+    attempt_numbers integer[],
+    reason text DEFAULT 'interrupted: the worker shut down before an answer; given back without charging the attempt'
 ) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -467,9 +470,7 @@ BEGIN
     )
     INSERT INTO notifyhook.attempts
         (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error, worker)
-    SELECT held.id, held.endpoint_id, held.attempts, held.claimed_at, NULL, NULL,
-           'interrupted: the worker shut down before an answer; given back without charging the attempt',
-           worker
+    SELECT held.id, held.endpoint_id, held.attempts, held.claimed_at, NULL, NULL, reason, worker
     FROM held JOIN given_back ON given_back.id = held.id;
     GET DIAGNOSTICS released = ROW_COUNT;
     IF released > 0 THEN
