@@ -22,4 +22,5 @@ SELECT count(*) FROM notifyhook.record_outcomes(
     array_fill(now(), ARRAY[:n::int]), array_fill(1.5::float8, ARRAY[:n::int]),
     array_fill(200, ARRAY[:n::int]), array_fill(NULL::text, ARRAY[:n::int]),
     array_fill(''::text, ARRAY[:n::int]), array_fill(false, ARRAY[:n::int]),
-    '1 hour', false, ARRAY(SELECT gen_random_uuid() FROM generate_series(1, :n::int)));
+    '1 hour', false, ARRAY(SELECT gen_random_uuid() FROM generate_series(1, :n::int)),
+    started_ago_s => array_fill(0.002::float8, ARRAY[:n::int]));

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -49,6 +50,8 @@ class AttemptResult:
 
     verdict: Verdict
     started_at: datetime
+    """The worker's own wall clock when the attempt began. Not what the audit log keeps:
+    attempts.started_at is on the database's clock (see started_monotonic)."""
     duration_ms: float
     status_code: int | None = None
     error: str | None = None
@@ -62,6 +65,11 @@ class AttemptResult:
     (circuit, failing clock, disable_after) does not count it."""
     attempt_key: uuid.UUID = field(default_factory=uuid.uuid4)
     """Drawn for each attempt: the database knows a record sent twice by it (attempts.attempt_key)."""
+    started_monotonic: float = field(default_factory=time.monotonic)
+    """time.monotonic() when the attempt began (by default when this value is made, right
+    for an attempt that took no time). The record says how long ago that was, and the
+    database writes started_at on its own clock: a worker's wall clock may be off by
+    seconds or hours, and the history's times must agree with the health's."""
 
 
 DeliveryStatus = Literal["delivered", "pending", "dead"]

@@ -55,7 +55,8 @@ SELECT * FROM notifyhook.record_outcomes(
     %(attempt_numbers)b::integer[], %(statuses)b::text[], %(retry_in_s)b::double precision[],
     %(started_ats)b::timestamptz[], %(durations_ms)b::double precision[],
     %(status_codes)b::integer[], %(errors)b::text[], %(excerpts)b::text[], %(gone)b::boolean[],
-    %(disable_after)s, %(retried)s, %(attempt_keys)b::uuid[], %(sent)b::boolean[]);
+    %(disable_after)s, %(retried)s, %(attempt_keys)b::uuid[], %(sent)b::boolean[],
+    %(started_ago_s)b::double precision[]);
 
 -- name: record_rejected_outcome
 SELECT notifyhook.record_rejected_outcome(

@@ -172,7 +172,7 @@ class Sender:
 
     async def send(self, delivery: Delivery) -> AttemptResult:
         """Make one attempt; every way it can end, network failures included, is a value."""
-        started_at = datetime.now(UTC)
+        started_at, started_monotonic = datetime.now(UTC), time.monotonic()
         start = time.perf_counter()
         try:
             request = self._request(delivery)
@@ -194,8 +194,15 @@ class Sender:
                 # /in/…"): the excerpt is read on the dashboard, which never shows it.
                 response_excerpt=without_url(excerpt, delivery.url, shortest=MIN_ECHOED_PATH),
                 retry_after_s=retry_after_s,
+                started_monotonic=started_monotonic,
             )
-        return AttemptResult(verdict, started_at, _elapsed_ms(start), error=error)
+        return AttemptResult(
+            verdict,
+            started_at,
+            _elapsed_ms(start),
+            error=error,
+            started_monotonic=started_monotonic,
+        )
 
     def _request(self, delivery: Delivery) -> httpx.Request:
         target = _target(delivery.url, self._allow_private_networks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -493,12 +494,17 @@ class Store:
         `retried`: an earlier call with some of these outcomes ended without an answer
         (an error, a cancellation), so they may be recorded already; the function then
         skips those. False on the normal path, which then searches nothing.
+
+        Each attempt's started_at is written on the database's clock: the call says how
+        long ago, by this process's monotonic clock, each attempt began, measured as late
+        as it can be, once a connection is at hand.
         """
         results = [o.result for o in outcomes]
         async with (
             self._pool.connection() as conn,
             conn.cursor(row_factory=class_row(_RecordRow)) as cursor,
         ):
+            sending = time.monotonic()
             await cursor.execute(
                 self._sql["record_outcomes"],
                 {
@@ -518,6 +524,7 @@ class Store:
                     "sent": [r.sent for r in results],
                     "disable_after": timedelta(seconds=disable_after_s),
                     "retried": retried,
+                    "started_ago_s": [sending - r.started_monotonic for r in results],
                 },
             )
             rows = await cursor.fetchall()

@@ -7,11 +7,18 @@ the worker), then outcomes are handed to a Recorder built on a real Store.
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
-from conftest import add_endpoint, scalar
+from conftest import add_endpoint, run_cli, scalar, wait_until
 
+from notifyhook.dashboard import charts
+from notifyhook.dashboard.charts import Chart
+from notifyhook.dashboard.data import EndpointHealth, open_reader
 from notifyhook.delivery import AttemptResult, Outcome, Verdict
 from notifyhook.metrics import Metrics
 from notifyhook.recorder import Recorder
@@ -49,8 +56,13 @@ def outcome(
     retry_in_s: float | None = None,
     started_at: datetime | None = None,
     duration_ms: float = 12.0,
+    began_s_ago: float | None = None,
 ) -> Outcome:
+    """`started_at`: the worker's wall clock at the start (now by default; give it to
+    play a worker whose clock is off). `began_s_ago`: when the attempt began by the
+    worker's monotonic clock, in seconds before now (by default now)."""
     verdict = Verdict.DELIVERED if status == "delivered" else Verdict.RETRY
+    began = {} if began_s_ago is None else {"started_monotonic": time.monotonic() - began_s_ago}
     result = AttemptResult(
         verdict,
         started_at or datetime.now(UTC),
@@ -58,6 +70,7 @@ def outcome(
         status_code=code,
         error=None if verdict is Verdict.DELIVERED else f"HTTP {code}",
         response_excerpt=excerpt,
+        **began,
     )
     return Outcome(delivery, endpoint, 1, status, retry_in_s, result)  # type: ignore[arg-type]
 
@@ -226,6 +239,171 @@ def test_endpoint_health_reads_the_database_clock_not_the_workers(db, database_u
     now = scalar(db, "SELECT now()")
     assert abs((failing_since - now).total_seconds()) < 600
     assert abs((last_success - now).total_seconds()) < 600
+
+
+def _as_the_dashboard_shows(database_url: str, endpoint: int) -> tuple[EndpointHealth, Chart]:
+    async def read() -> tuple[EndpointHealth, Chart]:
+        async with open_reader(database_url) as reader:
+            [health] = await reader.endpoints(endpoint_id=endpoint)
+            return health, charts.per_minute(await reader.minute_counts(endpoint))
+
+    return asyncio.run(read())
+
+
+def test_the_dashboards_last_error_is_the_latest_failure_even_from_a_worker_a_second_fast(
+    db, database_url
+):
+    # A failure from a worker whose clock is right, then one from a worker whose clock
+    # runs a second fast (NTP-level drift on a busy host). The last error is the one
+    # with started_at <= last_failure_at: with started_at on the worker's clock and
+    # health on the database's, the later failure's row began "after" it and the
+    # dashboard showed the older error (review h2).
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    first, second = leased(db, endpoint, 2)
+    record(database_url, [outcome(first, endpoint, "pending", code=503, retry_in_s=30)])
+    fast = datetime.now(UTC) + timedelta(seconds=1)
+    record(
+        database_url,
+        [outcome(second, endpoint, "pending", code=500, retry_in_s=30, started_at=fast)],
+    )
+    health, _ = _as_the_dashboard_shows(database_url, endpoint)
+    assert health.consecutive_failures == 2
+    assert health.last_error == "HTTP 500", (health.last_error, health.last_failure_at)
+    assert health.last_error_at == health.last_failure_at
+
+
+def test_the_dashboards_chart_counts_the_attempts_of_a_worker_two_minutes_fast(db, database_url):
+    # Attempts per minute over the last hour: an attempt made just now by a worker two
+    # minutes fast is an attempt of this minute, not of a minute yet to come (review h2).
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    (delivery,) = leased(db, endpoint, 1)
+    fast = datetime.now(UTC) + timedelta(minutes=2)
+    record(database_url, [outcome(delivery, endpoint, started_at=fast)])
+    health, chart = _as_the_dashboard_shows(database_url, endpoint)
+    assert health.delivered_1h == 1
+    assert chart.total == 1, chart
+
+
+def test_endpoint_stats_count_the_attempts_of_a_worker_two_hours_slow(db, database_url):
+    # A worker two hours behind (a VM resumed from suspend, before NTP steps its clock)
+    # delivers just now: `notifyhook stats` (the endpoint_stats view) counts it in the
+    # last hour and the last day (review h2).
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    (delivery,) = leased(db, endpoint, 1)
+    slow = datetime.now(UTC) - timedelta(hours=2)
+    record(database_url, [outcome(delivery, endpoint, started_at=slow)])
+    [stats] = json.loads(run_cli(database_url, "stats", "--json", check=True).stdout)["endpoints"]
+    assert stats["last_success_at"] is not None
+    assert (stats["delivered_1h"], stats["delivered_24h"]) == (1, 1), stats
+
+
+def test_started_at_is_the_databases_time_the_attempt_began_and_the_healths(db, database_url):
+    # By a worker whose wall clock is an hour fast: a success that began 5 s before the
+    # record and a failure that began 2 s before it, by the worker's monotonic clock.
+    # Their rows say so on the database's clock, and the endpoint's health holds the
+    # very same times.
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    succeeded, failed = leased(db, endpoint, 2)
+    fast = datetime.now(UTC) + timedelta(hours=1)
+    before = scalar(db, "SELECT clock_timestamp()")
+    outcomes = [
+        outcome(succeeded, endpoint, started_at=fast, began_s_ago=5),
+        outcome(
+            failed, endpoint, "pending", code=503, retry_in_s=30, started_at=fast, began_s_ago=2
+        ),
+    ]
+    record(database_url, outcomes)
+    after = scalar(db, "SELECT clock_timestamp()")
+    started = dict(db.execute("SELECT delivery_id, started_at FROM notifyhook.attempts").fetchall())
+    # The record measures the age as it sends, the database reads its clock as the call
+    # arrives: between the two, a millisecond at most on one host.
+    slack = timedelta(milliseconds=1)
+    for delivery, seconds_ago in ((succeeded, 5), (failed, 2)):
+        ago = timedelta(seconds=seconds_ago)
+        assert before - ago - slack <= started[delivery] <= after - ago + slack
+    health = db.execute(
+        "SELECT last_success_at, last_failure_at, failing_since, consecutive_failures "
+        "FROM notifyhook.endpoint_state WHERE endpoint_id = %s",
+        [endpoint],
+    ).fetchone()
+    assert health == (started[succeeded], started[failed], started[failed], 1)
+
+
+def test_a_caller_that_does_not_say_how_long_ago_keeps_the_workers_started_at(db):
+    # A worker of the version before, still running while `migrate` installs this
+    # record_outcomes: its started_at goes in as it sends it, and the health reads the
+    # database's clock, now less the duration, as it did.
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    (delivery,) = leased(db, endpoint, 1)
+    fast = datetime.now(UTC) + timedelta(hours=1)
+    db.execute(
+        "SELECT * FROM notifyhook.record_outcomes(%(w)s, ARRAY[%(d)s]::bigint[], "
+        "ARRAY[%(e)s]::bigint[], '{1}', '{pending}', '{30}', ARRAY[%(at)s]::timestamptz[], "
+        "'{1000}', '{503}', '{HTTP 503}', '{NULL}', '{false}', interval '5 days', false, "
+        "ARRAY[gen_random_uuid()], '{true}')",
+        {"w": WORKER, "d": delivery, "e": endpoint, "at": fast},
+    )
+    assert scalar(db, "SELECT started_at FROM notifyhook.attempts") == fast
+    failed_at = scalar(
+        db,
+        "SELECT extract(epoch FROM now() - last_failure_at) FROM notifyhook.endpoint_state "
+        "WHERE endpoint_id = %s",
+        [endpoint],
+    )
+    assert 0.9 < failed_at < 60
+
+
+def test_a_record_sent_again_while_the_first_still_runs_writes_nothing_twice(db, database_url):
+    # The first call's answer was lost with its connection, but the call itself still
+    # runs on the server (held open here) when the worker sends the batch again. Its
+    # delivery is gone (an endpoint deleted meanwhile), so no row lock orders the two
+    # calls, and the second computes another started_at, which the unique index on
+    # (attempt_key, started_at) does not refuse: the second call must wait for the first
+    # and then find its attempt recorded.
+    endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    (delivery,) = leased(db, endpoint, 1)
+    db.execute("DELETE FROM notifyhook.endpoints WHERE id = %s", [endpoint])
+    sent = outcome(delivery, endpoint, "pending", code=503, retry_in_s=30, began_s_ago=1)
+    first = psycopg.connect(database_url)
+    first.execute(
+        "SELECT * FROM notifyhook.record_outcomes(%(w)s, ARRAY[%(d)s]::bigint[], "
+        "ARRAY[%(e)s]::bigint[], '{1}', '{pending}', '{30}', ARRAY[now()], '{12}', '{503}', "
+        "'{HTTP 503}', '{NULL}', '{false}', interval '5 days', false, ARRAY[%(k)s]::uuid[], "
+        "'{true}', '{1.0}')",
+        {"w": WORKER, "d": delivery, "e": endpoint, "k": sent.result.attempt_key},
+    )
+    failures: list[BaseException] = []
+
+    def record_again() -> None:
+        async def run() -> None:
+            async with Store.open(database_url) as store:
+                await store.record_outcomes(WORKER, [sent], 86400, retried=True)
+
+        try:
+            asyncio.run(run())
+        except BaseException as error:  # reported by the test's thread
+            failures.append(error)
+
+    again = threading.Thread(target=record_again)
+    again.start()
+    try:
+        wait_until(
+            lambda: (
+                not again.is_alive()
+                or scalar(
+                    db,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE '%%record_outcomes%%'",
+                )
+            ),
+            what="the second call to wait for the first, or to end",
+        )
+        first.commit()
+    finally:
+        again.join(timeout=30)
+        first.close()
+    assert not failures, failures
+    assert scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 1
 
 
 def test_a_record_sent_again_knows_each_attempt_by_its_key(db, database_url):

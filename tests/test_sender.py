@@ -501,9 +501,14 @@ def test_a_server_that_never_answers_is_cut_at_the_timeout() -> None:
         async with raw_server(hang) as (port, _):
             return await send(f"http://127.0.0.1:{port}/hook", timeout_s=0.5)
 
+    began = time.monotonic()
     result = run(scenario())
     assert (result.verdict, result.error) == (Verdict.RETRY, "timeout after 0.5s")
     assert 400 < result.duration_ms < 2000
+    # When the request began, not when the result was made: the record writes
+    # started_at from it, on the database's clock.
+    assert began <= result.started_monotonic
+    assert result.started_monotonic + result.duration_ms / 1000 <= time.monotonic() + 0.001
 
 
 async def drip(writer: asyncio.StreamWriter, data: bytes) -> None:

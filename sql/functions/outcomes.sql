@@ -15,6 +15,14 @@
 -- from the batch, and endpoints failing for longer than `disable_after` are
 -- disabled. Returns the endpoints this call disabled, with the reason.
 --
+-- Each attempt's started_at is on the database's clock, as the health's times are:
+-- when this call's statement arrived, less `started_ago_s`, how long before the
+-- worker sent it the attempt began by the worker's monotonic clock. A worker's
+-- wall clock (`started_ats`) may be off by seconds or hours: the dashboard then
+-- showed an older error than the last, and the views missed its attempts in the
+-- last hour. `started_ats` is written only for an outcome without started_ago_s
+-- (a caller written before it), whose health then starts at now() less its duration.
+--
 -- `retried` says the worker is sending this batch again after an error: the
 -- first call may have committed and lost only its answer, so outcomes already
 -- recorded are skipped. Only then is the audit log searched, so a normal call
@@ -35,7 +43,9 @@ DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
 DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
     text, bigint[], bigint[], integer[], text[], double precision[], timestamptz[],
     double precision[], integer[], text[], text[], boolean[], interval, boolean, uuid[]);
--- Its result gained deferred_delivery_id: a result type cannot be replaced.
+-- Its result gained deferred_delivery_id: a result type cannot be replaced. Then it
+-- gained started_ago_s, a parameter: a second function beside it would make every
+-- call that leaves started_ago_s out ambiguous.
 DROP FUNCTION IF EXISTS notifyhook.record_outcomes(
     text, bigint[], bigint[], integer[], text[], double precision[], timestamptz[],
     double precision[], integer[], text[], text[], boolean[], interval, boolean, uuid[],
@@ -61,7 +71,10 @@ CREATE OR REPLACE FUNCTION notifyhook.record_outcomes(
     -- false: the attempt ended on the worker's side before a request left (a secret it
     -- cannot decrypt, a bug in it): recorded, retried, but not the receiver's failure,
     -- so not counted in the endpoint's health. Null: every attempt was sent.
-    sent boolean[] DEFAULT NULL
+    sent boolean[] DEFAULT NULL,
+    -- Seconds between each attempt's start and this call, by the worker's monotonic
+    -- clock. Null (callers written before it): started_ats, the worker's wall clock.
+    started_ago_s double precision[] DEFAULT NULL
 ) RETURNS TABLE (
     -- An endpoint this call disabled, and why.
     endpoint_id bigint,
@@ -83,7 +96,25 @@ DECLARE
     lock_wait text;
     -- Positions of outcomes whose rows another transaction holds: left for a later call.
     held integer[];
+    -- When each attempt began on the database's clock (null without started_ago_s).
+    -- statement_timestamp(), not clock_timestamp(): it is when the call arrived, the
+    -- closest to when the worker measured started_ago_s; the clock moves on while this
+    -- function runs (and waits for locks). Computed once: the attempts rows and the
+    -- health below read the same values, so last_failure_at is a failed attempt's
+    -- started_at exactly, and the dashboard finds that attempt's error by it.
+    -- (Not clamped at 0 as durations are: a monotonic clock gives no negative age.)
+    starts timestamptz[] := ARRAY(
+        SELECT statement_timestamp() - make_interval(secs => o.ago_s)
+        FROM unnest(started_ago_s) WITH ORDINALITY AS o(ago_s, n) ORDER BY o.n);
 BEGIN
+    -- One record of a worker at a time. A retried call's search below does not see what
+    -- the call it repeats has not committed yet: that call may still be running, its
+    -- answer lost with a connection cut under it. The search used to be backed by the
+    -- unique index on (attempt_key, started_at), but a call made again computes another
+    -- started_at. Waiting for the earlier call (at most lock_timeout) makes the search
+    -- see all it did. A worker records one batch at a time, so it never waits otherwise.
+    PERFORM pg_advisory_xact_lock(hashtextextended('notifyhook record ' || worker, 0));
+
     IF retried THEN
         -- An attempt is known by the key its worker drew for it (0005_attempt_keys.sql).
         recorded := ARRAY(
@@ -150,8 +181,8 @@ BEGIN
     INSERT INTO notifyhook.attempts
         (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error,
          response_excerpt, worker, attempt_key)
-    SELECT o.delivery_id, o.endpoint_id, o.attempt, o.started_at, o.duration_ms, o.status_code,
-           o.error, o.excerpt, worker, attempt_keys[o.n]
+    SELECT o.delivery_id, o.endpoint_id, o.attempt, coalesce(starts[o.n], o.started_at),
+           o.duration_ms, o.status_code, o.error, o.excerpt, worker, attempt_keys[o.n]
     FROM batch AS o;
 
     -- Lock the endpoints' state rows in id order: two workers recording for the
@@ -208,14 +239,15 @@ BEGIN
     -- time before the success. A success newer than any known resets the count and
     -- the clock, unless failures already counted began after it.
     --
-    -- (hardening, issue 13) When an attempt began is read on the database's clock:
-    -- now, less the attempt's duration. A worker's started_at is its own clock, and
-    -- a success recorded by a worker an hour fast would have stayed "the latest"
-    -- for an hour, keeping the failure count at 0 and the circuit closed.
+    -- (hardening, issue 13) When an attempt began is read on the database's clock: the
+    -- started_at its attempts row got, or for a caller that does not say how long ago
+    -- (started_ago_s), now less the attempt's duration. A worker's started_at is its own
+    -- clock, and a success recorded by a worker an hour fast would have stayed "the
+    -- latest" for an hour, keeping the failure count at 0 and the circuit closed.
     WITH batch AS (
         SELECT o.endpoint_id, o.status,
-               now() - make_interval(secs => greatest(coalesce(o.duration_ms, 0), 0) / 1000)
-                   AS started_at
+               coalesce(starts[o.n], now() - make_interval(
+                   secs => greatest(coalesce(o.duration_ms, 0), 0) / 1000)) AS started_at
         FROM unnest(endpoint_ids, statuses, durations_ms, sent) WITH ORDINALITY
              AS o(endpoint_id, status, duration_ms, sent, n)
         WHERE o.n <> ALL (recorded) AND o.endpoint_id = ANY (locked)
@@ -344,6 +376,9 @@ DECLARE
     target notifyhook.deliveries%ROWTYPE;
     gone boolean;
 BEGIN
+    -- After a record of this worker's whose answer was lost, and that may still be
+    -- running: its attempt must be seen below (see record_outcomes).
+    PERFORM pg_advisory_xact_lock(hashtextextended('notifyhook record ' || worker, 0));
     SELECT d.* INTO target FROM notifyhook.deliveries AS d
     WHERE d.id = record_rejected_outcome.delivery_id
     FOR NO KEY UPDATE;
