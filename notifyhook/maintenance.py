@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from notifyhook.clock import OFF_WARNING_S, DatabaseClock
 from notifyhook.metrics import Metrics
 from notifyhook.settings import Settings
 from notifyhook.store import PARTITIONS_AHEAD, DatabaseError, Store
@@ -25,6 +26,9 @@ the fleet does; nothing of notifyhook's own needs it, a hand-written UPDATE may)
 PARTITIONS_LOW_S = 2 * 86400.0
 """Fewer seconds than this of day partitions ahead is worth a warning: partitions are made
 a week ahead, by every migrate and every retention pass, so something stopped them."""
+
+CLOCK_EVERY_S = 60.0
+"""How often a worker reads the database's clock again (notifyhook/clock.py)."""
 
 PRUNE_BATCH = 500
 """Rows deleted per retention statement: each holds its locks only briefly."""
@@ -45,12 +49,15 @@ class Maintenance:
         metrics: Metrics,
         *,
         wake: Callable[[], None] = lambda: None,
+        clock: DatabaseClock | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._metrics = metrics
         self._wake = wake
-        self._repaired_at = time.monotonic()
+        self.clock = clock or DatabaseClock()
+        self._repaired_at = self._clock_read_at = time.monotonic()
+        self._clock_off = False
 
     async def reclaim(self) -> None:
         """Every poll interval, take back expired leases and sample the queue's gauges."""
@@ -71,7 +78,30 @@ class Maintenance:
         if time.monotonic() - self._repaired_at >= REPAIR_EVERY_S:
             self._repaired_at = time.monotonic()
             await self.repair_turns()
+        if time.monotonic() - self._clock_read_at >= CLOCK_EVERY_S:
+            await self.read_clock()
         return reclaimed
+
+    async def read_clock(self) -> float:
+        """Measure this host's clock against the database's (notifyhook/clock.py); warn
+        when they disagree by more than OFF_WARNING_S, once until they agree again."""
+        self._clock_read_at = time.monotonic()
+        before = self.clock.host()
+        database = await self._store.database_time()
+        offset = self.clock.measured(before, database, self.clock.host())
+        self._metrics.clock_offset.set(offset)
+        off = abs(offset) > OFF_WARNING_S
+        if off and not self._clock_off:
+            log.warning(
+                "this host's clock is %.1f s %s the database's: webhook-timestamp is stamped "
+                "on the database's clock; fix the host's time synchronisation (NTP)",
+                abs(offset),
+                "behind" if offset > 0 else "ahead of",
+            )
+        elif self._clock_off and not off:
+            log.info("this host's clock agrees with the database's again (%.3f s)", offset)
+        self._clock_off = off
+        return offset
 
     async def repair_turns(self) -> int:
         """Wake the endpoints whose due rows have no turn (sql/functions/claim.sql)."""

@@ -94,6 +94,12 @@ class Metrics:
             "Age of the oldest due delivery of an enabled endpoint.",
             registry=r,
         )
+        self.clock_offset = Gauge(
+            "notifyhook_clock_offset_seconds",
+            "The database's clock less this host's, as last measured (webhook-timestamp "
+            "is corrected by it).",
+            registry=r,
+        )
         self._attempt_children = {
             name: self.attempts.labels(outcome=name) for name in ("delivered", "pending", "dead")
         }

@@ -94,6 +94,10 @@ SELECT extract(epoch FROM notifyhook.partitions_until() - now())::float8;
 -- name: retired_partitions
 SELECT parent, partition, detach_pending FROM notifyhook.retired_partitions(%(older_than)s);
 
+-- name: database_time
+-- The database's clock now, for the worker's reading of it (notifyhook/clock.py).
+SELECT extract(epoch FROM clock_timestamp())::float8;
+
 -- name: queue_depth
 -- Cheap enough to sample every few seconds: reads only the partial indexes (and the
 -- few endpoints). Disabled endpoints' rows are counted apart, as in queue_stats.

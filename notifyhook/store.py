@@ -605,6 +605,11 @@ class Store:
         async with self._pool.connection() as conn:
             return await retire_partitions(conn, retention_s)
 
+    async def database_time(self) -> float:
+        """The database's clock, in unix seconds."""
+        rows = await self._fetch("database_time")
+        return float(rows[0][0])
+
     async def queue_depth(self) -> tuple[int, int, float, int]:
         """(pending due, processing, oldest due age in seconds, pending of disabled endpoints)."""
         rows = await self._fetch("queue_depth")

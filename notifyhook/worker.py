@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from notifyhook import __version__, reporting, retry, secrets
+from notifyhook.clock import DatabaseClock
 from notifyhook.delivery import AttemptResult, Delivery, Outcome, Verdict
 from notifyhook.errors import ConfigurationError, SecretError
 from notifyhook.listener import Listener
@@ -65,9 +66,11 @@ class Worker:
         metrics: Metrics,
         notifier: SystemdNotifier | None = None,
         recorded: Callable[[], None] | None = None,
+        clock: DatabaseClock | None = None,
     ) -> None:
         """`recorded` is called after each batch of outcomes is written: a test signal
-        (River's), so that an in-process test waits for the worker, not for time."""
+        (River's), so that an in-process test waits for the worker, not for time.
+        `clock`: the one its sender stamps requests with, kept right by its maintenance."""
         self.settings = settings
         self._store = store
         self._sender = sender
@@ -91,7 +94,9 @@ class Worker:
             recorded=self._recorded,
             patient=lambda buffered: self.pacing.patient(buffered, len(self._in_flight)),
         )
-        self.maintenance = Maintenance(settings, store, metrics, wake=self.pacing.wake.set)
+        self.maintenance = Maintenance(
+            settings, store, metrics, wake=self.pacing.wake.set, clock=clock
+        )
         self._last_cycle = time.monotonic()
         self.database_ok = True
         self._signals = 0
@@ -130,6 +135,7 @@ class Worker:
                 self.settings.lease,
             )
             await self._keep_partitions()
+            await self._read_clock()
             await self._take_over()
             await self._claim_loop()
             self._notifier.stopping()
@@ -224,6 +230,13 @@ class Worker:
             await self.maintenance.keep_partitions()
         except DatabaseError as error:
             log.debug("making partitions skipped: %s", error)
+
+    async def _read_clock(self) -> None:
+        """The database's clock, before the first request is stamped with it."""
+        try:
+            await self.maintenance.read_clock()
+        except DatabaseError as error:
+            log.debug("reading the database's clock skipped: %s", error)
 
     async def _take_over(self) -> None:
         """Take back a dead predecessor's rows (same WORKER_ID) before the first claim."""
@@ -467,15 +480,17 @@ async def open_worker(
     """A Worker with its store, its sender and, on METRICS_PORT, /metrics and /healthz:
     what `notifyhook worker` runs, and what the tests run in-process."""
     url = settings.database_url.get_secret_value()
+    clock = DatabaseClock()
     async with (
         Store.open(url, timeouts=session_timeouts(settings), worker=settings.worker_id) as store,
         Sender(
             allow_private_networks=settings.allow_private_networks,
             user_agent=f"notifyhook/{__version__}",
             max_connections=settings.concurrency,
+            clock=clock.now,
         ) as sender,
     ):
-        worker = Worker(settings, store, sender, metrics=metrics, recorded=recorded)
+        worker = Worker(settings, store, sender, metrics=metrics, recorded=recorded, clock=clock)
         runner = None
         if settings.metrics_port is not None:
             runner = await serve_metrics(metrics, settings.metrics_port, lambda: worker.healthy)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -17,6 +18,7 @@ from cryptography.fernet import Fernet
 from databases import with_dbname
 from psycopg.conninfo import make_conninfo
 
+from notifyhook import clock
 from notifyhook.secrets import seal
 from notifyhook.signing import generate_secret
 from notifyhook.tools.receiver import Answer
@@ -68,6 +70,27 @@ def test_an_insert_is_delivered_signed_with_the_extra_fields(
         "SELECT attempt, status_code, error, worker, response_excerpt FROM notifyhook.attempts"
     ).fetchall()
     assert attempt == [(1, 200, None, "test-worker-1", "ok")]
+
+
+def test_a_worker_an_hour_slow_stamps_its_requests_on_the_databases_clock(
+    db, receiver, run_worker, monkeypatch, caplog
+):
+    # A host whose clock is an hour behind (a VM resumed before NTP stepped it): its
+    # webhook-timestamp is outside every receiver's tolerance (five minutes for Standard
+    # Webhooks verifiers), each request is refused as a replay, and a 4xx is dead at once.
+    monkeypatch.setattr(clock, "wall", lambda: time.time() - 3600)
+    caplog.set_level(logging.INFO, logger="notifyhook")
+    endpoint = add_endpoint(db, "t", "crm", receiver.url("crm"))
+    secret = scalar(db, "SELECT secret FROM notifyhook.endpoints WHERE id = %s", [endpoint])
+    worker = run_worker()
+    insert_events(db, "t", 1)
+    [arrival] = worker.wait_recorded(lambda: receiver.received("crm"), what="the webhook")
+    standardwebhooks.Webhook(secret).verify(arrival.body, arrival.headers)
+    assert abs(int(arrival.headers["webhook-timestamp"]) - time.time()) < 60
+    assert "clock is 3600." in caplog.text
+    assert "behind the database's" in caplog.text
+    offset = worker.metrics.registry.get_sample_value("notifyhook_clock_offset_seconds")
+    assert 3599 < offset < 3601
 
 
 def test_retries_then_delivers_with_an_attempt_row_each(db, receiver, run_worker):
