@@ -132,6 +132,7 @@ def _register_stats(commands: Any) -> None:
 async def stats_command(args: argparse.Namespace, settings: Settings) -> int:
     from notifyhook.store import connect, fetch_dicts, read_only
 
+    _warn_of_a_password_in(args.database_url)
     # Read-only sessions: on a standby any write would fail anyway, and on a primary
     # this keeps a view that someday calls a writing function from doing so unseen.
     async with connect(read_only(_url(settings))) as conn:
@@ -149,6 +150,18 @@ async def stats_command(args: argparse.Namespace, settings: Settings) -> int:
             # Piped output is block-buffered: a watcher must see each round as it comes.
             print(flush=True)
             await asyncio.sleep(args.watch)
+
+
+def _warn_of_a_password_in(given_url: str | None) -> None:
+    """A --database-url's password is on the command line for as long as the command runs
+    (a dashboard, a `stats --watch`: days); the command still runs."""
+    from notifyhook.store import conninfo_credentials
+
+    if given_url and conninfo_credentials(given_url):
+        log.warning(
+            "--database-url holds a password, visible to every user of this host (ps, "
+            "/proc/PID/cmdline); give it with PGPASSWORD or ~/.pgpass instead"
+        )
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -692,7 +705,8 @@ def _register_dashboard(commands: Any) -> None:
     parser.add_argument(
         "--database-url",
         metavar="URL",
-        help="read this database (a replica will do) instead of NOTIFYHOOK_DATABASE_URL",
+        help="read this database (a replica will do) instead of NOTIFYHOOK_DATABASE_URL; "
+        "a password here shows in the process list: prefer PGPASSWORD or ~/.pgpass",
     )
     # Standalone: NOTIFYHOOK_DATABASE_URL is not needed when --database-url is given.
     parser.set_defaults(handler=dashboard_command, standalone=True)
@@ -707,6 +721,7 @@ def dashboard_command(args: argparse.Namespace) -> int:
     settings = load_settings(**given)
     logs.configure(settings.log_format, settings.log_level)
     warn_unknown_variables()
+    _warn_of_a_password_in(args.database_url)
     token = token_from_environment()
     run_async(serve(_url(settings), args.host, args.port, token))
     return 0

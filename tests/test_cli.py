@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from conftest import add_endpoint, environment, run_cli, scalar, wait_until
 from cryptography.fernet import Fernet
+from psycopg.conninfo import make_conninfo
 from test_worker import insert_events, statuses
 
 from notifyhook import signing
@@ -323,6 +324,27 @@ def test_stats_match_the_database(db, database_url, receiver, run_worker):
     assert "success_rate_24h" in table
     for name in ("ok", "strict", "paused"):
         assert f"| {name} " in table
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "settings"),
+    # The dashboard stopped, after the warning, by a token too short to serve with.
+    [("stats", 0, {}), ("dashboard", 2, {"dashboard_token": "short"})],
+    ids=["stats", "dashboard"],
+)
+def test_a_password_on_the_command_line_is_warned_about_and_never_shown(
+    database_url, command, code, settings
+):
+    # The dashboard runs for days, and `stats --watch` for as long as someone watches:
+    # its command line, password included, is readable by every user of the host.
+    url = make_conninfo(database_url, password=PASSWORD)
+    result = run(None, command, "--database-url", url, **settings)
+    assert result.returncode == code, result.stderr
+    assert "--database-url holds a password" in result.stderr
+    assert "PGPASSWORD" in result.stderr
+    assert PASSWORD not in result.stderr
+    # Without a password, nothing to warn of.
+    assert ok(None, "stats", "--database-url", database_url)
 
 
 def test_stats_watch_prints_each_round_as_it_comes_until_interrupted(database_url, tmp_path):
