@@ -8,17 +8,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import re
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from notifyhook import retry, secrets, signing
-from notifyhook.console import print_json, run_async
+from notifyhook.console import STDIN, Given, print_json, read_given, run_async
 from notifyhook.errors import CommandError, SecretError, UsageError
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
 
     from notifyhook.settings import Settings
+
+log = logging.getLogger("notifyhook.commands")
 
 
 def register_all(commands: Any) -> None:
@@ -128,6 +132,7 @@ def _register_stats(commands: Any) -> None:
 async def stats_command(args: argparse.Namespace, settings: Settings) -> int:
     from notifyhook.store import connect, fetch_dicts, read_only
 
+    _warn_of_a_password_in(args.database_url)
     # Read-only sessions: on a standby any write would fail anyway, and on a primary
     # this keeps a view that someday calls a writing function from doing so unseen.
     async with connect(read_only(_url(settings))) as conn:
@@ -145,6 +150,18 @@ async def stats_command(args: argparse.Namespace, settings: Settings) -> int:
             # Piped output is block-buffered: a watcher must see each round as it comes.
             print(flush=True)
             await asyncio.sleep(args.watch)
+
+
+def _warn_of_a_password_in(given_url: str | None) -> None:
+    """A --database-url's password is on the command line for as long as the command runs
+    (a dashboard, a `stats --watch`: days); the command still runs."""
+    from notifyhook.store import conninfo_credentials
+
+    if given_url and conninfo_credentials(given_url):
+        log.warning(
+            "--database-url holds a password, visible to every user of this host (ps, "
+            "/proc/PID/cmdline); give it with PGPASSWORD or ~/.pgpass instead"
+        )
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -201,8 +218,17 @@ def _register_endpoint(commands: Any) -> None:
     add.add_argument(
         "--extra-fields", type=_json_object, default={}, help="JSON object merged into every body"
     )
-    add.add_argument(
-        "--headers", type=_json_object, default={}, help="JSON object of extra request headers"
+    headers = add.add_mutually_exclusive_group()
+    headers.add_argument(
+        "--headers",
+        type=_json_object_or_stdin,
+        metavar="JSON",
+        help="JSON object of extra request headers; - reads it from standard input. One "
+        "holding a credential (Authorization: Bearer …) does not belong on the command "
+        "line, which every user of the host can read: give it with - or --headers-file",
+    )
+    headers.add_argument(
+        "--headers-file", metavar="PATH", help="read the --headers JSON object from this file"
     )
     add.add_argument(
         "--rate-limit", type=_positive_int, help="most requests per second, whole fleet"
@@ -216,8 +242,19 @@ def _register_endpoint(commands: Any) -> None:
         help="hmac: a whsec_ secret shared with the receiver (v1, the default); ed25519: a "
         "whsk_ signing key, the receiver verifying with its whpk_ public key (v1a)",
     )
-    add.add_argument(
-        "--secret", help="a whsec_ secret or whsk_ signing key to use instead of a fresh one"
+    secret = add.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--secret",
+        metavar="SECRET",
+        help="a whsec_ secret or whsk_ signing key to use instead of a fresh one. Give it as "
+        "- to read it from standard input, e.g. `pass show crm | notifyhook endpoint add … "
+        "--secret -`, or with --secret-file: a secret on the command line is visible to "
+        "every user of the host (ps, /proc) and is warned about",
+    )
+    secret.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="read the secret from this file, e.g. a systemd credential or a mounted secret",
     )
     add.add_argument(
         "--retry-schedule",
@@ -312,7 +349,7 @@ def _print_new_secret(secret: str) -> None:
 async def endpoint_add(args: argparse.Namespace, settings: Settings) -> int:
     from notifyhook.store import connect, fetch_dicts, json_param
 
-    secret = _given_secret(args.secret) if args.secret else _fresh_secret(args.signature)
+    secret, headers = _secret_and_headers(args)
     params = {
         "tenant_id": args.tenant,
         "name": args.name,
@@ -320,7 +357,7 @@ async def endpoint_add(args: argparse.Namespace, settings: Settings) -> int:
         "secret": secrets.seal(secret, _secret_key(settings)),
         "event_types": [p.strip() for p in args.event_types.split(",")],
         "extra_fields": json_param(args.extra_fields),
-        "headers": json_param(args.headers),
+        "headers": json_param(headers),
         "rate_limit": args.rate_limit,
         "max_in_flight": args.max_in_flight,
         "timeout_ms": args.timeout_ms,
@@ -341,6 +378,50 @@ def _given_secret(secret: str) -> str:
     except SecretError as error:
         raise UsageError(f"--secret: {error}") from None
     return secret
+
+
+def _given_headers(text: str | None) -> dict[str, Any]:
+    """--headers read from standard input or --headers-file: a JSON object, as on the
+    command line (where argparse checks it)."""
+    if text is None:
+        return {}
+    try:
+        return _json_object(text)
+    except argparse.ArgumentTypeError as error:
+        raise UsageError(f"--headers: {error}") from None
+
+
+def _secret_and_headers(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The endpoint's secret (given, or fresh) and its headers, each from the command
+    line, standard input or a file; a warning for a credential on the command line."""
+    on_command_line = isinstance(args.headers, dict)
+    given_secret = Given("--secret", args.secret, args.secret_file)
+    given_headers = Given("--headers", None if on_command_line else args.headers, args.headers_file)
+    secret_text, headers_text = read_given(given_secret, given_headers)
+    secret = _given_secret(secret_text) if secret_text else _fresh_secret(args.signature)
+    headers = args.headers if on_command_line else _given_headers(headers_text)
+    if given_secret.on_command_line:
+        log.warning(
+            "--secret on the command line is visible to every user of this host (ps, "
+            "/proc/PID/cmdline); give it on standard input (--secret -) or with --secret-file"
+        )
+    if on_command_line and (named := _credential_headers(headers)):
+        log.warning(
+            "--headers on the command line is visible to every user of this host (ps, "
+            "/proc/PID/cmdline), and holds %s; give them on standard input (--headers -) "
+            "or with --headers-file",
+            ", ".join(named),
+        )
+    return secret, headers
+
+
+# Header names that usually carry a credential: Authorization, Cookie, X-Api-Key,
+# X-Auth-Token, a partner's X-Webhook-Secret.
+_CREDENTIAL_HEADER = re.compile(r"auth|token|key|secret|passw|cookie|credential", re.IGNORECASE)
+
+
+def _credential_headers(headers: dict[str, Any]) -> list[str]:
+    return sorted(name for name in headers if _CREDENTIAL_HEADER.search(name))
 
 
 async def endpoint_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -624,7 +705,8 @@ def _register_dashboard(commands: Any) -> None:
     parser.add_argument(
         "--database-url",
         metavar="URL",
-        help="read this database (a replica will do) instead of NOTIFYHOOK_DATABASE_URL",
+        help="read this database (a replica will do) instead of NOTIFYHOOK_DATABASE_URL; "
+        "a password here shows in the process list: prefer PGPASSWORD or ~/.pgpass",
     )
     # Standalone: NOTIFYHOOK_DATABASE_URL is not needed when --database-url is given.
     parser.set_defaults(handler=dashboard_command, standalone=True)
@@ -639,6 +721,7 @@ def dashboard_command(args: argparse.Namespace) -> int:
     settings = load_settings(**given)
     logs.configure(settings.log_format, settings.log_level)
     warn_unknown_variables()
+    _warn_of_a_password_in(args.database_url)
     token = token_from_environment()
     run_async(serve(_url(settings), args.host, args.port, token))
     return 0
@@ -700,6 +783,11 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def _json_object_or_stdin(text: str) -> dict[str, Any] | str:
+    """A JSON object, or `-`: read from standard input when the command runs."""
+    return text if text == STDIN else _json_object(text)
 
 
 def _json_object(text: str) -> dict[str, Any]:

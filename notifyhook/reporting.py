@@ -15,7 +15,7 @@ from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 
 from notifyhook import __version__
 from notifyhook.settings import Settings
-from notifyhook.store import conninfo_credentials
+from notifyhook.store import Trouble, conninfo_credentials
 
 FLUSH_TIMEOUT_S = 2.0
 """How long shutdown waits for reports still being sent."""
@@ -82,14 +82,16 @@ def start(settings: Settings) -> bool:
     return True
 
 
-def report_database_lost(what: str, error: BaseException) -> None:
-    """One report per outage: the worker calls this when the database stops answering."""
+def report_database_trouble(what: str, trouble: Trouble, error: BaseException) -> None:
+    """One report per outage, or per run of timeouts: the worker calls this when database
+    calls start failing. Grouped by what went wrong (an outage, a statement_timeout, a
+    lock_timeout), each saying so."""
     with sentry_sdk.new_scope() as scope:
-        scope.fingerprint = ["notifyhook", "database-unavailable"]
+        scope.fingerprint = ["notifyhook", trouble.kind]
         scope.set_tag("failed_operation", what)
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         sentry_sdk.capture_message(
-            f"database unavailable: {what} failed: {first_line[:200]}", level="warning"
+            f"{trouble.text}: {what} failed: {first_line[:200]}", level="warning"
         )
 
 

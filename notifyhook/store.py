@@ -216,6 +216,64 @@ def is_transient(error: BaseException) -> bool:
     return state is None or state.startswith(("08", "57"))
 
 
+QUERY_CANCELED, LOCK_NOT_AVAILABLE, IDLE_IN_TRANSACTION_TIMEOUT = "57014", "55P03", "25P03"
+"""SQLSTATEs of the worker's own session timeouts (`Timeouts`), and of what shares them:
+pg_cancel_backend (57014), NOWAIT (55P03)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Trouble:
+    """Why a database call failed, in the words the log and the error report use."""
+
+    kind: str
+    """A stable name reports are grouped by: database-unavailable, statement-timeout,
+    lock-timeout, … ."""
+    text: str
+    """What the operator reads, e.g. "the statement waited past its lock_timeout of 5s
+    for a lock another transaction holds"."""
+
+
+def diagnose(error: BaseException, timeouts: Timeouts | None = None) -> Trouble:
+    """Why a database call failed: a statement cut short by the session's own timeouts
+    (`timeouts`, whose values it names) is not an outage, and saying "database
+    unavailable" would send an operator to look for one, when a statement was slow or
+    waited on a lock (an operator's transaction, a migration).
+
+    57014 and 55P03 also come from pg_cancel_backend and NOWAIT: the server's message
+    (English by default, lc_messages) tells them apart; in another language the words
+    stay true but vaguer.
+    """
+    state = getattr(error, "sqlstate", None)
+    primary = getattr(getattr(error, "diag", None), "message_primary", None) or ""
+    if state == QUERY_CANCELED:
+        if "statement timeout" in primary:
+            of = f" of {timeouts.statement_s:g}s" if timeouts else ""
+            return Trouble("statement-timeout", f"the statement ran past its statement_timeout{of}")
+        return Trouble("query-canceled", "the statement was cancelled (pg_cancel_backend?)")
+    if state == LOCK_NOT_AVAILABLE:
+        if "lock timeout" in primary:
+            of = f" of {timeouts.lock_s:g}s" if timeouts else ""
+            return Trouble(
+                "lock-timeout",
+                f"the statement waited past its lock_timeout{of} for a lock another "
+                "transaction holds",
+            )
+        return Trouble("lock-not-available", "a lock another transaction holds was not available")
+    if state == IDLE_IN_TRANSACTION_TIMEOUT:
+        of = f" of {timeouts.idle_in_transaction_s:g}s" if timeouts else ""
+        return Trouble(
+            "idle-in-transaction-timeout",
+            f"the server ended the session, idle in a transaction past its "
+            f"idle_in_transaction_session_timeout{of}",
+        )
+    if is_transient(error):
+        return Trouble("database-unavailable", "database unavailable")
+    return Trouble(
+        f"refused-{state or 'unknown'}",
+        f"the database refused the statement with SQLSTATE {state or 'unknown'}",
+    )
+
+
 PARTITIONS_AHEAD = timedelta(days=7)
 """How far ahead `migrate` and the workers make the history's day partitions."""
 
@@ -291,15 +349,21 @@ class Timeouts:
     statement_s: float
     lock_s: float
 
+    @property
+    def idle_in_transaction_s(self) -> float:
+        """A transaction left open (a stalled loop) ends as a statement would."""
+        return self.statement_s
+
     def options(self) -> str:
         """libpq `options`: the session settings, in milliseconds."""
         # Whole milliseconds, at least 1: PostgreSQL reads 0 as no timeout at all.
         statement_ms = max(1, math.ceil(self.statement_s * 1000))
         lock_ms = max(1, math.ceil(self.lock_s * 1000))
+        idle_ms = max(1, math.ceil(self.idle_in_transaction_s * 1000))
         return (
             f"-c statement_timeout={statement_ms}"
             f" -c lock_timeout={lock_ms}"
-            f" -c idle_in_transaction_session_timeout={statement_ms}"
+            f" -c idle_in_transaction_session_timeout={idle_ms}"
         )
 
 

@@ -32,7 +32,9 @@ from notifyhook.store import (
     Holding,
     Store,
     Timeouts,
+    Trouble,
     connect,
+    diagnose,
     is_transient,
     refusal,
 )
@@ -99,6 +101,8 @@ class Worker:
         )
         self._last_cycle = time.monotonic()
         self.database_ok = True
+        self._timeouts = session_timeouts(settings)
+        self._last_trouble: Trouble | None = None
         self._signals = 0
         self._ready_sent = False
         # A claim failed: it may have committed with only its answer lost.
@@ -387,11 +391,18 @@ class Worker:
                 if unfinished:
                     await self._release(unfinished)
         except TimeoutError:
+            why = (
+                self._last_trouble.text
+                if self._last_trouble
+                else "the database did not answer in time"
+            )
             log.error(
-                "database unavailable: exiting with %d outcomes unrecorded and %d claims held; "
+                "%s: exiting with %d outcomes unrecorded and %d claims held after %gs; "
                 "their leases will expire and they will be sent again",
+                why,
                 len(self.recorder),
                 len(unfinished),
+                SHUTDOWN_DATABASE_S,
             )
 
     async def _release(self, held: Sequence[tuple[int, int]]) -> None:
@@ -407,24 +418,23 @@ class Worker:
     # -- the database -------------------------------------------------------------------
 
     async def _database_trouble(self, what: str, error: BaseException, wait: float) -> None:
+        """A claim or a record failed (the recorder calls this too): log and report why,
+        once until a call succeeds again, then wait before the caller retries."""
+        trouble = diagnose(error, self._timeouts)
+        self._last_trouble = trouble
         if self.database_ok:
             # Not every failure is an outage: a statement the database refuses fails the
-            # same way until something changes, and the log must say why it was refused
-            # (its SQLSTATE and message) rather than blame the connection or guess.
-            sqlstate = getattr(error, "sqlstate", None)
-            trouble = (
-                "database unavailable"
-                if is_transient(error)
-                else f"the database refused the statement with SQLSTATE {sqlstate or 'unknown'}"
-            )
+            # same way until something changes, and one cut short by our own timeouts was
+            # slow or waited on a lock; the log says which (diagnose) rather than blame
+            # the connection.
             log.warning(
                 "%s failed, %s (%s); retrying",
                 what,
-                trouble,
+                trouble.text,
                 " ".join(str(error).split())[:300],
             )
             self.metrics.database_errors.inc()
-            reporting.report_database_lost(what, error)
+            reporting.report_database_trouble(what, trouble, error)
         self.database_ok = False
         await asyncio.sleep(wait)
         self.pacing.wake.set()
@@ -433,6 +443,7 @@ class Worker:
         if not self.database_ok:
             log.info("database available again")
         self.database_ok = True
+        self._last_trouble = None
 
     @property
     def healthy(self) -> bool:
@@ -536,7 +547,8 @@ async def _wait_for_schema(url: str) -> None:
                 raise
             wait = next(delays)
             log.warning(
-                "database not available (%s); trying again in %.1fs",
+                "checking the schema failed, %s (%s); trying again in %.1fs",
+                diagnose(error).text,
                 " ".join(str(error).split())[:300],
                 wait,
             )

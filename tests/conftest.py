@@ -104,6 +104,7 @@ def run_cli(
     *args: str,
     check: bool = False,
     process: bool = False,
+    stdin: str = "",
     **settings: str,
 ) -> subprocess.CompletedProcess[str]:
     """`notifyhook ARGS…` with these settings: its exit code, stdout and stderr.
@@ -112,30 +113,35 @@ def run_cli(
     calls, with the same environment a process would have (`environment`), its output
     captured and what it sets up undone: a process would spend most of its time
     importing notifyhook (docs/testing.md). `process=True` runs one, for what only a
-    process shows (the exit status the interpreter passes on, buffering, signals). `check`: fail unless it exits 0."""
+    process shows (the exit status the interpreter passes on, buffering, signals). `check`: fail unless it exits 0.
+    `stdin`: what the command reads on its standard input (nothing by default)."""
     if process:
         result = subprocess.run(
             [sys.executable, "-m", "notifyhook", *args],
             env=environment(database_url, **settings),
+            input=stdin,
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
         )
     else:
-        result = _run_in_process(environment(database_url, **settings), list(args))
+        result = _run_in_process(environment(database_url, **settings), list(args), stdin)
     if check:
         assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     return result
 
 
-def _run_in_process(env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess[str]:
+def _run_in_process(
+    env: dict[str, str], args: list[str], stdin: str
+) -> subprocess.CompletedProcess[str]:
     # A worker would run until stopped, taking over this process's signals.
     assert args[:1] != ["worker"] or "--help" in args, "a worker: start_worker or run_worker"
     stdout, stderr = _ThisThreadOnly(sys.stdout), _ThisThreadOnly(sys.stderr)
     with (
         _notifyhook_variables(env),
         _logging_restored(),
+        _stdin(stdin),
         contextlib.redirect_stdout(stdout),
         contextlib.redirect_stderr(stderr),
     ):
@@ -162,6 +168,17 @@ class _ThisThreadOnly(io.StringIO):
         if threading.get_ident() == self._owner:
             return super().write(text)
         return self._elsewhere.write(text)
+
+
+@contextlib.contextmanager
+def _stdin(text: str) -> Iterator[None]:
+    """sys.stdin reads `text` for the block, as a pipe would (never a terminal)."""
+    saved = sys.stdin
+    sys.stdin = io.StringIO(text)
+    try:
+        yield
+    finally:
+        sys.stdin = saved
 
 
 @contextlib.contextmanager

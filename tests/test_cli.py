@@ -11,13 +11,17 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from conftest import add_endpoint, environment, run_cli, scalar, wait_until
 from cryptography.fernet import Fernet
+from psycopg.conninfo import make_conninfo
 from test_worker import insert_events, statuses
 
+from notifyhook import signing
 from notifyhook.tools.cluster import free_port
 from notifyhook.tools.receiver import Answer
 
@@ -322,6 +326,27 @@ def test_stats_match_the_database(db, database_url, receiver, run_worker):
         assert f"| {name} " in table
 
 
+@pytest.mark.parametrize(
+    ("command", "code", "settings"),
+    # The dashboard stopped, after the warning, by a token too short to serve with.
+    [("stats", 0, {}), ("dashboard", 2, {"dashboard_token": "short"})],
+    ids=["stats", "dashboard"],
+)
+def test_a_password_on_the_command_line_is_warned_about_and_never_shown(
+    database_url, command, code, settings
+):
+    # The dashboard runs for days, and `stats --watch` for as long as someone watches:
+    # its command line, password included, is readable by every user of the host.
+    url = make_conninfo(database_url, password=PASSWORD)
+    result = run(None, command, "--database-url", url, **settings)
+    assert result.returncode == code, result.stderr
+    assert "--database-url holds a password" in result.stderr
+    assert "PGPASSWORD" in result.stderr
+    assert PASSWORD not in result.stderr
+    # Without a password, nothing to warn of.
+    assert ok(None, "stats", "--database-url", database_url)
+
+
 def test_stats_watch_prints_each_round_as_it_comes_until_interrupted(database_url, tmp_path):
     out, err = tmp_path / "stats.out", tmp_path / "stats.err"
     with out.open("w") as stdout, err.open("w") as stderr:
@@ -375,8 +400,8 @@ def test_endpoint_add_prints_the_secret_once_and_list_and_show_never(db, databas
         database_url,
         "endpoint", "add", "--tenant", "acme", "--name", "crm", "--url", "https://crm.example/hook",
         "--event-types", "call.*, job.done", "--extra-fields", '{"source": "nh"}',
-        "--headers", '{"X-Token": "t"}', "--rate-limit", "20", "--max-in-flight", "5",
-        "--timeout-ms", "3000",
+        "--headers", "-", "--rate-limit", "20", "--max-in-flight", "5",
+        "--timeout-ms", "3000", stdin='{"X-Token": "t"}',
     )  # fmt: skip
     endpoint_id, secret = added(stdout)
     assert stdout.count(secret) == 1
@@ -439,6 +464,148 @@ def test_endpoint_add_refuses_a_malformed_secret_with_or_without_a_secret_key(
         assert problem in line
         assert secret not in line
     assert scalar(db, "SELECT count(*) FROM notifyhook.endpoints") == 0
+
+
+def adding(name: str = "n") -> tuple[str, ...]:
+    """`endpoint add` of an endpoint of tenant t called `name`, its other options to come."""
+    return ("endpoint", "add", "--tenant", "t", "--name", name, "--url", "https://crm.example/hook")
+
+
+ADD = adding()
+
+
+def test_endpoint_add_does_not_need_the_secret_on_its_command_line(db, database_url, tmp_path):
+    # A command line is readable by every user of the host (/proc/PID/cmdline, ps):
+    # `--secret -` reads the secret from standard input instead. The table is held so
+    # that the command waits where an operator's would, mid-run, while its command line
+    # is read.
+    secret = signing.generate_secret()
+    (tmp_path / "secret").write_text(secret + "\n")
+    with psycopg.connect(database_url) as holder, (tmp_path / "secret").open() as stdin:
+        holder.execute("LOCK TABLE notifyhook.endpoints IN ACCESS EXCLUSIVE MODE")
+        process = subprocess.Popen(
+            [*COMMAND, *ADD, "--secret", "-"],
+            env=environment(database_url),
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_until(
+                lambda: scalar(
+                    db,
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted "
+                    "AND relation = 'notifyhook.endpoints'::regclass",
+                ),
+                what="the command to wait on the table",
+            )
+            cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode()
+        finally:
+            holder.rollback()
+            stdout, stderr = process.communicate(timeout=60)
+    assert secret not in cmdline, cmdline.replace("\0", " ")
+    assert (process.returncode, stderr) == (0, "")
+    endpoint_id, printed = added(stdout)
+    assert printed == secret
+    assert endpoint_row(db, endpoint_id)["secret"] == secret
+
+
+def test_endpoint_add_reads_its_secret_and_headers_from_files_or_standard_input(
+    db, database_url, tmp_path
+):
+    secret = signing.generate_secret()
+    headers = {"Authorization": "Bearer partner-token", "X-Source": "nh"}
+    (tmp_path / "secret").write_text(secret + "\n")
+    (tmp_path / "headers.json").write_text(json.dumps(headers, indent=2) + "\n")
+    for number, (stdin, options) in enumerate([
+        (json.dumps(headers), ["--secret-file", str(tmp_path / "secret"), "--headers", "-"]),
+        (secret + "\n", ["--secret", "-", "--headers-file", str(tmp_path / "headers.json")]),
+        (secret, ["--secret-file", "-", "--headers-file", str(tmp_path / "headers.json")]),
+    ]):  # fmt: skip
+        stdout = ok(database_url, *adding(f"n{number}"), *options, stdin=stdin)
+        endpoint_id, printed = added(stdout)
+        row = endpoint_row(db, endpoint_id)
+        assert (printed, row["secret"], row["headers"]) == (secret, secret, headers)
+
+    # Sealed with NOTIFYHOOK_SECRET_KEY like a secret given any other way.
+    key = Fernet.generate_key().decode()
+    stdout = ok(database_url, *adding("sealed"), "--secret", "-", stdin=secret, secret_key=key)
+    stored = endpoint_row(db, added(stdout)[0])["secret"]
+    assert Fernet(key.encode()).decrypt(stored.removeprefix("enc:").encode()).decode() == secret
+
+
+def test_a_secret_or_a_credential_header_on_the_command_line_still_works_with_a_warning(
+    db, database_url
+):
+    # Scripts written before --secret - keep working; the operator learns of the risk.
+    secret = signing.generate_secret()
+    result = run(database_url, *ADD, "--secret", secret,
+                 "--headers", '{"authorization": "Bearer partner-token", "X-Source": "nh"}')  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert endpoint_row(db, added(result.stdout)[0])["secret"] == secret
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 2, result.stderr
+    assert "WARNING" in warnings[0]
+    assert "--secret -" in warnings[0]
+    assert "--secret-file" in warnings[0]
+    assert "holds authorization;" in warnings[1]
+    assert "--headers -" in warnings[1]
+    assert "--headers-file" in warnings[1]
+    for never in (secret.removeprefix("whsec_"), "partner-token"):
+        assert never not in result.stderr
+    # Headers that hold no credential are no reason for a warning.
+    ok(database_url, *adding("plain"), "--headers", '{"X-Source": "nh"}')
+
+
+@pytest.mark.parametrize(
+    ("options", "stdin", "complaint"),
+    [
+        (["--secret", "-"], "", "--secret -: standard input is empty"),
+        (["--secret", "-"], " \n", "--secret -: standard input is empty"),
+        (["--headers", "-"], "", "--headers -: standard input is empty"),
+        (["--secret", "-", "--headers", "-"], "{}",
+         "--secret and --headers cannot both read standard input"),
+        (["--secret-file", "-", "--headers-file", "-"], "{}",
+         "--secret and --headers cannot both read standard input"),
+        (["--secret-file", "{missing}"], "", "--secret-file: cannot read {missing}: No such file"),
+        (["--secret-file", "{directory}"], "", "--secret-file: cannot read {directory}: Is a directory"),
+        (["--headers-file", "{empty}"], "", "--headers-file: {empty} is empty"),
+        (["--headers-file", "{binary}"], "", "--headers-file: {binary} is not UTF-8 text"),
+        (["--headers", "-"], "[1, 2]", "--headers: must be a JSON object"),
+        (["--headers-file", "{secret}"], "", "--headers: not valid JSON"),
+        (["--secret", "-"], "whsec_c2hvcnQ=", "--secret: a webhook secret "),
+    ],
+    ids=["empty stdin", "blank stdin", "empty stdin for headers", "two on stdin", "two files on stdin",
+         "missing file", "a directory", "empty file", "not UTF-8", "not an object", "not JSON",
+         "malformed secret"],
+)  # fmt: skip
+def test_a_secret_or_headers_that_cannot_be_read_exit_2_naming_the_option(
+    db, database_url, tmp_path, options, stdin, complaint
+):
+    places = {"missing": tmp_path / "missing", "directory": tmp_path, "empty": tmp_path / "empty",
+              "binary": tmp_path / "binary", "secret": tmp_path / "secret"}  # fmt: skip
+    places["empty"].write_text("\n")
+    places["binary"].write_bytes(b"\xff\xfe{}")
+    places["secret"].write_text("whsec_c2hvcnQ=")
+    paths = {name: str(path) for name, path in places.items()}
+    result = run(database_url, *ADD, *(o.format(**paths) for o in options), stdin=stdin)
+    line = one_line_error(result, 2)
+    assert complaint.format(**paths) in line
+    assert "c2hvcnQ" not in line
+    assert scalar(db, "SELECT count(*) FROM notifyhook.endpoints") == 0
+
+
+@pytest.mark.parametrize("both", [["--secret", "-", "--secret-file", "f"],
+                                  ["--headers", "{}", "--headers-file", "f"]], ids=" ".join)  # fmt: skip
+def test_a_value_and_its_file_at_once_is_bad_usage(both):
+    assert "not allowed with argument" in usage_error(run(None, *ADD, *both))
+
+
+def test_endpoint_add_help_shows_the_ways_in_that_are_not_the_command_line():
+    text = " ".join(ok(None, "endpoint", "add", "--help").split())
+    for way in ("--secret-file PATH", "--headers-file PATH", "standard input", "every user"):
+        assert way in text
 
 
 def test_endpoint_commands_on_a_missing_endpoint_exit_1(database_url):

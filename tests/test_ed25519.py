@@ -252,7 +252,7 @@ def test_endpoint_add_ed25519_prints_only_the_public_key_and_show_repeats_it(db,
 def test_endpoint_add_takes_a_given_whsk_key_and_refuses_a_malformed_one(db, database_url):
     key = generate_signing_key()
     stdout = ok(database_url, "endpoint", "add", "--tenant", "t", "--name", "given",
-                "--url", "https://example.com/", "--secret", key)  # fmt: skip
+                "--url", "https://example.com/", "--secret", "-", stdin=key)  # fmt: skip
     assert printed(stdout, "public key") == public_key(key)
     bad = run(database_url, "endpoint", "add", "--tenant", "t", "--name", "bad",
               "--url", "https://example.com/", "--secret", "whsk_" + b64(bytes(20)),

@@ -220,3 +220,30 @@ def test_an_operators_open_delete_of_one_endpoint_holds_up_no_other_outcome(
     assert kept_attempts == 1
     # The held row itself may go again: its outcome could not be written before its lease
     # ran out (docs/operations.md).
+
+
+def test_a_record_past_its_lock_timeout_is_logged_as_such_and_recorded_once_later(
+    db, database_url, receiver, start_worker
+):
+    # An operator's transaction holds the history (a LOCK TABLE or an ALTER TABLE left
+    # open in psql) while an answer comes in: the record waits until its lock_timeout
+    # (5 s under a lease of 12 s) cancels it. That is no outage, and "database
+    # unavailable" sent the operator looking for one. The record is tried again and, the
+    # lock gone, the answer recorded once, never sent again.
+    receiver.sequence("a", Answer(kind="slow", seconds=1.0))
+    add_endpoint(db, "t", "a", receiver.url("a"))
+    worker = start_worker(lease="12", http_timeout="5")
+    with psycopg.connect(database_url) as operator:
+        insert_events(db, "t", 1)
+        wait_until(lambda: receiver.received("a"), what="the request")
+        operator.execute("LOCK TABLE notifyhook.attempts IN ACCESS EXCLUSIVE MODE")
+        wait_until(lambda: "record failed" in worker.log(), timeout=30, what="the record to fail")
+    wait_until(lambda: statuses(db) == {"delivered": 1}, what="the outcome recorded")
+    assert len(receiver.received("a")) == 1
+    assert scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 1
+    log = worker.log()
+    assert (
+        "record failed, the statement waited past its lock_timeout of 5s for a lock another "
+        "transaction holds (" in log
+    ), log
+    assert "database unavailable" not in log

@@ -11,6 +11,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
+import psycopg
 import pytest
 import standardwebhooks
 from conftest import add_endpoint, psql, scalar, wait_until
@@ -21,6 +22,7 @@ from psycopg.conninfo import make_conninfo
 from notifyhook import clock
 from notifyhook.secrets import seal
 from notifyhook.signing import generate_secret
+from notifyhook.store import Timeouts, diagnose
 from notifyhook.tools.receiver import Answer
 
 
@@ -445,7 +447,89 @@ def test_sigterm_while_waiting_for_the_database_exits_zero(database_url, start_w
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     worker = start_worker(make_conninfo(database_url, host="127.0.0.1", port=str(port)))
-    wait_until(lambda: "database not available" in worker.log(), what="the worker to wait")
+    wait_until(lambda: "database unavailable" in worker.log(), what="the worker to wait")
     worker.signal(signal.SIGTERM)
     assert worker.wait(20) == 0, worker.log()
     assert "stopped while waiting for the database" in worker.log()
+
+
+# -- database trouble ----------------------------------------------------------------
+
+
+def claim_failures(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("claim failed")]
+
+
+def test_a_claim_past_its_statement_timeout_is_logged_as_such_not_as_an_outage(
+    db, database_url, receiver, run_worker, caplog
+):
+    # An operator's transaction holds a table every claim reads (a LOCK TABLE or an ALTER
+    # TABLE left open in psql): the claim waits until its statement_timeout (1 s under a
+    # lease of 2 s) cancels it. That is no outage, and "database unavailable" sent the
+    # operator looking for one; the claim is retried, and goes through once the lock is gone.
+    caplog.set_level(logging.WARNING, logger="notifyhook")
+    add_endpoint(db, "t", "a", receiver.url("a"))
+    worker = run_worker(lease="2", http_timeout="1")
+    with psycopg.connect(database_url) as operator:
+        operator.execute("LOCK TABLE notifyhook.endpoint_turns IN ACCESS EXCLUSIVE MODE")
+        wait_until(lambda: claim_failures(caplog), what="a claim to fail")
+    insert_events(db, "t", 1)
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 1}, what="the delivery")
+    [line] = claim_failures(caplog)
+    assert line.startswith("claim failed, the statement ran past its statement_timeout of 1s ("), (
+        line
+    )
+    assert line.endswith("; retrying")
+    assert "database unavailable" not in caplog.text
+
+
+def test_each_timeout_of_the_workers_session_is_named_for_what_it_is(db, database_url):
+    # What the worker's log and error reports say of a failed call (store.diagnose), for
+    # the errors a real server raises in a session with the worker's own timeouts.
+    timeouts = Timeouts(statement_s=0.2, lock_s=0.1)
+    session = make_conninfo(database_url, options=timeouts.options())
+
+    def failure(sql: str) -> str:
+        with (
+            psycopg.connect(session, autocommit=True) as conn,
+            pytest.raises(psycopg.Error) as raised,
+        ):
+            conn.execute(sql)
+        return diagnose(raised.value, timeouts).text
+
+    assert failure("SELECT pg_sleep(5)") == "the statement ran past its statement_timeout of 0.2s"
+    assert failure("SELECT pg_cancel_backend(pg_backend_pid()), pg_sleep(5)") == (
+        "the statement was cancelled (pg_cancel_backend?)"
+    )
+    assert failure("SELECT 1 / 0") == "the database refused the statement with SQLSTATE 22012"
+    endpoint = add_endpoint(db, "t", "a", "https://crm.example/hook")
+    with psycopg.connect(database_url) as operator:
+        operator.execute("SELECT FROM notifyhook.endpoints WHERE id = %s FOR UPDATE", [endpoint])
+        assert failure("UPDATE notifyhook.endpoints SET name = 'b'") == (
+            "the statement waited past its lock_timeout of 0.1s for a lock another "
+            "transaction holds"
+        )
+        assert failure("SELECT FROM notifyhook.endpoints FOR UPDATE NOWAIT") == (
+            "a lock another transaction holds was not available"
+        )
+    # A transaction left open (the worker's loop stalled in one) ends its session.
+    with psycopg.connect(session) as conn:
+        pid = conn.info.backend_pid
+        conn.execute("SELECT 1")
+        wait_until(
+            lambda: not scalar(db, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]),
+            what="the server to end the idle transaction's session",
+        )
+        with pytest.raises(psycopg.Error) as raised:
+            conn.execute("SELECT 1")
+    assert diagnose(raised.value, timeouts).text == (
+        "the server ended the session, idle in a transaction past its "
+        "idle_in_transaction_session_timeout of 0.2s"
+    ), (raised.value.sqlstate, str(raised.value))
+    # And an outage is still one: the server ended the session under the statement.
+    with psycopg.connect(session, autocommit=True) as conn:
+        pid = conn.info.backend_pid
+        db.execute("SELECT pg_terminate_backend(%s)", [pid])
+        with pytest.raises(psycopg.OperationalError) as raised:
+            conn.execute("SELECT 1")
+    assert diagnose(raised.value, timeouts).text == "database unavailable"
