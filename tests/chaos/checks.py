@@ -13,6 +13,8 @@ from .plan import MAX_ATTEMPTS, RETRY_AFTER_S
 from .run import Observed
 
 LEASE_EXPIRED = "lease expired"
+CLAIM_LOST = "claim lost"
+"""A claim whose answer its worker never got, given back unsent (release_lost_claims)."""
 
 Key = tuple[str, str]
 """A delivery as the receiver knows it: (endpoint name, event id)."""
@@ -28,6 +30,8 @@ class Delivery:
     """(attempt, status_code, error, worker) of the rows written by workers after an answer."""
     lost: list[int] = field(default_factory=list)
     """Attempt numbers reclaim_expired wrote off: claims whose worker never recorded them."""
+    unsent: list[int] = field(default_factory=list)
+    """Attempt numbers of claims given back unsent, their answer lost: no request went."""
     arrivals: list[Arrival] = field(default_factory=list)
 
     @property
@@ -74,6 +78,8 @@ def _deliveries(observed: Observed) -> dict[Key, Delivery]:
     for delivery_id, attempt, code, error, worker in observed.tables["attempts"]:
         if error is not None and error.startswith(LEASE_EXPIRED):
             by_id[delivery_id].lost.append(attempt)
+        elif error is not None and error.startswith(CLAIM_LOST):
+            by_id[delivery_id].unsent.append(attempt)
         else:
             by_id[delivery_id].recorded.append((attempt, code, error, worker))
     for arrival in observed.arrivals:
@@ -248,6 +254,7 @@ def _summary(
     restarts = [f for f in observed.faults if f.action.startswith("restart")]
     held = sum(f.count or 0 for f in kills)
     recorded = sum(len(d.recorded) for d in deliveries.values())
+    unsent = sum(len(d.unsent) for d in deliveries.values())
     return [
         (
             "scenario",
@@ -264,7 +271,11 @@ def _summary(
         ("failovers", "; ".join(f.detail for f in observed.faults if f.action == "failover")),
         ("connection cuts", f"{len(cuts)} ({sum(f.count or 0 for f in cuts)} connections)"),
         ("requests seen", str(len(observed.arrivals))),
-        ("attempts recorded", f"{recorded} (+{lost} written off by reclaim_expired)"),
+        (
+            "attempts recorded",
+            f"{recorded} (+{lost} written off by reclaim_expired, "
+            f"+{unsent} claims given back unsent, their answer lost)",
+        ),
         ("producer retries", str(observed.producer_errors)),
         ("commit-to-arrival", _latency(to_first_arrival)),
         ("run time", f"{observed.seconds:.1f}s"),
