@@ -137,8 +137,11 @@ class Pacing:
 
     def recorded(self) -> None:
         """A batch of outcomes is written."""
-        if self.more_due or self.claim_after_record:
+        if self.capped or self.claim_after_record:
             # A limited endpoint's slot is free only once its outcome is recorded: a
-            # claim that ran before this flush saw it still held.
+            # claim that ran before this flush saw it still held. Rows due for any
+            # other reason are claimed as slots free up (`freed`), not at each record:
+            # a record frees no slot, and a claim it woke while the lone busy endpoint
+            # held its part came back empty (6% of one endpoint's claims at c50).
             self.claim_after_record = False
             self.wake.set()

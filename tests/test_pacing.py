@@ -153,6 +153,16 @@ def test_a_record_with_nothing_due_does_not_wake_the_loop(pacing):
     assert not pacing.wake.is_set()
 
 
+def test_a_record_does_not_wake_the_loop_for_rows_that_freed_slots_will_claim(pacing):
+    # A claim cut short by the endpoint's part (rows left due, nothing held back): the
+    # next claim waits for slots to free up. Woken by every record instead, one busy
+    # endpoint's claims came back empty 41-72 times in 1,000 (bench peer scenario).
+    pacing.claimed(claim(20, more_due=True), asked=25, in_flight=45)
+    pacing.wake.clear()
+    pacing.recorded()
+    assert not pacing.wake.is_set()
+
+
 def test_freed_slots_refill_every_few_while_rows_are_due(pacing):
     pacing.claimed(claim(40, more_due=True), asked=40, in_flight=40)
     pacing.wake.clear()
