@@ -112,28 +112,40 @@ class Recorder:
 
     async def flush(self, *, final: bool = False) -> None:
         """Write every buffered outcome; wait out a database outage (rows stay leased).
-        `final`: the last flush, which tries the held outcomes again at once too."""
+        `final`: the last flush, which tries the held outcomes again at once, then every
+        HELD_RETRY_S until none is held (its caller bounds it with a deadline)."""
         async with self._lock:
-            if final:
-                self._outcomes.extend(self._held)
-                self._held.clear()
-            delays = retry.reconnect_delays()
-            while self._outcomes:
-                batch = self._outcomes[: self._settings.batch_size]
-                try:
-                    recorded = await self._record(batch)
-                except DatabaseError as error:
-                    await self._trouble("record", error, next(delays))
-                    continue
-                self._recovered()
-                del self._outcomes[: len(batch)]
-                self._hold([o for o in batch if o.delivery_id in recorded.deferred])
-                self._recorded()
-                for endpoint in recorded.disabled:
-                    self._metrics.endpoint_disables.inc()
-                    log.warning(
-                        "endpoint %d disabled: %s", endpoint.endpoint_id, endpoint.disabled_reason
-                    )
+            while True:
+                if final:
+                    self._outcomes.extend(self._held)
+                    self._held.clear()
+                await self._write_all()
+                if not (final and self._held):
+                    return
+                # The last flush: rows another transaction still holds are tried again
+                # until they are free or the caller's shutdown deadline runs out. An
+                # answered outcome left behind would be sent again after its lease.
+                await asyncio.sleep(HELD_RETRY_S)
+
+    async def _write_all(self) -> None:
+        """Write the buffered outcomes, a batch at a time, waiting out an outage."""
+        delays = retry.reconnect_delays()
+        while self._outcomes:
+            batch = self._outcomes[: self._settings.batch_size]
+            try:
+                recorded = await self._record(batch)
+            except DatabaseError as error:
+                await self._trouble("record", error, next(delays))
+                continue
+            self._recovered()
+            del self._outcomes[: len(batch)]
+            self._hold([o for o in batch if o.delivery_id in recorded.deferred])
+            self._recorded()
+            for endpoint in recorded.disabled:
+                self._metrics.endpoint_disables.inc()
+                log.warning(
+                    "endpoint %d disabled: %s", endpoint.endpoint_id, endpoint.disabled_reason
+                )
 
     def _hold(self, outcomes: list[Outcome]) -> None:
         """Keep `outcomes` aside and try them again after HELD_RETRY_S."""

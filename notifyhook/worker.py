@@ -45,6 +45,9 @@ log = logging.getLogger("notifyhook.worker")
 # (reporting.UNEXPECTED_LOGGER is not also sent as a message).
 unexpected_log = logging.getLogger(reporting.UNEXPECTED_LOGGER)
 
+WORKER_ID_RETRY_S = 1.0
+"""How often a worker whose id another live session holds looks whether it is free."""
+
 SHUTDOWN_DATABASE_S = 10.0
 """After the grace, how long a stopping worker tries to record outcomes and give back
 claims: SHUTDOWN_GRACE plus this stays within the unit's TimeoutStopSec (30 + 10 < 45)."""
@@ -107,6 +110,8 @@ class Worker:
         self._ready_sent = False
         # A claim failed: it may have committed with only its answer lost.
         self._claim_unanswered = False
+        # Another live session holds this worker id's lock (said once in the log).
+        self._id_in_use = False
         self._on_recorded = recorded
 
     # -- lifecycle ---------------------------------------------------------------
@@ -184,6 +189,8 @@ class Worker:
             free = self.settings.concurrency - len(self._in_flight)
             if self._stop.is_set() or free <= 0:
                 continue
+            if not self._store.holds_worker_id and not await self._hold_worker_id():
+                continue
             asked = min(free, self.settings.batch_size)
             began = time.perf_counter()
             try:
@@ -214,6 +221,32 @@ class Worker:
             for claimed in claim.deliveries:
                 self._start(claimed)
             self.pacing.claimed(claim, asked, len(self._in_flight))
+
+    async def _hold_worker_id(self) -> bool:
+        """Take the worker id's lock if no other live session holds it; else wait a
+        moment and say no. Two processes claiming under one id would each take the
+        other's rows for their own (take_over, release_lost_claims) and send them again."""
+        try:
+            held = await self._store.hold_worker_id(self.settings.worker_id)
+        except DatabaseError as error:
+            await self._database_trouble("claim", error, WORKER_ID_RETRY_S)
+            return False
+        if held:
+            if self._id_in_use:
+                self._id_in_use = False
+                log.info("worker id %s is free again: claiming", self.settings.worker_id)
+            return True
+        if not self._id_in_use:
+            self._id_in_use = True
+            log.warning(
+                "another live session claims as worker %s (NOTIFYHOOK_WORKER_ID must be "
+                "unique): not claiming until it ends; its rows are left to their leases",
+                self.settings.worker_id,
+            )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(WORKER_ID_RETRY_S):
+                await self._stop.wait()
+        return False
 
     async def _release_lost_claims(self) -> None:
         """Give back, uncharged, the rows of a claim whose answer never came: never sent,
@@ -249,13 +282,9 @@ class Worker:
         except DatabaseError as error:
             log.debug("take-over skipped: %s", error)
             return
-        if taken is None:
-            log.warning(
-                "another live session claims as worker %s (NOTIFYHOOK_WORKER_ID must be "
-                "unique); its rows are left to their leases",
-                self.settings.worker_id,
-            )
-        elif taken:
+        # None: another live session holds the id; the claim loop waits for it
+        # (_hold_worker_id), and says so.
+        if taken:
             log.warning(
                 "took back %d deliveries a previous worker %s left leased",
                 taken,
@@ -390,6 +419,17 @@ class Worker:
                 await self.recorder.flush(final=True)
                 if unfinished:
                     await self._release(unfinished)
+                if self._claim_unanswered:
+                    # A claim failed just before the stop: what it may have taken was
+                    # never sent, and would go dead at its last attempt after the lease.
+                    try:
+                        await self._release_lost_claims()
+                    except DatabaseError as error:
+                        log.error(
+                            "could not give back the rows of a claim whose answer was lost "
+                            "(their leases will expire): %s",
+                            error,
+                        )
         except TimeoutError:
             why = (
                 self._last_trouble.text

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import signal
+import threading
+import time
 from collections import Counter
 
 import psycopg
@@ -226,3 +229,144 @@ def test_a_misbehaving_receiver_costs_nothing_but_its_attempt(
             assert len(excerpt) <= 1024
         else:
             assert any(word in recorded_error.lower() for word in error), recorded_error
+
+
+def delivery_state(db, delivery: int) -> tuple[str, int]:
+    row = db.execute(
+        "SELECT status, attempts FROM notifyhook.deliveries WHERE id = %s", [delivery]
+    ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def test_an_answer_set_aside_at_shutdown_is_recorded_not_dropped(
+    db, database_url, receiver, run_worker
+):
+    # What the user sees: an operator's DELETE of an endpoint is held open for a moment
+    # (1-2 s, far inside the lease) and rolled back, while a worker is stopped
+    # (SIGTERM, a deploy). The receiver answered 200 during the grace; the worker exits
+    # 0 without a word, the row stays leased, and after the lease another worker sends
+    # the answered webhook again.
+    # Breaks DESIGN §8 "Recording never resends" ("The recorder runs through the whole
+    # shutdown grace: what answers during the grace is recorded as answered"; "a
+    # recorded 200 is never followed by another request") and docs/operations.md ("set
+    # aside and tried again every half second ... If the transaction outlasts the
+    # delivery's lease, that delivery is taken back and sent again": this one did not).
+    # Cause: Recorder.flush(final=True) records the held outcomes once; those deferred
+    # again go back to _held, whose retry (call_later) never runs: the worker exits.
+    receiver.sequence("a", Answer(kind="slow", seconds=1.0))
+    endpoint = add_endpoint(db, "t", "a", receiver.url("a"))
+    worker = run_worker(lease="4", http_timeout="2", shutdown_grace="5")
+    insert_events(db, "t", 1)
+    wait_until(lambda: receiver.received("a"), what="the request in flight")
+    delivery = scalar(db, "SELECT id FROM notifyhook.deliveries")
+    with psycopg.connect(database_url) as operator:
+        operator.execute("DELETE FROM notifyhook.endpoints WHERE id = %s", [endpoint])
+        # Rolled back 2 s from now, well within the 4 s lease, while the worker stops.
+        rollback = threading.Timer(2.0, operator.rollback)
+        rollback.start()
+        worker.stop()  # SIGTERM's soft stop: the 200 comes during the grace
+        rollback.join()
+    state_after_stop = delivery_state(db, delivery)
+    # Another worker of the fleet, later.
+    run_worker(lease="4", http_timeout="2")
+    wait_until(
+        lambda: delivery_state(db, delivery)[0] in ("delivered", "dead"),
+        timeout=20,
+        what="the delivery settled",
+    )
+    assert len(receiver.received("a")) == 1, (
+        f"the 200 answered during the shutdown grace was not recorded (state after the "
+        f"stop: {state_after_stop}); the webhook was sent "
+        f"{len(receiver.received('a'))} times"
+    )
+
+
+def test_a_claim_lost_as_the_worker_stops_is_given_back_not_dead_lettered(
+    db, database_url, receiver, run_worker
+):
+    # What the user sees: the database connection drops under a claim just as the
+    # worker is stopped (a failover and a restart of the workers, or SIGTERM during the
+    # outage). The claim had committed: its row, on its last attempt, is leased to the
+    # stopping worker, which never sent it. The worker exits 0 without giving it back;
+    # when the lease runs out the row is charged an attempt never made and goes dead
+    # ("lease expired"), a dead letter and an alert for a webhook no receiver ever saw.
+    # Breaks DESIGN §3 (on SIGTERM "returns what it could not finish to pending without
+    # charging an attempt"); the running worker gives the same rows back uncharged
+    # (release_lost_claims, test_faults.test_a_claim_whose_answer_was_lost_...).
+    # Cause: worker.py _claim_loop sets _claim_unanswered and only the next claim cycle
+    # acts on it; once _stop is set the loop ends and _finish_in_flight never calls
+    # _release_lost_claims.
+    add_endpoint(db, "t", "a", receiver.url("a"))
+    worker = run_worker(lease="10", http_timeout="2")
+    insert_events(db, "t", 1)
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 1}, what="a first delivery")
+    with psycopg.connect(database_url) as operator:
+        # Holds the worker's next claim (lock_timeout 5 s) so that the test decides when
+        # it fails; it fails by its connection being cut, as a lost answer does.
+        operator.execute("LOCK TABLE notifyhook.endpoint_turns IN ACCESS EXCLUSIVE MODE")
+        claim_waiting = (
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'notifyhook' AND wait_event_type = 'Lock'"
+        )
+        wait_until(lambda: scalar(db, claim_waiting), what="the worker's claim to wait")
+        # What the claim committed before its answer was lost: the last attempt (the
+        # third, with the tests' two retries) of an event, leased to this worker.
+        with db.transaction():
+            insert_events(db, "t", 1)
+            lost = scalar(
+                db,
+                "UPDATE notifyhook.deliveries SET status = 'processing', attempts = 3, "
+                "locked_by = %s, locked_until = now() + interval '3 seconds', "
+                "updated_at = now() WHERE status = 'pending' RETURNING id",
+                [worker.worker_id],
+            )
+        assert worker.worker is not None
+        worker.call(worker.worker.request_stop)  # SIGTERM
+        db.execute(f"SELECT pg_terminate_backend(pid) FROM ({claim_waiting}) AS c")
+        wait_until(lambda: not worker._thread.is_alive(), what="the worker to exit")
+        operator.rollback()
+    assert worker.error is None
+    state_after_stop = delivery_state(db, lost)
+    run_worker(lease="10", http_timeout="2")
+    wait_until(
+        lambda: delivery_state(db, lost)[0] in ("delivered", "dead"),
+        timeout=20,
+        what="the lost claim's row settled",
+    )
+    errors = [
+        e
+        for (e,) in db.execute(
+            "SELECT error FROM notifyhook.attempts WHERE delivery_id = %s ORDER BY id", [lost]
+        )
+    ]
+    assert delivery_state(db, lost)[0] == "delivered", (
+        f"a row of a lost claim, never sent, left leased by the stopping worker (state "
+        f"after the stop: {state_after_stop}) went dead with {len(receiver.received('a')) - 1} "
+        f"requests sent; its attempts: {errors}"
+    )
+
+
+def test_a_worker_whose_id_another_live_session_holds_claims_nothing_until_it_ends(
+    db, database_url, receiver, run_worker, caplog
+):
+    # Two live workers under one NOTIFYHOOK_WORKER_ID (a cloned host, an env file shared
+    # by mistake) each took the other's rows for their own: the one whose claim failed
+    # gave back, as a lost claim, the row its twin was still sending, and it went twice
+    # (review, session 9). The id's advisory lock, held here as a live twin's claim
+    # connection holds it, now decides who claims.
+    caplog.set_level(logging.WARNING, logger="notifyhook")
+    add_endpoint(db, "t", "a", receiver.url("a"))
+    with psycopg.connect(database_url, autocommit=True) as twin:
+        twin.execute("SELECT pg_advisory_lock(hashtextextended('notifyhook worker twin', 0))")
+        worker = run_worker(worker_id="twin")
+        insert_events(db, "t", 1)
+        wait_until(
+            lambda: "another live session claims as worker twin" in caplog.text, what="the warning"
+        )
+        time.sleep(1.5)  # several claim cycles
+        assert receiver.received("a") == []
+        assert statuses(db) == {"pending": 1}
+    # The twin's session ends: the worker takes the id and delivers.
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 1}, what="the delivery")
+    assert len(receiver.received("a")) == 1
