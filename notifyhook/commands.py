@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("notifyhook.commands")
 
+HIDDEN = "[hidden]"
+"""What `endpoint show` prints in place of a header's value."""
+
 
 def register_all(commands: Any) -> None:
     _register_migrate(commands)
@@ -186,7 +189,18 @@ def _cell(value: Any) -> str:
         return value.strftime("%Y-%m-%d %H:%M:%S%z")
     if isinstance(value, list | dict):
         return json.dumps(value)
-    return str(value)
+    return _printable(str(value))
+
+
+# C0 and C1 control characters and DEL: names and errors come from tenants and
+# receivers, and printed raw an escape sequence is a command to the operator's
+# terminal (clear the screen, retitle it, OSC 52: write the clipboard).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """`text` with its control characters written as escapes (\\x1b), as repr would."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 # -- endpoint --------------------------------------------------------------------
@@ -442,6 +456,10 @@ async def endpoint_show(args: argparse.Namespace, settings: Settings) -> int:
     if not rows:
         raise CommandError(f"no endpoint {args.endpoint_id}")
     rows[0].update(_public_keys(keys[0], _secret_key(settings)))
+    # Header values are the receiver's credentials as often as not (Authorization,
+    # X-Api-Key): shown by name, like the secret, never by value.
+    if rows[0].get("headers"):
+        rows[0]["headers"] = {name: HIDDEN for name in rows[0]["headers"]}
     if args.json:
         print_json(rows[0])
     else:

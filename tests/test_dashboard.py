@@ -6,6 +6,7 @@ import asyncio
 import html
 import re
 import subprocess
+from urllib.parse import urljoin
 
 import httpx
 import psycopg
@@ -289,3 +290,23 @@ def test_chart_bars_stack_by_outcome_in_the_minute_they_happened():
     assert now[1].y + now[1].height == pytest.approx(now[0].y)  # stacked
     assert now[0].title == "this minute: 30 delivered, 10 HTTP error, 0 no answer"
     assert charts.per_minute([]).bars == []
+
+
+@pytest.mark.parametrize("target", ["/\t/evil.example/login", "/\n/evil.example/login"])
+def test_login_never_sends_the_browser_to_another_site(db, dashboard, target):
+    # What a user sees: a link to their own dashboard's login form,
+    # http://dashboard:8790/login?next=/%09/evil.example/login; they type the token,
+    # and the dashboard sends them on to https://evil.example/login, a copy of the form
+    # that says "wrong token, try again" and keeps what they type.
+    # The promise broken: auth.safe_next, "a path on this site only, never another
+    # host". It refuses "//" and "\", but a tab or newline between the slashes passes,
+    # and the Location header comes out as "//evil.example/login" (yarl drops the
+    # control character; browsers do the same, WHATWG URL parsing).
+    site = dashboard(token=TOKEN)
+    answer = httpx.post(site.url + "/login", data={"token": TOKEN, "next": target}, timeout=10)
+    assert answer.status_code == 303, answer.text
+    location = answer.headers["Location"]
+    landed = httpx.URL(urljoin(site.url + "/login", location))
+    assert landed.host == "127.0.0.1", (
+        f"after logging in, Location: {location!r} sends the browser to {landed.host}"
+    )

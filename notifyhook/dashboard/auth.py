@@ -67,8 +67,18 @@ def middleware(door: Door) -> Middleware:
 
 
 def safe_next(target: str | None) -> str:
-    """Where to go after logging in: a path on this site only, never another host."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """Where to go after logging in: a path on this site only, never another host.
+
+    Browsers (WHATWG URL parsing) drop tabs and newlines and read a backslash as a
+    slash, so "/\t/evil.example" is "//evil.example", another host: a target with any
+    of them, or any control character or space, is refused with the rest."""
+    if (
+        not target
+        or not target.startswith("/")
+        or target.startswith("//")
+        or "\\" in target
+        or any(ch <= " " or ch == "\x7f" for ch in target)
+    ):
         return "/"
     return target
 
