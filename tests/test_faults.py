@@ -239,6 +239,16 @@ def delivery_state(db, delivery: int) -> tuple[str, int]:
     return row[0], row[1]
 
 
+def settled_by_another_worker(db, run_worker, delivery: int, lease: str) -> None:
+    """Another worker of the fleet, later: wait until it has settled `delivery`."""
+    run_worker(lease=lease, http_timeout="2")
+    wait_until(
+        lambda: delivery_state(db, delivery)[0] in ("delivered", "dead"),
+        timeout=20,
+        what="the delivery settled",
+    )
+
+
 def test_an_answer_set_aside_at_shutdown_is_recorded_not_dropped(
     db, database_url, receiver, run_worker
 ):
@@ -268,13 +278,7 @@ def test_an_answer_set_aside_at_shutdown_is_recorded_not_dropped(
         worker.stop()  # SIGTERM's soft stop: the 200 comes during the grace
         rollback.join()
     state_after_stop = delivery_state(db, delivery)
-    # Another worker of the fleet, later.
-    run_worker(lease="4", http_timeout="2")
-    wait_until(
-        lambda: delivery_state(db, delivery)[0] in ("delivered", "dead"),
-        timeout=20,
-        what="the delivery settled",
-    )
+    settled_by_another_worker(db, run_worker, delivery, lease="4")
     assert len(receiver.received("a")) == 1, (
         f"the 200 answered during the shutdown grace was not recorded (state after the "
         f"stop: {state_after_stop}); the webhook was sent "
@@ -328,12 +332,7 @@ def test_a_claim_lost_as_the_worker_stops_is_given_back_not_dead_lettered(
         operator.rollback()
     assert worker.error is None
     state_after_stop = delivery_state(db, lost)
-    run_worker(lease="10", http_timeout="2")
-    wait_until(
-        lambda: delivery_state(db, lost)[0] in ("delivered", "dead"),
-        timeout=20,
-        what="the lost claim's row settled",
-    )
+    settled_by_another_worker(db, run_worker, lost, lease="10")
     errors = [
         e
         for (e,) in db.execute(
