@@ -420,14 +420,19 @@ def without_url(text: str, url: str, *, shortest: int = 2) -> str:
     is left: in a receiver's answer a short one ("hooks") would replace common words."""
     if url in text:
         text = text.replace(url, "<the endpoint's URL>")
-    path_and_query = url.split("://", 1)[-1].partition("/")[2]
+    # What follows the host: a path, or a query alone (https://hooks.example?token=…,
+    # sent as "POST /?token=…"), without the leading slash.
+    after_scheme = url.split("://", 1)[-1]
+    ends = [i for i in (after_scheme.find("/"), after_scheme.find("?")) if i >= 0]
+    path_and_query = after_scheme[min(ends) :].lstrip("/") if ends else ""
     if len(path_and_query) >= shortest and path_and_query in text:
         text = text.replace(path_and_query, "<path>")
-    # The path without its query, as a receiver echoes it; only a long one, which may be
-    # a token.
-    path = path_and_query.partition("?")[0]
-    if len(path) >= max(shortest, MIN_ECHOED_PATH) and path in text:
-        text = text.replace(path, "<path>")
+    # The path without its query, and the query without its path, as a receiver echoes
+    # them; only long ones, which may be tokens.
+    path, _, query = path_and_query.partition("?")
+    for part in (path, query):
+        if len(part) >= max(shortest, MIN_ECHOED_PATH) and part in text:
+            text = text.replace(part, "<path>")
     return text
 
 

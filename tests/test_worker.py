@@ -4,9 +4,11 @@ start-up refusals and its log."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
 import signal
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -361,6 +363,42 @@ def test_a_receiver_echoing_the_path_is_recorded_without_it(db, receiver, run_wo
     worker = run_worker()
     insert_events(db, "t", 1)
     worker.wait_recorded(lambda: statuses(db) == {"dead": 1}, what="the 404")
+    excerpts = [row[0] for row in db.execute("SELECT response_excerpt FROM notifyhook.attempts")]
+    assert excerpts == ["Cannot POST /<path>"]
+
+
+class _EchoingReceiver(http.server.BaseHTTPRequestHandler):
+    """Answers every POST as web frameworks answer a route they do not know: 404,
+    echoing the request target."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = f"Cannot POST {self.path}".encode()
+        self.send_response(404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_echoed_query_of_a_url_without_a_path_is_recorded_without_it(db, run_worker):
+    # https://hooks.example?token=… (no path: valid, sent as "POST /?token=…"): the
+    # stripping looked for what follows the first "/" after the host, found nothing,
+    # and the excerpt kept the token for the dashboard to show (review, session 9).
+    token = "q-7f3a9c-query-token"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoingReceiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        add_endpoint(db, "t", "crm", f"http://127.0.0.1:{server.server_address[1]}?token={token}")
+        worker = run_worker()
+        insert_events(db, "t", 1)
+        worker.wait_recorded(lambda: statuses(db) == {"dead": 1}, what="the 404")
+    finally:
+        server.shutdown()
+        server.server_close()
     excerpts = [row[0] for row in db.execute("SELECT response_excerpt FROM notifyhook.attempts")]
     assert excerpts == ["Cannot POST /<path>"]
 
