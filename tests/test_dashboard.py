@@ -11,7 +11,7 @@ from urllib.parse import urljoin
 import httpx
 import psycopg
 import pytest
-from conftest import run_cli
+from conftest import add_endpoint, run_cli
 from dashboard_support import (
     HOSTILE_ANSWER,
     HOSTILE_NAME,
@@ -310,3 +310,29 @@ def test_login_never_sends_the_browser_to_another_site(db, dashboard, target):
     assert landed.host == "127.0.0.1", (
         f"after logging in, Location: {location!r} sends the browser to {landed.host}"
     )
+
+
+def test_the_tokenless_dashboard_refuses_a_foreign_host_header(db, dashboard):
+    # What a user sees: nothing. They run `notifyhook dashboard` with no token, as the
+    # docs recommend ("bound to loopback ... only someone on the machine reaches it"),
+    # and browse any web page. That page's host name re-resolves to 127.0.0.1 (DNS
+    # rebinding), so the browser sends it to the dashboard as a same-origin request
+    # (Host: rebind.attacker.example:8790) and lets the page's script read the answer:
+    # every tenant, endpoint name, host, error and receiver answer leaves the machine.
+    # The promise broken: docs/dashboard.md "Access: bound to loopback ... by default
+    # only someone on the machine reaches it". The server never looks at Host.
+    add_endpoint(db, "acme", "crm-internal", "https://crm.internal.example/hook")
+    site = dashboard()
+    port = httpx.URL(site.url).port
+    own = httpx.get(site.url + "/", timeout=10)
+    assert own.status_code == 200, site.log()
+    assert "crm-internal" in own.text
+
+    rebound = httpx.get(
+        site.url + "/", headers={"Host": f"rebind.attacker.example:{port}"}, timeout=10
+    )
+    assert "crm-internal" not in rebound.text, (
+        f"a page served under Host: rebind.attacker.example answered {rebound.status_code} "
+        "with the endpoint list: a DNS-rebinding page reads the loopback dashboard"
+    )
+    assert rebound.status_code == 421

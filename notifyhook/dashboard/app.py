@@ -36,8 +36,12 @@ DOOR = web.AppKey("door", auth.Door)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
 
 
-def build_app(database_url: str, token: str | None) -> web.Application:
-    door = auth.Door(token)
+def build_app(
+    database_url: str, token: str | None, *, loopback_only: bool = False
+) -> web.Application:
+    """`loopback_only`: listening on loopback without a token, so a request naming
+    another host in its Host header is a DNS-rebinding page's (auth.middleware)."""
+    door = auth.Door(token, loopback_only=loopback_only)
     app = web.Application(middlewares=[auth.middleware(door)])
     app[DATABASE_URL] = database_url
     app[DOOR] = door

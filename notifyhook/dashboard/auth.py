@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 from urllib.parse import quote
 
 from aiohttp import web
@@ -21,10 +22,13 @@ STATIC = "/static/"
 
 
 class Door:
-    """Checks requests against the token; `None` lets everyone in (bound to loopback)."""
+    """Checks requests against the token; `None` lets everyone in (bound to loopback).
+    `loopback_only`: without a token, on loopback: a request must name loopback in
+    its Host too (see middleware)."""
 
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, *, loopback_only: bool = False) -> None:
         self.token = token
+        self.loopback_only = loopback_only and token is None
 
     @property
     def locked(self) -> bool:
@@ -50,9 +54,41 @@ class Door:
         return hmac.compare_digest(cookie.encode(), self.session_value().encode())
 
 
+def loopback_host(host: str | None) -> bool:
+    """Whether a request's Host names this machine's loopback (localhost, 127.0.0.1,
+    [::1]), with or without a port."""
+    if not host:
+        return False
+    if host.startswith("["):  # [::1]:8790
+        name = host[1:].partition("]")[0]
+    elif host.count(":") == 1:  # 127.0.0.1:8790, localhost:8790
+        name = host.partition(":")[0]
+    else:  # no port, or a bare IPv6 address
+        name = host
+    return is_loopback(name)
+
+
+def is_loopback(name: str) -> bool:
+    """Whether a host name or address is this machine's loopback."""
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def middleware(door: Door) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if door.loopback_only and not loopback_host(request.host):
+            # Without a token the dashboard listens on loopback only, but a web page
+            # whose name re-resolves to 127.0.0.1 (DNS rebinding) is sent here by the
+            # browser as its own origin, and may read the answer: it comes with its own
+            # Host, which names no loopback.
+            raise web.HTTPMisdirectedRequest(
+                text="421: without a token the dashboard answers only to localhost\n"
+            )
         if door.admits(request) or request.path == LOGIN or request.path.startswith(STATIC):
             return await handler(request)
         # A person in a browser goes to the form; a program is told what it lacks.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -11,6 +10,7 @@ import signal
 from aiohttp import web
 
 from notifyhook.dashboard.app import build_app
+from notifyhook.dashboard.auth import is_loopback
 from notifyhook.dashboard.data import SESSION_SETTINGS
 from notifyhook.errors import ConfigurationError, SchemaVersionError
 from notifyhook.store import connect, read_only, read_schema_version
@@ -35,13 +35,14 @@ def token_from_environment() -> str | None:
 async def serve(database_url: str, host: str, port: int, token: str | None) -> None:
     """Check the database once, then answer until a signal; prints the address it serves."""
     await _check_schema(database_url)
-    if token is None and not _is_loopback(host):
+    if token is None and not is_loopback(host):
         log.warning(
             "dashboard: listening on %s without %s: anyone who reaches it can read it",
             host,
             TOKEN_VARIABLE,
         )
-    runner = web.AppRunner(build_app(database_url, token), access_log=None)
+    app = build_app(database_url, token, loopback_only=is_loopback(host))
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -73,12 +74,3 @@ async def _until_signal() -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
