@@ -6,12 +6,14 @@ import asyncio
 import html
 import re
 import subprocess
+from datetime import datetime, timedelta
 from urllib.parse import urljoin
 
 import httpx
 import psycopg
 import pytest
-from conftest import add_endpoint, run_cli
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import add_endpoint, run_cli, scalar
 from dashboard_support import (
     HOSTILE_ANSWER,
     HOSTILE_NAME,
@@ -21,10 +23,12 @@ from dashboard_support import (
     populate,
 )
 
+from notifyhook.dashboard import app as dashboard_app
 from notifyhook.dashboard import charts
 from notifyhook.dashboard.app import SECURITY_HEADERS
 from notifyhook.dashboard.auth import COOKIE
 from notifyhook.dashboard.data import MinuteCount, open_reader
+from notifyhook.tools.receiver import Answer
 
 CSP = SECURITY_HEADERS["Content-Security-Policy"]
 
@@ -336,3 +340,59 @@ def test_the_tokenless_dashboard_refuses_a_foreign_host_header(db, dashboard):
         "with the endpoint list: a DNS-rebinding page reads the loopback dashboard"
     )
     assert rebound.status_code == 421
+
+
+class _FastDatetime(datetime):
+    """datetime whose now() is an hour ahead: a dashboard host whose clock is off."""
+
+    @classmethod
+    def now(cls, tz=None):  # type: ignore[override]
+        return datetime.now(tz) + timedelta(hours=1)
+
+
+def test_the_dashboards_ago_is_counted_on_the_databases_clock(
+    db, database_url, receiver, run_worker, monkeypatch
+):
+    # What a user sees: the endpoint list says an endpoint's last error happened
+    # "60 min ago" when it failed a few seconds ago (or "0 s ago" for a failure an hour
+    # old, on a host running slow), so a partner that is failing right now looks like
+    # an old, settled incident. The dashboard runs on any host (a laptop at the end of
+    # an SSH tunnel, a replica's host) and `_age` subtracts the database's timestamp
+    # from that host's datetime.now(). The promise broken: the database's clock decides
+    # every time (DESIGN §8, notifyhook/clock.py: "PostgreSQL ... its clock already
+    # decides every other time"); every other figure of the page (oldest due, the 1 h
+    # and 24 h windows, the chart's minutes) is counted on now() in SQL.
+    receiver.sequence("crm", Answer(status=400))
+    endpoint = add_endpoint(db, "acme", "crm", receiver.url("crm"))
+    worker = run_worker()
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
+        "VALUES ('acme', 'call.completed', '{}')"
+    )
+    worker.wait_recorded(
+        lambda: scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 1, what="the 400"
+    )
+    age_s = scalar(
+        db,
+        "SELECT extract(epoch FROM now() - last_failure_at) FROM notifyhook.endpoint_state "
+        "WHERE endpoint_id = %s",
+        [endpoint],
+    )
+    assert age_s < 60
+
+    monkeypatch.setattr(dashboard_app, "datetime", _FastDatetime)
+
+    async def overview() -> str:
+        app = dashboard_app.build_app(database_url, None)
+        async with TestClient(TestServer(app)) as client:
+            page = await client.get("/")
+            assert page.status == 200
+            return await page.text()
+
+    text = asyncio.run(overview())
+    shown = re.search(r"\(([^()]* ago)\)</span>", text)
+    assert shown is not None, text
+    assert shown.group(1) in {f"{s} s ago" for s in range(0, 120)}, (
+        f"an error {age_s:.0f} s old by the database's clock is shown as "
+        f"{shown.group(1)!r}: the dashboard host's clock (an hour fast) decided"
+    )

@@ -197,10 +197,11 @@ def _when(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _age(value: datetime | None) -> str:
-    if value is None:
+def _age(seconds: float | None) -> str:
+    """An age the database counted (now() - t): this host's clock may be off."""
+    if seconds is None:
         return "never"
-    return f"{_seconds(max((datetime.now(UTC) - value).total_seconds(), 0))} ago"
+    return f"{_seconds(max(seconds, 0))} ago"
 
 
 def _seconds(value: float) -> str:

@@ -60,6 +60,8 @@ class EndpointHealth:
     p99_ms_24h: float | None
     last_error: str | None
     last_error_at: datetime | None
+    last_error_age_s: float | None
+    """How long ago, on the database's clock."""
     pending: int
     dead: int
 

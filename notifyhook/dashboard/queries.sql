@@ -41,6 +41,9 @@ SELECT
     a.attempts_24h, a.delivered_24h, a.failed_24h, a.p50_ms_24h, a.p99_ms_24h,
     last_error.error AS last_error,
     last_error.started_at AS last_error_at,
+    -- Counted here, on the database's clock, as every other time of the page: the
+    -- dashboard's host may be any host, its clock off.
+    extract(epoch FROM now() - last_error.started_at)::float8 AS last_error_age_s,
     (SELECT count(*) FROM notifyhook.deliveries AS d
      WHERE d.endpoint_id = e.id AND d.status = 'pending') AS pending,
     (SELECT count(*) FROM notifyhook.deliveries AS d
