@@ -38,7 +38,8 @@ _SECRET_PATTERNS = (
 
 # The path and query of a web address: an endpoint's may hold tokens (the host stays, to
 # tell endpoints apart).
-_URL_PATH = re.compile(r"(https?://[^/?#\s'\"<>]+)[/?#][^\s'\"<>]*")
+# Schemes are case-insensitive, and endpoints accept HTTPS://… as written.
+_URL_PATH = re.compile(r"(https?://[^/?#\s'\"<>]+)[/?#][^\s'\"<>]*", re.IGNORECASE)
 
 # Event fields that can carry request bodies, headers, cookies, users or variables.
 _DROPPED_FIELDS = ("request", "user", "extra")

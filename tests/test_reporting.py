@@ -140,7 +140,13 @@ def test_scrub_drops_request_data_and_variables_and_redacts_secrets():
                 }
             ]
         },
-        "threads": {"values": [{"name": "https://hooks.example.com/in/PATHTOKEN?k=QTOKEN"}]},
+        "threads": {
+            "values": [
+                {"name": "https://hooks.example.com/in/PATHTOKEN?k=QTOKEN"},
+                # A URL as an endpoint may be written: the scheme in capitals.
+                {"name": "HTTPS://hooks.example.com/in/UPPERTOKEN"},
+            ]
+        },
         "breadcrumbs": {
             "values": [{"message": f"password={PASSWORD} host=db", "data": {"body": PAYLOAD_TEXT}}]
         },
@@ -154,3 +160,4 @@ def test_scrub_drops_request_data_and_variables_and_redacts_secrets():
     assert scrubbed["exception"]["values"][0]["stacktrace"]["frames"] == [{"function": "send"}]
     # A web address keeps its host, to tell endpoints apart.
     assert scrubbed["threads"]["values"][0]["name"] == f"https://hooks.example.com/{REDACTED}"
+    assert scrubbed["threads"]["values"][1]["name"] == f"HTTPS://hooks.example.com/{REDACTED}"
