@@ -420,20 +420,32 @@ def without_url(text: str, url: str, *, shortest: int = 2) -> str:
     is left: in a receiver's answer a short one ("hooks") would replace common words."""
     if url in text:
         text = text.replace(url, "<the endpoint's URL>")
-    # What follows the host: a path, or a query alone (https://hooks.example?token=…,
-    # sent as "POST /?token=…"), without the leading slash.
+    for path_and_query in _paths_and_queries(url):
+        if len(path_and_query) >= shortest and path_and_query in text:
+            text = text.replace(path_and_query, "<path>")
+        # The path without its query, and the query without its path, as a receiver
+        # echoes them; only long ones, which may be tokens.
+        path, _, query = path_and_query.partition("?")
+        for part in (path, query):
+            if len(part) >= max(shortest, MIN_ECHOED_PATH) and part in text:
+                text = text.replace(part, "<path>")
+    return text
+
+
+@functools.lru_cache(maxsize=signing.ENDPOINT_CACHE_SIZE)
+def _paths_and_queries(url: str) -> tuple[str, ...]:
+    """What follows the host, without the leading slash: as written, and as sent when
+    that differs (httpx percent-encodes "{", "|", spaces and non-ASCII, and a receiver
+    echoes what it got). A query alone counts (https://hooks.example?token=…, sent as
+    "POST /?token=…"). Cached: an excerpt of every answer is checked against it."""
     after_scheme = url.split("://", 1)[-1]
     ends = [i for i in (after_scheme.find("/"), after_scheme.find("?")) if i >= 0]
-    path_and_query = after_scheme[min(ends) :].lstrip("/") if ends else ""
-    if len(path_and_query) >= shortest and path_and_query in text:
-        text = text.replace(path_and_query, "<path>")
-    # The path without its query, and the query without its path, as a receiver echoes
-    # them; only long ones, which may be tokens.
-    path, _, query = path_and_query.partition("?")
-    for part in (path, query):
-        if len(part) >= max(shortest, MIN_ECHOED_PATH) and part in text:
-            text = text.replace(part, "<path>")
-    return text
+    written = after_scheme[min(ends) :].lstrip("/") if ends else ""
+    try:
+        sent = httpx.URL(url).raw_path.decode("ascii").lstrip("/")
+    except (httpx.InvalidURL, UnicodeDecodeError):
+        return (written,)
+    return (written,) if sent in (written, "") else (written, sent)
 
 
 def _elapsed_ms(start: float) -> float:

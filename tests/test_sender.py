@@ -19,7 +19,14 @@ import pytest
 import standardwebhooks
 
 from notifyhook.delivery import AttemptResult, Delivery, Verdict
-from notifyhook.sender import _RESERVED_HEADERS, EXCERPT_BYTES, Sender, refusal_reason
+from notifyhook.sender import (
+    _RESERVED_HEADERS,
+    EXCERPT_BYTES,
+    MIN_ECHOED_PATH,
+    Sender,
+    refusal_reason,
+    without_url,
+)
 from notifyhook.signing import generate_secret
 from notifyhook.tools.receiver import Answer, Receiver
 from notifyhook.transport import Http11Transport
@@ -800,3 +807,14 @@ def test_answers_framed_every_way_are_read_and_pooled_only_when_reusable(
             return accepted
 
     assert len(run(scenario())) == (1 if reused else 3)
+
+
+def test_a_percent_encoded_echo_of_the_path_is_stripped_too():
+    # httpx sends "/in/tökén|{x}" as "/in/t%C3%B6k%C3%A9n|%7Bx%7D", and a receiver
+    # echoes what it got: the written form alone was looked for (review, session 9).
+    url = "https://hooks.example/in/tökén-{x}-abcdefgh?key=QUERY TOKEN"
+    sent = httpx.URL(url).raw_path.decode()
+    echoed = f"Cannot POST {sent}"
+    assert without_url(echoed, url, shortest=MIN_ECHOED_PATH) == "Cannot POST /<path>"
+    # And the written form, as before.
+    assert without_url("no route /in/tökén-{x}-abcdefgh", url) == "no route /<path>"
