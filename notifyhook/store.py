@@ -221,6 +221,10 @@ QUERY_CANCELED, LOCK_NOT_AVAILABLE, IDLE_IN_TRANSACTION_TIMEOUT = "57014", "55P0
 pg_cancel_backend (57014), NOWAIT (55P03)."""
 
 
+UNAVAILABLE = "database-unavailable"
+"""The Trouble kind of an outage (a lost connection, a server starting or stopping)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Trouble:
     """Why a database call failed, in the words the log and the error report use."""
@@ -267,7 +271,7 @@ def diagnose(error: BaseException, timeouts: Timeouts | None = None) -> Trouble:
             f"idle_in_transaction_session_timeout{of}",
         )
     if is_transient(error):
-        return Trouble("database-unavailable", "database unavailable")
+        return Trouble(UNAVAILABLE, "database unavailable")
     return Trouble(
         f"refused-{state or 'unknown'}",
         f"the database refused the statement with SQLSTATE {state or 'unknown'}",

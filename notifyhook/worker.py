@@ -27,6 +27,7 @@ from notifyhook.recorder import Recorder
 from notifyhook.sender import Sender, without_url
 from notifyhook.settings import Settings
 from notifyhook.store import (
+    UNAVAILABLE,
     ClaimedDelivery,
     DatabaseError,
     Holding,
@@ -481,7 +482,9 @@ class Worker:
 
     def _database_recovered(self) -> None:
         if not self.database_ok:
-            log.info("database available again")
+            # Said as the trouble was: a statement cut by a timeout was no outage.
+            outage = self._last_trouble is None or self._last_trouble.kind == UNAVAILABLE
+            log.info("database available again" if outage else "database statements succeed again")
         self.database_ok = True
         self._last_trouble = None
 

@@ -505,7 +505,7 @@ def test_a_claim_past_its_statement_timeout_is_logged_as_such_not_as_an_outage(
     # TABLE left open in psql): the claim waits until its statement_timeout (1 s under a
     # lease of 2 s) cancels it. That is no outage, and "database unavailable" sent the
     # operator looking for one; the claim is retried, and goes through once the lock is gone.
-    caplog.set_level(logging.WARNING, logger="notifyhook")
+    caplog.set_level(logging.INFO, logger="notifyhook")
     add_endpoint(db, "t", "a", receiver.url("a"))
     worker = run_worker(lease="2", http_timeout="1")
     with psycopg.connect(database_url) as operator:
@@ -519,6 +519,9 @@ def test_a_claim_past_its_statement_timeout_is_logged_as_such_not_as_an_outage(
     )
     assert line.endswith("; retrying")
     assert "database unavailable" not in caplog.text
+    # Nor, once the lock is gone, "available again".
+    assert "database statements succeed again" in caplog.text
+    assert "database available again" not in caplog.text
 
 
 def test_each_timeout_of_the_workers_session_is_named_for_what_it_is(db, database_url):
