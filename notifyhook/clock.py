@@ -11,6 +11,7 @@ database's, and says so in its log when the two disagree by more than OFF_WARNIN
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 OFF_WARNING_S = 5.0
 """An offset larger than this is worth a warning: NTP keeps hosts within milliseconds."""
@@ -32,13 +33,10 @@ class DatabaseClock:
         """Unix seconds on the database's clock (this host's until a first measurement)."""
         return wall() + self.offset_s
 
-    @staticmethod
-    def host() -> float:
-        """Unix seconds on this host's clock, uncorrected: what a measurement compares."""
-        return wall()
-
-    def measured(self, before: float, database: float, after: float) -> float:
-        """Take the database's reading `database`, made between this host's `before` and
-        `after`: the offset is counted from the middle, within half the round trip."""
-        self.offset_s = database - (before + after) / 2
+    async def measure(self, read: Callable[[], Awaitable[float]]) -> float:
+        """Read the database's clock with `read` and keep the offset, counted from the
+        middle of the round trip (so within half of it); the offset."""
+        before = wall()
+        database = await read()
+        self.offset_s = database - (before + wall()) / 2
         return self.offset_s

@@ -86,9 +86,7 @@ class Maintenance:
         """Measure this host's clock against the database's (notifyhook/clock.py); warn
         when they disagree by more than OFF_WARNING_S, once until they agree again."""
         self._clock_read_at = time.monotonic()
-        before = self.clock.host()
-        database = await self._store.database_time()
-        offset = self.clock.measured(before, database, self.clock.host())
+        offset = await self.clock.measure(self._store.database_time)
         self._metrics.clock_offset.set(offset)
         off = abs(offset) > OFF_WARNING_S
         if off and not self._clock_off:

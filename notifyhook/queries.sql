@@ -43,7 +43,7 @@ SELECT notifyhook.repair_turns();
 
 -- name: hold_worker_id
 -- The lock notifyhook.take_over tests, taken again by a claim connection made anew.
-SELECT pg_try_advisory_lock(hashtextextended('notifyhook worker ' || %(worker)s, 0));
+SELECT pg_try_advisory_lock(notifyhook.worker_lock_key(%(worker)s));
 
 -- name: record_outcomes
 -- Casts spell the array types out: a list of all-None values carries no type. The

@@ -117,8 +117,7 @@ class Recorder:
         async with self._lock:
             while True:
                 if final:
-                    self._outcomes.extend(self._held)
-                    self._held.clear()
+                    self._take_back_held()
                 await self._write_all()
                 if not (final and self._held):
                     return
@@ -156,9 +155,13 @@ class Recorder:
         self._held.extend(outcomes)
 
     def _retry_held(self) -> None:
+        self._take_back_held()
+        self._ready.set()
+
+    def _take_back_held(self) -> None:
+        """The outcomes set aside go back to be written with the others."""
         self._outcomes.extend(self._held)
         self._held.clear()
-        self._ready.set()
 
     async def _record(self, batch: Sequence[Outcome]) -> Recorded:
         """Record `batch`; an outcome the database refuses is isolated by halving the batch

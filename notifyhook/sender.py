@@ -181,7 +181,6 @@ class Sender:
     async def send(self, delivery: Delivery) -> AttemptResult:
         """Make one attempt; every way it can end, network failures included, is a value."""
         started_at, started_monotonic = datetime.now(UTC), time.monotonic()
-        start = time.perf_counter()
         try:
             request = self._request(delivery)
             status, retry_after_s, excerpt = await self._exchange(request, delivery.timeout_s)
@@ -195,7 +194,7 @@ class Sender:
             return AttemptResult(
                 verdict,
                 started_at,
-                _elapsed_ms(start),
+                _elapsed_ms(started_monotonic),
                 status_code=status,
                 error=None if verdict is Verdict.DELIVERED else f"HTTP {status}",
                 # Receivers often echo the path of a request they refuse ("Cannot POST
@@ -207,7 +206,7 @@ class Sender:
         return AttemptResult(
             verdict,
             started_at,
-            _elapsed_ms(start),
+            _elapsed_ms(started_monotonic),
             error=error,
             started_monotonic=started_monotonic,
         )
@@ -448,5 +447,5 @@ def _paths_and_queries(url: str) -> tuple[str, ...]:
     return (written,) if sent in (written, "") else (written, sent)
 
 
-def _elapsed_ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000
+def _elapsed_ms(started_monotonic: float) -> float:
+    return (time.monotonic() - started_monotonic) * 1000

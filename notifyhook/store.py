@@ -251,12 +251,12 @@ def diagnose(error: BaseException, timeouts: Timeouts | None = None) -> Trouble:
     primary = getattr(getattr(error, "diag", None), "message_primary", None) or ""
     if state == QUERY_CANCELED:
         if "statement timeout" in primary:
-            of = f" of {timeouts.statement_s:g}s" if timeouts else ""
+            of = _of(timeouts.statement_s if timeouts else None)
             return Trouble("statement-timeout", f"the statement ran past its statement_timeout{of}")
         return Trouble("query-canceled", "the statement was cancelled (pg_cancel_backend?)")
     if state == LOCK_NOT_AVAILABLE:
         if "lock timeout" in primary:
-            of = f" of {timeouts.lock_s:g}s" if timeouts else ""
+            of = _of(timeouts.lock_s if timeouts else None)
             return Trouble(
                 "lock-timeout",
                 f"the statement waited past its lock_timeout{of} for a lock another "
@@ -264,7 +264,7 @@ def diagnose(error: BaseException, timeouts: Timeouts | None = None) -> Trouble:
             )
         return Trouble("lock-not-available", "a lock another transaction holds was not available")
     if state == IDLE_IN_TRANSACTION_TIMEOUT:
-        of = f" of {timeouts.idle_in_transaction_s:g}s" if timeouts else ""
+        of = _of(timeouts.idle_in_transaction_s if timeouts else None)
         return Trouble(
             "idle-in-transaction-timeout",
             f"the server ended the session, idle in a transaction past its "
@@ -276,6 +276,11 @@ def diagnose(error: BaseException, timeouts: Timeouts | None = None) -> Trouble:
         f"refused-{state or 'unknown'}",
         f"the database refused the statement with SQLSTATE {state or 'unknown'}",
     )
+
+
+def _of(seconds: float | None) -> str:
+    """ " of 5s", naming a timeout's value when the caller knows it."""
+    return f" of {seconds:g}s" if seconds else ""
 
 
 PARTITIONS_AHEAD = timedelta(days=7)

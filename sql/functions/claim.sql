@@ -396,6 +396,13 @@ $$;
 -- Written out in claim_due since 2026-12-04 (an SQL function is parsed at every call).
 DROP FUNCTION IF EXISTS notifyhook.next_turn_in_s(timestamptz);
 
+-- The key of the session advisory lock a worker's claim connection holds on its worker
+-- id for its whole life: one claimant per id (take_over, release_lost_claims, and the
+-- worker's own hold_worker_id query, notifyhook/queries.sql).
+CREATE OR REPLACE FUNCTION notifyhook.worker_lock_key(worker text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN hashtextextended('notifyhook worker ' || worker, 0);
+
 -- At a worker's start: take back what a dead predecessor with the same WORKER_ID
 -- (a systemd instance restarted after a crash) still holds, at once rather than when
 -- its leases run out, and leave its rows nobody's share. The worker's claim session
@@ -408,7 +415,7 @@ CREATE OR REPLACE FUNCTION notifyhook.take_over(worker text, max_attempts intege
 RETURNS integer
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF NOT pg_try_advisory_lock(hashtextextended('notifyhook worker ' || worker, 0)) THEN
+    IF NOT pg_try_advisory_lock(notifyhook.worker_lock_key(worker)) THEN
         RETURN NULL;
     END IF;
     UPDATE notifyhook.deliveries AS d
@@ -430,7 +437,7 @@ CREATE OR REPLACE FUNCTION notifyhook.release_lost_claims(worker text, known big
 RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    id_lock bigint := hashtextextended('notifyhook worker ' || worker, 0);
+    id_lock bigint := notifyhook.worker_lock_key(worker);
     lost_ids bigint[];
     lost_attempts integer[];
 BEGIN
