@@ -386,3 +386,86 @@ def test_an_insert_fans_out_to_exactly_the_matching_endpoints(module_db, case):
         if any(reference_matches(p, event_type) for p in patterns)
     )
     assert got == expected
+
+
+@st.composite
+def claim_cases(draw: st.DrawFn) -> dict[str, Any]:
+    """Endpoints of one or two tenants, each with rows due and some held by the worker, and
+    a claim's size: often one endpoint alone, or one left uncapped among capped ones."""
+    concurrency = draw(st.sampled_from([10, 20, 50]))
+    endpoints = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["t1", "t2"]),  # tenant
+                st.integers(0, 30),  # rows due
+                st.integers(0, 25),  # rows this worker holds
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    return {
+        "concurrency": concurrency,
+        "rows": draw(st.integers(1, concurrency)),
+        "endpoints": endpoints,
+    }
+
+
+CLAIM_TAKEN = """
+SELECT coalesce(array_agg((c).endpoint_id ORDER BY (c).endpoint_id), '{}'),
+       r.more_due, r.held_back, r.passed_by
+FROM notifyhook.claim_due('w', %(rows)s, interval '1 minute', %(concurrency)s,
+                          %(held_endpoints)s, %(held_counts)s, %(held_tenants)s) AS r
+LEFT JOIN LATERAL unnest(r.deliveries) AS c ON true
+GROUP BY r.more_due, r.held_back, r.passed_by
+"""
+
+
+@with_db
+@given(case=claim_cases())
+def test_the_claims_lone_endpoint_way_takes_what_the_general_statement_takes(module_db, case):
+    """claim_due serves one picked endpoint without limits by a shorter way than its general
+    statement (sql/functions/claim.sql): both take the same rows and give the same turns."""
+    with module_db.transaction(force_rollback=True):
+        held: dict[int, tuple[str, int]] = {}
+        for index, (tenant, due, holds) in enumerate(case["endpoints"]):
+            endpoint = module_db.execute(
+                "INSERT INTO notifyhook.endpoints (tenant_id, name, url, event_types) "
+                "VALUES (%s, %s, 'http://example.com/', %s) RETURNING id",
+                [tenant, f"e{index}", [f"type.{index}"]],
+            ).fetchone()[0]
+            module_db.execute(
+                "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
+                "SELECT %s, %s, '{}' FROM generate_series(1, %s)",
+                [tenant, f"type.{index}", due + holds],
+            )
+            if holds:
+                module_db.execute(
+                    "UPDATE notifyhook.deliveries SET status = 'processing', locked_by = 'w', "
+                    "locked_until = now() + interval '1 minute', attempts = 1 "
+                    "WHERE id IN (SELECT id FROM notifyhook.deliveries "
+                    "WHERE endpoint_id = %s AND status = 'pending' LIMIT %s)",
+                    [endpoint, holds],
+                )
+                held[endpoint] = (tenant, holds)
+        params = {
+            "rows": case["rows"],
+            "concurrency": case["concurrency"],
+            "held_endpoints": list(held),
+            "held_counts": [n for _, n in held.values()],
+            "held_tenants": [t for t, _ in held.values()],
+        }
+        outcomes = []
+        for general in ("on", "off"):
+            with module_db.transaction(force_rollback=True):
+                module_db.execute(
+                    "SELECT set_config('notifyhook.general_claim', %s, true)", [general]
+                )
+                taken = module_db.execute(CLAIM_TAKEN, params).fetchone()
+                # Who comes next, in order, and whose turn is now or still to come.
+                turns = module_db.execute(
+                    "SELECT endpoint_id, turn_at IS NULL, turn_at <= clock_timestamp() "
+                    "FROM notifyhook.endpoint_turns ORDER BY turn_at, endpoint_id"
+                ).fetchall()
+                outcomes.append((taken, turns))
+    assert outcomes[0] == outcomes[1]

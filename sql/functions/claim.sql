@@ -10,7 +10,9 @@
 -- has come, in turn order, skipping any row another transaction holds, (3) in a
 -- statement of its own takes each one's rows: at most its fair part, its fleet-wide
 -- limits and an even level of this claim, and (4) gives each one its next turn: now
--- if it still has rows due, which sends it to the back of the line. So a claim reads
+-- if it still has rows due, which sends it to the back of the line. (When it picked one
+-- endpoint without limits, the common case, steps 3 and 4 take a shorter way to the same
+-- result, tests/test_properties.py comparing the two.) So a claim reads
 -- a few index entries per endpoint it serves, whatever the number of endpoints, and
 -- a claim when nothing is due reads the head of one index.
 --
@@ -95,6 +97,12 @@ DECLARE
     bucket_at timestamptz;
     claimed notifyhook.claimed_delivery[];
     finished timestamptz;
+    lone_tenant text;
+    lone_plain boolean;
+    lone_endpoints integer;
+    lone_mine integer;
+    lone_tenant_mine integer;
+    lone_take integer;
 BEGIN
     -- 1. Fold the wakes into the turns. Only wakes whose state row this claim can
     --    lock are folded (and deleted); the others wait for the next claim.
@@ -181,185 +189,257 @@ BEGIN
                false, passed_by;
         RETURN;
     END IF;
-    bucket_at := clock_timestamp();
-
-    -- 3. Take the rows, in a statement that starts after the locks (see above).
-    --    MATERIALIZED: inlined, `candidate` copied its in-flight count subquery into
-    --    every expression that reads in_flight, and each copy's plan was built at every
-    --    claim (building plans is a third of a small claim's CPU: docs/performance.md).
-    WITH candidate AS MATERIALIZED (
-        SELECT e.id AS endpoint_id, e.tenant_id, e.rate_limit, e.max_in_flight, e.ordered,
-               s.consecutive_failures >= circuit_threshold AS circuit_open,
-               notifyhook.bucket_tokens(e.rate_limit, tu.tokens, tu.tokens_at, bucket_at) AS tokens,
-               coalesce(h.n, 0) AS mine,
-               -- Counted only where a limit needs it.
-               CASE WHEN e.max_in_flight IS NOT NULL OR e.ordered
-                         OR s.consecutive_failures >= circuit_threshold
-                    THEN (SELECT count(*) FROM notifyhook.deliveries AS d
-                          WHERE d.endpoint_id = e.id AND d.status = 'processing')
-                    ELSE 0 END AS in_flight,
-               ceil(tenant_part::numeric / coalesce(t.endpoints, 1)) AS part,
-               -- The part rounded down: what the reserve may bring an endpoint up to, so
-               -- that the parts of a tenant's endpoints never add up to more than its own.
-               greatest(1, floor(tenant_part::numeric / coalesce(t.endpoints, 1))) AS floor_part
-        FROM unnest(picked) AS p(endpoint_id)
-        JOIN notifyhook.endpoints AS e ON e.id = p.endpoint_id AND e.enabled
-        JOIN notifyhook.endpoint_turns AS tu ON tu.endpoint_id = e.id
+    -- notifyhook.general_claim = on: the general statement always (the tests compare
+    -- the two ways, tests/test_properties.py).
+    IF cardinality(picked) = 1
+       AND current_setting('notifyhook.general_claim', true) IS DISTINCT FROM 'on' THEN
+        SELECT e.tenant_id,
+               e.enabled AND e.rate_limit IS NULL AND e.max_in_flight IS NULL AND NOT e.ordered
+               AND s.consecutive_failures < circuit_threshold
+        INTO lone_tenant, lone_plain
+        FROM notifyhook.endpoints AS e
         JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
-        LEFT JOIN unnest(held_endpoints, held_counts) AS h(endpoint_id, n) ON h.endpoint_id = e.id
-        LEFT JOIN unnest(due_tenants, due_tenant_endpoints) AS t(tenant_id, endpoints)
-            ON t.tenant_id = e.tenant_id
-    ),
-    -- What this worker holds per tenant, every endpoint of it counted.
-    tenant_held AS (
-        SELECT h.tenant_id, sum(h.n) AS mine
-        FROM unnest(held_tenants, held_counts) AS h(tenant_id, n)
-        GROUP BY h.tenant_id
-    ),
-    allowance AS (
-        SELECT c.endpoint_id, c.tenant_id, c.mine, c.floor_part, c.ordered,
-               tenant_part - coalesce(t.mine, 0) AS tenant_room,
-               greatest(0, least(
-                   max_rows,
-                   c.part - c.mine,
-                   coalesce(c.max_in_flight - c.in_flight, max_rows),
-                   CASE WHEN c.ordered OR c.circuit_open THEN 1 - c.in_flight ELSE max_rows END,
-                   coalesce(floor(c.tokens)::integer, max_rows)
-               ))::integer AS allowed
-        FROM candidate AS c
-        LEFT JOIN tenant_held AS t ON t.tenant_id = c.tenant_id
-    ),
-    -- How many rows each endpoint takes: up to an even level of slots across the
-    -- picked endpoints (what it holds counted), within what it is allowed.
-    share AS (
-        SELECT a.*,
-               least(a.allowed, greatest(0,
-                   ceil((max_rows + sum(a.mine) OVER ())::numeric / count(*) OVER ())::integer
-                   - a.mine::integer)) AS take
-        FROM allowance AS a
-    ),
-    picked_rows AS (
-        SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room, a.floor_part,
-               -- The slot of this worker's that the row would fill for its endpoint.
-               a.mine + row_number() OVER (PARTITION BY a.endpoint_id
-                                           ORDER BY d.next_attempt_at, d.id) AS slot
-        FROM share AS a
-        CROSS JOIN LATERAL (
-            SELECT d.id, d.next_attempt_at FROM notifyhook.deliveries AS d
-            WHERE d.endpoint_id = a.endpoint_id AND d.status = 'pending'
-              AND d.next_attempt_at <= started AND NOT a.ordered
-            ORDER BY d.next_attempt_at
-            LIMIT a.take
-            FOR UPDATE SKIP LOCKED) AS d
-        WHERE a.take > 0
-        UNION ALL
-        -- A FIFO endpoint sends its head, and only when the head is due: a head waiting
-        -- for its retry holds the rest back.
-        SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room, a.floor_part, a.mine + 1
-        FROM share AS a
-        CROSS JOIN LATERAL (
-            SELECT d.id, d.next_attempt_at FROM notifyhook.deliveries AS d
-            WHERE d.id = notifyhook.fifo_head(a.endpoint_id)
-              AND d.status = 'pending' AND d.next_attempt_at <= started
-            FOR UPDATE SKIP LOCKED) AS d
-        WHERE a.ordered AND a.take > 0
-    ),
-    -- The tenant's part, applied in the same level order across its endpoints, within
-    -- the slots outside the reserve. The reserve brings endpoints up to their part,
-    -- whatever their tenant holds: a slow endpoint's backlog never keeps a sibling's
-    -- fresh events waiting for a slot.
-    ranked AS (
-        SELECT p.*,
-               row_number() OVER (PARTITION BY p.tenant_id
-                                  ORDER BY p.slot, p.next_attempt_at, p.id) AS tenant_turn,
-               row_number() OVER (ORDER BY p.slot, p.next_attempt_at, p.id) AS claim_turn,
-               row_number() OVER (PARTITION BY p.slot <= p.floor_part
-                                  ORDER BY p.slot, p.next_attempt_at, p.id) AS under_turn
-        FROM picked_rows AS p
-    ),
-    chosen AS (
-        SELECT r.id FROM ranked AS r
-        WHERE r.claim_turn <= max_rows
-          AND ((r.tenant_turn <= r.tenant_room
-                AND r.claim_turn <= concurrency - held_total - reserve)
-               OR (r.slot <= r.floor_part AND r.under_turn <= reserve))
-    ),
-    claimed_rows AS (
-        UPDATE notifyhook.deliveries AS d
-        SET status = 'processing', attempts = d.attempts + 1, locked_by = worker,
-            locked_until = started + lease, updated_at = started
-        -- The status list names the partition (0006): one primary-key probe of
-        -- deliveries_active per row. Not "status = 'pending'": that matches the
-        -- deliveries_pending index's predicate, and the planner read the whole of it
-        -- (a bitmap scan of every pending row of a lone endpoint, 20,000 in a peer run)
-        -- to find the claimed few, nearly doubling PostgreSQL's CPU per delivery
-        -- (docs/performance.md).
-        FROM chosen WHERE d.id = chosen.id AND d.status IN ('pending', 'processing')
-        RETURNING d.id, d.event_id, d.endpoint_id, d.tenant_id, d.attempts
-    )
-    SELECT array_agg(ROW(c.id, c.event_id, c.endpoint_id, c.tenant_id, c.attempts, e.url,
-                         e.secret,
-                         CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END,
-                         e.headers, e.timeout_ms, e.retry_schedule,
-                         -- The exact body to send, built here so that the worker never
-                         -- parses JSON it only forwards.
-                         (e.extra_fields || ev.payload)::text,
-                         e.max_in_flight IS NOT NULL OR e.ordered
-                             OR s.consecutive_failures >= circuit_threshold
-                     )::notifyhook.claimed_delivery)
-    INTO claimed
-    FROM claimed_rows AS c
-    JOIN notifyhook.endpoints AS e ON e.id = c.endpoint_id
-    JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = c.endpoint_id
-    JOIN notifyhook.events AS ev ON ev.id = c.event_id;
-
-    -- 4. The picked endpoints' next turns (this statement sees the rows just taken),
-    --    and what their buckets have left.
-    WITH taken AS (
-        SELECT c.endpoint_id, count(*) AS n FROM unnest(claimed) AS c GROUP BY c.endpoint_id
-    ), upcoming AS (
-        SELECT s.endpoint_id, e.enabled, e.rate_limit,
-               notifyhook.bucket_tokens(e.rate_limit, tu.tokens, tu.tokens_at, bucket_at)
-                   - coalesce(t.n, 0) AS tokens_left,
-               CASE WHEN e.ordered
-                    THEN (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
-                          WHERE d.id = notifyhook.fifo_head(e.id)
-                            AND d.status IN ('pending', 'processing'))
-                    ELSE (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
-                          WHERE d.endpoint_id = e.id AND d.status = 'pending'
-                          ORDER BY d.next_attempt_at LIMIT 1) END AS due_at,
-               CASE WHEN e.max_in_flight IS NOT NULL OR e.ordered
-                         OR s.consecutive_failures >= circuit_threshold
-                    THEN (SELECT count(*) FROM notifyhook.deliveries AS d
-                          WHERE d.endpoint_id = e.id AND d.status = 'processing')
-                         >= CASE WHEN e.ordered OR s.consecutive_failures >= circuit_threshold
-                                 THEN 1 ELSE e.max_in_flight END
-                    ELSE false END AS at_limit
-        FROM unnest(picked) AS p(endpoint_id)
-        JOIN notifyhook.endpoint_turns AS tu ON tu.endpoint_id = p.endpoint_id
-        JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = p.endpoint_id
-        JOIN notifyhook.endpoints AS e ON e.id = p.endpoint_id
-        LEFT JOIN taken AS t ON t.endpoint_id = p.endpoint_id
-    ), turned AS (
+        WHERE e.id = picked[1];
+    END IF;
+    IF lone_plain THEN
+        -- One endpoint picked, with no fleet-wide limit: what step 3's statement computes
+        -- for it, as a number (one endpoint's rows are a prefix of its due rows), and its
+        -- next turn without the limits' cases. The common case (one busy endpoint, or
+        -- one fresh event) so builds far fewer plan nodes (docs/performance.md).
+        lone_endpoints := coalesce(
+            due_tenant_endpoints[array_position(due_tenants, lone_tenant)], 1);
+        lone_mine := coalesce(held_counts[array_position(held_endpoints, picked[1])], 0);
+        IF held_total > 0 THEN
+            SELECT coalesce(sum(h.n), 0) INTO lone_tenant_mine
+            FROM unnest(held_tenants, held_counts) AS h(tenant_id, n)
+            WHERE h.tenant_id = lone_tenant;
+        ELSE
+            lone_tenant_mine := 0;
+        END IF;
+        lone_take := greatest(0, least(
+            max_rows,
+            ceil(tenant_part::numeric / lone_endpoints)::integer - lone_mine,
+            greatest(
+                least(tenant_part - lone_tenant_mine, concurrency - held_total - reserve),
+                least(greatest(1, floor(tenant_part::numeric / lone_endpoints))::integer
+                      - lone_mine, reserve))));
+        IF lone_take > 0 THEN
+            WITH claimed_rows AS (
+                UPDATE notifyhook.deliveries AS d
+                SET status = 'processing', attempts = d.attempts + 1, locked_by = worker,
+                    locked_until = started + lease, updated_at = started
+                FROM (SELECT d.id FROM notifyhook.deliveries AS d
+                      WHERE d.endpoint_id = picked[1] AND d.status = 'pending'
+                        AND d.next_attempt_at <= started
+                      ORDER BY d.next_attempt_at
+                      LIMIT lone_take
+                      FOR UPDATE SKIP LOCKED) AS chosen
+                WHERE d.id = chosen.id AND d.status IN ('pending', 'processing')
+                RETURNING d.id, d.event_id, d.endpoint_id, d.tenant_id, d.attempts
+            )
+            SELECT array_agg(ROW(c.id, c.event_id, c.endpoint_id, c.tenant_id, c.attempts, e.url,
+                                 e.secret,
+                                 CASE WHEN e.previous_secret_expires_at > now()
+                                      THEN e.previous_secret END,
+                                 e.headers, e.timeout_ms, e.retry_schedule,
+                                 (e.extra_fields || ev.payload)::text,
+                                 false
+                             )::notifyhook.claimed_delivery)
+            INTO claimed
+            FROM claimed_rows AS c
+            JOIN notifyhook.endpoints AS e ON e.id = c.endpoint_id
+            JOIN notifyhook.events AS ev ON ev.id = c.event_id;
+        END IF;
         UPDATE notifyhook.endpoint_turns AS s
-        SET tokens = CASE WHEN n.rate_limit IS NULL THEN s.tokens ELSE n.tokens_left END,
-            tokens_at = CASE WHEN n.rate_limit IS NULL THEN s.tokens_at ELSE bucket_at END,
-            turn_at = CASE
-                -- Disabled, nothing pending, or held back until an in-flight row is recorded.
-                WHEN NOT n.enabled OR n.due_at IS NULL OR n.at_limit THEN NULL
-                -- The bucket is empty: the turn comes with the next token.
-                WHEN n.tokens_left < 1
-                    THEN greatest(n.due_at,
-                                  bucket_at + make_interval(secs => (1 - n.tokens_left) / n.rate_limit))
-                WHEN n.due_at > clock_timestamp() THEN n.due_at
-                -- Rows still due: to the back of the line.
-                ELSE clock_timestamp() END
-        FROM upcoming AS n
-        WHERE s.endpoint_id = n.endpoint_id
-    )
-    SELECT coalesce(bool_or(n.at_limit AND n.enabled AND n.due_at IS NOT NULL), false)
-    INTO held_back
-    FROM upcoming AS n;
+        SET turn_at = CASE WHEN n.due_at IS NULL THEN NULL
+                           WHEN n.due_at > clock_timestamp() THEN n.due_at
+                           ELSE clock_timestamp() END
+        FROM (SELECT (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+                      WHERE d.endpoint_id = picked[1] AND d.status = 'pending'
+                      ORDER BY d.next_attempt_at LIMIT 1) AS due_at) AS n
+        WHERE s.endpoint_id = picked[1];
+        held_back := false;
+    ELSE
+        bucket_at := clock_timestamp();
+
+        -- 3. Take the rows, in a statement that starts after the locks (see above).
+        --    MATERIALIZED: inlined, `candidate` copied its in-flight count subquery into
+        --    every expression that reads in_flight, and each copy's plan was built at every
+        --    claim (building plans is a third of a small claim's CPU: docs/performance.md).
+        WITH candidate AS MATERIALIZED (
+            SELECT e.id AS endpoint_id, e.tenant_id, e.rate_limit, e.max_in_flight, e.ordered,
+                   s.consecutive_failures >= circuit_threshold AS circuit_open,
+                   notifyhook.bucket_tokens(e.rate_limit, tu.tokens, tu.tokens_at, bucket_at) AS tokens,
+                   coalesce(h.n, 0) AS mine,
+                   -- Counted only where a limit needs it.
+                   CASE WHEN e.max_in_flight IS NOT NULL OR e.ordered
+                             OR s.consecutive_failures >= circuit_threshold
+                        THEN (SELECT count(*) FROM notifyhook.deliveries AS d
+                              WHERE d.endpoint_id = e.id AND d.status = 'processing')
+                        ELSE 0 END AS in_flight,
+                   ceil(tenant_part::numeric / coalesce(t.endpoints, 1)) AS part,
+                   -- The part rounded down: what the reserve may bring an endpoint up to, so
+                   -- that the parts of a tenant's endpoints never add up to more than its own.
+                   greatest(1, floor(tenant_part::numeric / coalesce(t.endpoints, 1))) AS floor_part
+            FROM unnest(picked) AS p(endpoint_id)
+            JOIN notifyhook.endpoints AS e ON e.id = p.endpoint_id AND e.enabled
+            JOIN notifyhook.endpoint_turns AS tu ON tu.endpoint_id = e.id
+            JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = e.id
+            LEFT JOIN unnest(held_endpoints, held_counts) AS h(endpoint_id, n) ON h.endpoint_id = e.id
+            LEFT JOIN unnest(due_tenants, due_tenant_endpoints) AS t(tenant_id, endpoints)
+                ON t.tenant_id = e.tenant_id
+        ),
+        -- What this worker holds per tenant, every endpoint of it counted.
+        tenant_held AS (
+            SELECT h.tenant_id, sum(h.n) AS mine
+            FROM unnest(held_tenants, held_counts) AS h(tenant_id, n)
+            GROUP BY h.tenant_id
+        ),
+        allowance AS (
+            SELECT c.endpoint_id, c.tenant_id, c.mine, c.floor_part, c.ordered,
+                   tenant_part - coalesce(t.mine, 0) AS tenant_room,
+                   greatest(0, least(
+                       max_rows,
+                       c.part - c.mine,
+                       coalesce(c.max_in_flight - c.in_flight, max_rows),
+                       CASE WHEN c.ordered OR c.circuit_open THEN 1 - c.in_flight ELSE max_rows END,
+                       coalesce(floor(c.tokens)::integer, max_rows)
+                   ))::integer AS allowed
+            FROM candidate AS c
+            LEFT JOIN tenant_held AS t ON t.tenant_id = c.tenant_id
+        ),
+        -- How many rows each endpoint takes: up to an even level of slots across the
+        -- picked endpoints (what it holds counted), within what it is allowed.
+        share AS (
+            SELECT a.*,
+                   least(a.allowed, greatest(0,
+                       ceil((max_rows + sum(a.mine) OVER ())::numeric / count(*) OVER ())::integer
+                       - a.mine::integer)) AS take
+            FROM allowance AS a
+        ),
+        picked_rows AS (
+            SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room, a.floor_part,
+                   -- The slot of this worker's that the row would fill for its endpoint.
+                   a.mine + row_number() OVER (PARTITION BY a.endpoint_id
+                                               ORDER BY d.next_attempt_at, d.id) AS slot
+            FROM share AS a
+            CROSS JOIN LATERAL (
+                SELECT d.id, d.next_attempt_at FROM notifyhook.deliveries AS d
+                WHERE d.endpoint_id = a.endpoint_id AND d.status = 'pending'
+                  AND d.next_attempt_at <= started AND NOT a.ordered
+                ORDER BY d.next_attempt_at
+                LIMIT a.take
+                FOR UPDATE SKIP LOCKED) AS d
+            WHERE a.take > 0
+            UNION ALL
+            -- A FIFO endpoint sends its head, and only when the head is due: a head waiting
+            -- for its retry holds the rest back.
+            SELECT d.id, d.next_attempt_at, a.tenant_id, a.tenant_room, a.floor_part, a.mine + 1
+            FROM share AS a
+            CROSS JOIN LATERAL (
+                SELECT d.id, d.next_attempt_at FROM notifyhook.deliveries AS d
+                WHERE d.id = notifyhook.fifo_head(a.endpoint_id)
+                  AND d.status = 'pending' AND d.next_attempt_at <= started
+                FOR UPDATE SKIP LOCKED) AS d
+            WHERE a.ordered AND a.take > 0
+        ),
+        -- The tenant's part, applied in the same level order across its endpoints, within
+        -- the slots outside the reserve. The reserve brings endpoints up to their part,
+        -- whatever their tenant holds: a slow endpoint's backlog never keeps a sibling's
+        -- fresh events waiting for a slot.
+        ranked AS (
+            SELECT p.*,
+                   row_number() OVER (PARTITION BY p.tenant_id
+                                      ORDER BY p.slot, p.next_attempt_at, p.id) AS tenant_turn,
+                   row_number() OVER (ORDER BY p.slot, p.next_attempt_at, p.id) AS claim_turn,
+                   row_number() OVER (PARTITION BY p.slot <= p.floor_part
+                                      ORDER BY p.slot, p.next_attempt_at, p.id) AS under_turn
+            FROM picked_rows AS p
+        ),
+        chosen AS (
+            SELECT r.id FROM ranked AS r
+            WHERE r.claim_turn <= max_rows
+              AND ((r.tenant_turn <= r.tenant_room
+                    AND r.claim_turn <= concurrency - held_total - reserve)
+                   OR (r.slot <= r.floor_part AND r.under_turn <= reserve))
+        ),
+        claimed_rows AS (
+            UPDATE notifyhook.deliveries AS d
+            SET status = 'processing', attempts = d.attempts + 1, locked_by = worker,
+                locked_until = started + lease, updated_at = started
+            -- The status list names the partition (0006): one primary-key probe of
+            -- deliveries_active per row. Not "status = 'pending'": that matches the
+            -- deliveries_pending index's predicate, and the planner read the whole of it
+            -- (a bitmap scan of every pending row of a lone endpoint, 20,000 in a peer run)
+            -- to find the claimed few, nearly doubling PostgreSQL's CPU per delivery
+            -- (docs/performance.md).
+            FROM chosen WHERE d.id = chosen.id AND d.status IN ('pending', 'processing')
+            RETURNING d.id, d.event_id, d.endpoint_id, d.tenant_id, d.attempts
+        )
+        SELECT array_agg(ROW(c.id, c.event_id, c.endpoint_id, c.tenant_id, c.attempts, e.url,
+                             e.secret,
+                             CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END,
+                             e.headers, e.timeout_ms, e.retry_schedule,
+                             -- The exact body to send, built here so that the worker never
+                             -- parses JSON it only forwards.
+                             (e.extra_fields || ev.payload)::text,
+                             e.max_in_flight IS NOT NULL OR e.ordered
+                                 OR s.consecutive_failures >= circuit_threshold
+                         )::notifyhook.claimed_delivery)
+        INTO claimed
+        FROM claimed_rows AS c
+        JOIN notifyhook.endpoints AS e ON e.id = c.endpoint_id
+        JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = c.endpoint_id
+        JOIN notifyhook.events AS ev ON ev.id = c.event_id;
+
+        -- 4. The picked endpoints' next turns (this statement sees the rows just taken),
+        --    and what their buckets have left.
+        WITH taken AS (
+            SELECT c.endpoint_id, count(*) AS n FROM unnest(claimed) AS c GROUP BY c.endpoint_id
+        ), upcoming AS (
+            SELECT s.endpoint_id, e.enabled, e.rate_limit,
+                   notifyhook.bucket_tokens(e.rate_limit, tu.tokens, tu.tokens_at, bucket_at)
+                       - coalesce(t.n, 0) AS tokens_left,
+                   CASE WHEN e.ordered
+                        THEN (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+                              WHERE d.id = notifyhook.fifo_head(e.id)
+                                AND d.status IN ('pending', 'processing'))
+                        ELSE (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+                              WHERE d.endpoint_id = e.id AND d.status = 'pending'
+                              ORDER BY d.next_attempt_at LIMIT 1) END AS due_at,
+                   CASE WHEN e.max_in_flight IS NOT NULL OR e.ordered
+                             OR s.consecutive_failures >= circuit_threshold
+                        THEN (SELECT count(*) FROM notifyhook.deliveries AS d
+                              WHERE d.endpoint_id = e.id AND d.status = 'processing')
+                             >= CASE WHEN e.ordered OR s.consecutive_failures >= circuit_threshold
+                                     THEN 1 ELSE e.max_in_flight END
+                        ELSE false END AS at_limit
+            FROM unnest(picked) AS p(endpoint_id)
+            JOIN notifyhook.endpoint_turns AS tu ON tu.endpoint_id = p.endpoint_id
+            JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = p.endpoint_id
+            JOIN notifyhook.endpoints AS e ON e.id = p.endpoint_id
+            LEFT JOIN taken AS t ON t.endpoint_id = p.endpoint_id
+        ), turned AS (
+            UPDATE notifyhook.endpoint_turns AS s
+            SET tokens = CASE WHEN n.rate_limit IS NULL THEN s.tokens ELSE n.tokens_left END,
+                tokens_at = CASE WHEN n.rate_limit IS NULL THEN s.tokens_at ELSE bucket_at END,
+                turn_at = CASE
+                    -- Disabled, nothing pending, or held back until an in-flight row is recorded.
+                    WHEN NOT n.enabled OR n.due_at IS NULL OR n.at_limit THEN NULL
+                    -- The bucket is empty: the turn comes with the next token.
+                    WHEN n.tokens_left < 1
+                        THEN greatest(n.due_at,
+                                      bucket_at + make_interval(secs => (1 - n.tokens_left) / n.rate_limit))
+                    WHEN n.due_at > clock_timestamp() THEN n.due_at
+                    -- Rows still due: to the back of the line.
+                    ELSE clock_timestamp() END
+            FROM upcoming AS n
+            WHERE s.endpoint_id = n.endpoint_id
+        )
+        SELECT coalesce(bool_or(n.at_limit AND n.enabled AND n.due_at IS NOT NULL), false)
+        INTO held_back
+        FROM upcoming AS n;
+    END IF;
 
     finished := clock_timestamp();
     RETURN QUERY
