@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import psycopg
+import pytest
 from conftest import add_endpoint, scalar
 
 CLAIM = (
@@ -299,6 +300,29 @@ def test_a_claim_reads_the_endpoints_it_serves_not_all_of_them(db):
     # generic plan once hashed the due turns and read every endpoint (3,000 here).
     assert read is not None
     assert read[0] < 500, read
+
+
+@pytest.mark.parametrize("way", ["lone endpoint", "general"])
+def test_a_claim_of_a_few_rows_of_a_long_backlog_reads_a_few_rows(db, way):
+    endpoint = add_endpoint(db, "t", "e", "https://example.com/e")
+    enqueue(db, "t", 20_000)
+    db.execute("VACUUM ANALYZE notifyhook.deliveries")
+    db.execute("SELECT pg_stat_force_next_flush()")
+    with db.transaction():
+        db.execute(
+            "SELECT set_config('notifyhook.general_claim', %s, true)",
+            ["on" if way == "general" else "off"],
+        )
+        taken = claim(db, 10)
+        read = db.execute(
+            "SELECT sum(seq_tup_read + idx_tup_fetch) FROM pg_stat_xact_user_tables "
+            "WHERE relid = 'notifyhook.deliveries_active'::regclass"
+        ).fetchone()
+    assert taken == [endpoint] * 10
+    # The 10 rows taken and the next one due, not the backlog: a generic plan that cannot
+    # know a LIMIT's value once hash-joined the chosen ids with every active row (20,000).
+    assert read is not None
+    assert read[0] < 100, read
 
 
 def test_repair_turns_wakes_an_endpoint_whose_rows_a_hand_written_update_made_due(db):

@@ -103,36 +103,41 @@ DECLARE
     lone_mine integer;
     lone_tenant_mine integer;
     lone_take integer;
+    lone_due timestamptz;
 BEGIN
     -- 1. Fold the wakes into the turns. Only wakes whose state row this claim can
     --    lock are folded (and deleted); the others wait for the next claim.
-    WITH wake AS (
-        SELECT w.ctid AS row_id, w.endpoint_id, w.due_at
-        FROM notifyhook.endpoint_wakes AS w
-        LIMIT 1000
-        FOR UPDATE SKIP LOCKED
-    ), lockable AS (
-        SELECT s.endpoint_id FROM notifyhook.endpoint_turns AS s
-        WHERE s.endpoint_id IN (SELECT wake.endpoint_id FROM wake)
-        FOR NO KEY UPDATE SKIP LOCKED
-    ), turned AS (
-        UPDATE notifyhook.endpoint_turns AS s
-        SET turn_at = least(s.turn_at, m.due_at)
-        FROM (SELECT wake.endpoint_id, min(wake.due_at) AS due_at
-              FROM wake JOIN lockable USING (endpoint_id)
-              GROUP BY wake.endpoint_id) AS m
-        WHERE s.endpoint_id = m.endpoint_id
-    )
-    SELECT array_agg(wake.row_id) INTO folded
-    FROM wake
-    WHERE wake.endpoint_id IN (SELECT lockable.endpoint_id FROM lockable)
-       -- The endpoint was deleted since: nothing to wake.
-       OR NOT EXISTS (SELECT FROM notifyhook.endpoint_turns AS s
-                      WHERE s.endpoint_id = wake.endpoint_id);
-    IF folded IS NOT NULL THEN
-        DELETE FROM notifyhook.endpoint_wakes WHERE ctid = ANY (folded);
+    --    Most claims of a busy endpoint find none: one look, not the fold's plan.
+    passed_by := false;
+    IF EXISTS (SELECT FROM notifyhook.endpoint_wakes) THEN
+        WITH wake AS (
+            SELECT w.ctid AS row_id, w.endpoint_id, w.due_at
+            FROM notifyhook.endpoint_wakes AS w
+            LIMIT 1000
+            FOR UPDATE SKIP LOCKED
+        ), lockable AS (
+            SELECT s.endpoint_id FROM notifyhook.endpoint_turns AS s
+            WHERE s.endpoint_id IN (SELECT wake.endpoint_id FROM wake)
+            FOR NO KEY UPDATE SKIP LOCKED
+        ), turned AS (
+            UPDATE notifyhook.endpoint_turns AS s
+            SET turn_at = least(s.turn_at, m.due_at)
+            FROM (SELECT wake.endpoint_id, min(wake.due_at) AS due_at
+                  FROM wake JOIN lockable USING (endpoint_id)
+                  GROUP BY wake.endpoint_id) AS m
+            WHERE s.endpoint_id = m.endpoint_id
+        )
+        SELECT array_agg(wake.row_id) INTO folded
+        FROM wake
+        WHERE wake.endpoint_id IN (SELECT lockable.endpoint_id FROM lockable)
+           -- The endpoint was deleted since: nothing to wake.
+           OR NOT EXISTS (SELECT FROM notifyhook.endpoint_turns AS s
+                          WHERE s.endpoint_id = wake.endpoint_id);
+        IF folded IS NOT NULL THEN
+            DELETE FROM notifyhook.endpoint_wakes WHERE ctid = ANY (folded);
+        END IF;
+        passed_by := EXISTS (SELECT FROM notifyhook.endpoint_wakes);
     END IF;
-    passed_by := EXISTS (SELECT FROM notifyhook.endpoint_wakes);
 
     -- 2. Who has rows due, for the fair parts: the first `concurrency` turns (beyond
     --    that every part is one slot anyway), counted per tenant.
@@ -155,12 +160,16 @@ BEGIN
 
     -- Endpoints this worker holds its part of are not picked: they keep their turn
     -- for the other workers.
-    capped := ARRAY(
-        SELECT h.endpoint_id
-        FROM unnest(held_endpoints, held_counts, held_tenants) AS h(endpoint_id, n, tenant_id)
-        LEFT JOIN unnest(due_tenants, due_tenant_endpoints) AS t(tenant_id, endpoints)
-            ON t.tenant_id = h.tenant_id
-        WHERE h.n > 0 AND h.n >= ceil(tenant_part::numeric / coalesce(t.endpoints, 1)));
+    capped := '{}';
+    IF held_total > 0 THEN
+        capped := ARRAY(
+            SELECT h.endpoint_id
+            FROM unnest(held_endpoints, held_counts, held_tenants)
+                AS h(endpoint_id, n, tenant_id)
+            LEFT JOIN unnest(due_tenants, due_tenant_endpoints) AS t(tenant_id, endpoints)
+                ON t.tenant_id = h.tenant_id
+            WHERE h.n > 0 AND h.n >= ceil(tenant_part::numeric / coalesce(t.endpoints, 1)));
+    END IF;
 
     picked := ARRAY(
         SELECT s.endpoint_id FROM notifyhook.endpoint_turns AS s
@@ -228,13 +237,16 @@ BEGIN
                 UPDATE notifyhook.deliveries AS d
                 SET status = 'processing', attempts = d.attempts + 1, locked_by = worker,
                     locked_until = started + lease, updated_at = started
-                FROM (SELECT d.id FROM notifyhook.deliveries AS d
-                      WHERE d.endpoint_id = picked[1] AND d.status = 'pending'
-                        AND d.next_attempt_at <= started
-                      ORDER BY d.next_attempt_at
-                      LIMIT lone_take
-                      FOR UPDATE SKIP LOCKED) AS chosen
-                WHERE d.id = chosen.id AND d.status IN ('pending', 'processing')
+                -- An array, not a join: the generic plan cannot know the LIMIT's value,
+                -- and hash-joined the chosen ids with every active row.
+                WHERE d.id = ANY (ARRAY(
+                          SELECT d.id FROM notifyhook.deliveries AS d
+                          WHERE d.endpoint_id = picked[1] AND d.status = 'pending'
+                            AND d.next_attempt_at <= started
+                          ORDER BY d.next_attempt_at
+                          LIMIT lone_take
+                          FOR UPDATE SKIP LOCKED))
+                  AND d.status IN ('pending', 'processing')
                 RETURNING d.id, d.event_id, d.endpoint_id, d.tenant_id, d.attempts
             )
             SELECT array_agg(ROW(c.id, c.event_id, c.endpoint_id, c.tenant_id, c.attempts, e.url,
@@ -250,13 +262,13 @@ BEGIN
             JOIN notifyhook.endpoints AS e ON e.id = c.endpoint_id
             JOIN notifyhook.events AS ev ON ev.id = c.event_id;
         END IF;
+        lone_due := (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+                     WHERE d.endpoint_id = picked[1] AND d.status = 'pending'
+                     ORDER BY d.next_attempt_at LIMIT 1);
         UPDATE notifyhook.endpoint_turns AS s
-        SET turn_at = CASE WHEN n.due_at IS NULL THEN NULL
-                           WHEN n.due_at > clock_timestamp() THEN n.due_at
+        SET turn_at = CASE WHEN lone_due IS NULL THEN NULL
+                           WHEN lone_due > clock_timestamp() THEN lone_due
                            ELSE clock_timestamp() END
-        FROM (SELECT (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
-                      WHERE d.endpoint_id = picked[1] AND d.status = 'pending'
-                      ORDER BY d.next_attempt_at LIMIT 1) AS due_at) AS n
         WHERE s.endpoint_id = picked[1];
         held_back := false;
     ELSE
@@ -373,7 +385,11 @@ BEGIN
             -- (a bitmap scan of every pending row of a lone endpoint, 20,000 in a peer run)
             -- to find the claimed few, nearly doubling PostgreSQL's CPU per delivery
             -- (docs/performance.md).
-            FROM chosen WHERE d.id = chosen.id AND d.status IN ('pending', 'processing')
+            -- And an array, not a join: the generic plan cannot know how many rows are
+            -- chosen, and until the turns were analysed hash-joined them with every
+            -- active row (and the events' with every event).
+            WHERE d.id = ANY (ARRAY(SELECT chosen.id FROM chosen))
+              AND d.status IN ('pending', 'processing')
             RETURNING d.id, d.event_id, d.endpoint_id, d.tenant_id, d.attempts
         )
         SELECT array_agg(ROW(c.id, c.event_id, c.endpoint_id, c.tenant_id, c.attempts, e.url,
