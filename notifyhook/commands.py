@@ -217,9 +217,10 @@ def _register_endpoint(commands: Any) -> None:
     add = actions.add_parser(
         "add",
         help="add an endpoint and print its secret once",
-        description="Add an endpoint. Its secret is printed once: give it to the receiver. "
-        "With --signature ed25519 its whpk_ public key is printed instead (the whsk_ signing "
-        "key is never shown).",
+        description="Add an endpoint. A fresh secret is printed once: give it to the "
+        "receiver (a secret given with --secret or --secret-file is not printed back). With "
+        "--signature ed25519 its whpk_ public key is printed instead (the whsk_ signing key is "
+        "never shown).",
     )
     add.add_argument("--tenant", required=True, help="tenant id")
     add.add_argument("--name", required=True, help="label, unique per tenant")
@@ -350,11 +351,15 @@ def _fresh_secret(scheme: str) -> str:
     return signing.generate_signing_key() if scheme == "ed25519" else signing.generate_secret()
 
 
-def _print_new_secret(secret: str) -> None:
-    """Once, at creation: the receiver's half. An ed25519 signing key is never printed."""
+def _print_new_secret(secret: str, *, given: bool) -> None:
+    """Once, at creation: the receiver's half. An ed25519 signing key is never printed, nor
+    a secret the operator gave: they have it, and printed it would sit in a terminal's
+    scrollback or a provisioning job's log."""
     if signing.is_signing_key(secret):
         print(f"public key: {signing.public_key(secret)}")
         print("(signatures are ed25519, v1a: the receiver verifies with this public key)")
+    elif given:
+        print("secret: the one given (not shown)")
     else:
         print(f"secret: {secret}")
         print("(shown once: give it to the receiver, which verifies with it)")
@@ -363,7 +368,7 @@ def _print_new_secret(secret: str) -> None:
 async def endpoint_add(args: argparse.Namespace, settings: Settings) -> int:
     from notifyhook.store import connect, fetch_dicts, json_param
 
-    secret, headers = _secret_and_headers(args)
+    secret, given, headers = _secret_and_headers(args)
     params = {
         "tenant_id": args.tenant,
         "name": args.name,
@@ -380,7 +385,7 @@ async def endpoint_add(args: argparse.Namespace, settings: Settings) -> int:
     async with connect(_url(settings)) as conn:
         rows = await fetch_dicts(conn, "add_endpoint", params)
     print(f"endpoint {rows[0]['id']} added")
-    _print_new_secret(secret)
+    _print_new_secret(secret, given=given)
     return 0
 
 
@@ -405,9 +410,10 @@ def _given_headers(text: str | None) -> dict[str, Any]:
         raise UsageError(f"--headers: {error}") from None
 
 
-def _secret_and_headers(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """The endpoint's secret (given, or fresh) and its headers, each from the command
-    line, standard input or a file; a warning for a credential on the command line."""
+def _secret_and_headers(args: argparse.Namespace) -> tuple[str, bool, dict[str, Any]]:
+    """The endpoint's secret, whether it was given (or is fresh), and its headers, each
+    from the command line, standard input or a file; a warning for a credential on the
+    command line."""
     on_command_line = isinstance(args.headers, dict)
     given_secret = Given("--secret", args.secret, args.secret_file)
     given_headers = Given("--headers", None if on_command_line else args.headers, args.headers_file)
@@ -426,7 +432,7 @@ def _secret_and_headers(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             "or with --headers-file",
             ", ".join(named),
         )
-    return secret, headers
+    return secret, bool(secret_text), headers
 
 
 # Header names that usually carry a credential: Authorization, Cookie, X-Api-Key,
@@ -530,7 +536,7 @@ async def endpoint_rotate_secret(args: argparse.Namespace, settings: Settings) -
     print(
         f"endpoint {args.endpoint_id}: new secret set; the previous one keeps signing until {_cell(expires)}"
     )
-    _print_new_secret(secret)
+    _print_new_secret(secret, given=False)
     return 0
 
 

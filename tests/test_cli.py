@@ -391,6 +391,15 @@ def added(stdout: str) -> tuple[int, str]:
     return int(first.split()[1]), second.removeprefix("secret: ")
 
 
+def added_given(stdout: str) -> int:
+    """The endpoint id `endpoint add` printed when given its secret, which it does not print."""
+    first, second, *rest = stdout.splitlines()
+    assert first.startswith("endpoint "), stdout
+    assert first.endswith(" added"), stdout
+    assert (second, rest) == ("secret: the one given (not shown)", []), stdout
+    return int(first.split()[1])
+
+
 def add_through_cli(database_url: str, name: str, url: str) -> tuple[int, str]:
     """`endpoint add` for tenant t through the console script: (id, secret)."""
     return added(ok(database_url, "endpoint", "add", "--tenant", "t", "--name", name, "--url", url))
@@ -507,9 +516,8 @@ def test_endpoint_add_does_not_need_the_secret_on_its_command_line(db, database_
             stdout, stderr = process.communicate(timeout=60)
     assert secret not in cmdline, cmdline.replace("\0", " ")
     assert (process.returncode, stderr) == (0, "")
-    endpoint_id, printed = added(stdout)
-    assert printed == secret
-    assert endpoint_row(db, endpoint_id)["secret"] == secret
+    assert secret.removeprefix("whsec_") not in stdout
+    assert endpoint_row(db, added_given(stdout))["secret"] == secret
 
 
 def test_endpoint_add_reads_its_secret_and_headers_from_files_or_standard_input(
@@ -525,14 +533,14 @@ def test_endpoint_add_reads_its_secret_and_headers_from_files_or_standard_input(
         (secret, ["--secret-file", "-", "--headers-file", str(tmp_path / "headers.json")]),
     ]):  # fmt: skip
         stdout = ok(database_url, *adding(f"n{number}"), *options, stdin=stdin)
-        endpoint_id, printed = added(stdout)
-        row = endpoint_row(db, endpoint_id)
-        assert (printed, row["secret"], row["headers"]) == (secret, secret, headers)
+        assert secret.removeprefix("whsec_") not in stdout
+        row = endpoint_row(db, added_given(stdout))
+        assert (row["secret"], row["headers"]) == (secret, headers)
 
     # Sealed with NOTIFYHOOK_SECRET_KEY like a secret given any other way.
     key = Fernet.generate_key().decode()
     stdout = ok(database_url, *adding("sealed"), "--secret", "-", stdin=secret, secret_key=key)
-    stored = endpoint_row(db, added(stdout)[0])["secret"]
+    stored = endpoint_row(db, added_given(stdout))["secret"]
     assert Fernet(key.encode()).decrypt(stored.removeprefix("enc:").encode()).decode() == secret
 
 
@@ -544,7 +552,8 @@ def test_a_secret_or_a_credential_header_on_the_command_line_still_works_with_a_
     result = run(database_url, *ADD, "--secret", secret,
                  "--headers", '{"authorization": "Bearer partner-token", "X-Source": "nh"}')  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert endpoint_row(db, added(result.stdout)[0])["secret"] == secret
+    assert endpoint_row(db, added_given(result.stdout))["secret"] == secret
+    assert secret.removeprefix("whsec_") not in result.stdout
     warnings = result.stderr.splitlines()
     assert len(warnings) == 2, result.stderr
     assert "WARNING" in warnings[0]
