@@ -474,11 +474,18 @@ def test_an_ordered_endpoint_gets_its_events_in_order_one_at_a_time(db, receiver
     add_endpoint(db, "t", "fifo", receiver.url("fifo"), ordered=True)
     for _ in range(3):
         worker = run_worker(concurrency="10")
-    for n in range(30):  # one transaction each: events.created_at gives the order
+    # One transaction, one INSERT of many rows and then one more: every event has the
+    # same created_at, and the ids give the order (schema version 9; before it they
+    # were random, and so was the order of one transaction's events).
+    with db.transaction():
         db.execute(
             "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
-            "VALUES ('t', 'call.completed', jsonb_build_object('n', %s::integer))",
-            [n],
+            "SELECT 't', 'call.completed', jsonb_build_object('n', n) "
+            "FROM generate_series(0, 28) AS n ORDER BY n"
+        )
+        db.execute(
+            "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
+            "VALUES ('t', 'call.completed', '{\"n\": 29}')"
         )
     worker.wait_recorded(
         lambda: statuses(db) == {"delivered": 30}, timeout=60, what="all 30 delivered"

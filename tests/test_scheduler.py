@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from uuid import RFC_4122
 
 import psycopg
 import pytest
@@ -189,6 +190,30 @@ def test_a_fifo_endpoint_sends_its_head_and_a_retrying_head_holds_the_rest(db):
     db.execute("INSERT INTO notifyhook.endpoint_wakes VALUES (%s, now())", [endpoint])
     assert claim(db, 10) == [endpoint]
     assert scalar(db, "SELECT id FROM notifyhook.deliveries WHERE status = 'processing'") == head
+
+
+def test_the_events_of_one_transaction_have_ids_in_the_order_they_were_inserted(db):
+    # A FIFO endpoint's order is events.created_at, events.id, and created_at is the
+    # transaction's start: the ids order one transaction's events. Also when the clock
+    # seems to step back: the session's last microsecond is set in the future here.
+    with db.transaction():
+        db.execute("SELECT set_config('notifyhook.event_us', %s, false)", [str(2**52)])
+        for first in (1, 101, 201):
+            db.execute(
+                "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
+                "SELECT 't', 'x.y', jsonb_build_object('n', n) "
+                "FROM generate_series(%s::integer, %s::integer) AS n ORDER BY n",
+                [first, first + 99],
+            )
+        order = scalar(
+            db,
+            "SELECT array_agg((payload ->> 'n')::integer ORDER BY created_at, id) "
+            "FROM notifyhook.events",
+        )
+    assert order == list(range(1, 301))
+    # UUIDv7: version 7, RFC 9562's variant, the time in its first 48 bits.
+    uuid = scalar(db, "SELECT id FROM notifyhook.events LIMIT 1")
+    assert (uuid.version, uuid.variant) == (7, RFC_4122)
 
 
 def test_take_over_gives_back_a_dead_predecessors_rows_at_once(db):
