@@ -21,6 +21,10 @@ Measurements (each run `--runs` times):
   latency: 500 jobs, one per transaction at 50/s, one worker at concurrency 100; COMMIT
            (producer's time.time() right after the enqueue returns) to the receiver reading
            the request (its time.time()).
+  notifyhook-peer (not run by default): notifyhook's own `bench` peer scenario (the backlog
+           to one endpoint, one worker at CONCURRENCY 50) on this script's PostgreSQL,
+           under the same wait below: `--cases notifyhook-peer,backlog-1x50 --runs 5`
+           gives five pairs taken by one rule, one after the other.
 Before each measurement: wait (<= 120 s, polling every 10 s) for the 1-min loadavg < 0.5.
 """
 
@@ -445,6 +449,8 @@ async def latency_run(ctx: Context, concurrency: int = 100) -> dict[str, Any]:
 
 def fmt(r: dict[str, Any]) -> str:
     load = f"load {r['load_at_start']:.2f} (first seen {r['load_first_seen']:.2f}, waited {r['waited_s']:.0f}s{'' if r['quiet'] else ', NOT QUIET'})"
+    if r["scenario"] == "notifyhook-peer":
+        return f"notifyhook peer (1 endpoint, 1 worker, c50): {r['summary']}; {load}"
     other = f"other CPU {r['other_cpu_s']:.2f}s, steal {r['steal_s']:.2f}s"
     if r["scenario"] == "backlog":
         return (
@@ -464,6 +470,35 @@ def fmt(r: dict[str, Any]) -> str:
     )
 
 
+async def notifyhook_peer(ctx: Context) -> dict[str, Any]:
+    """notifyhook's own peer scenario (`notifyhook bench --scenarios peer`: the backlog to one
+    endpoint, one worker at CONCURRENCY 50, a receiver path that checks no signature) on
+    this script's PostgreSQL, after the same wait for a quiet machine as pgqueuer's cases:
+    with backlog-1x50 beside it, pairs taken under one rule in one window."""
+    from notifyhook.tools.bench_context import Bench, Size, receiver_paths
+    from notifyhook.tools.bench_scenarios import peer
+    from notifyhook.tools.receiver_process import ReceiverProcess
+
+    load: dict[str, Any] = {}
+
+    async def settle() -> None:
+        load.update(await wait_for_quiet(ctx.progress))
+
+    receiver = ReceiverProcess(receiver_paths()).start()
+    try:
+        bench = Bench(ctx.server, receiver, ctx.directory, Size(), 1, ctx.progress)
+        bench.settle = settle
+        (result,) = await peer(bench)
+    finally:
+        receiver.stop()
+    return {
+        "scenario": "notifyhook-peer",
+        "deliveries_per_s": result.figures["deliveries_per_s"],
+        "summary": result.summary,
+        **load,
+    }
+
+
 CASES = {
     "backlog-1x50": lambda ctx: backlog(ctx, 1, 50),
     "backlog-1x100": lambda ctx: backlog(ctx, 1, 100),
@@ -471,6 +506,8 @@ CASES = {
     "latency": lambda ctx: latency_run(ctx, 100),
 }
 EXTRA_CASES = {
+    # notifyhook's peer scenario under this script's rules, to pair with backlog-1x50.
+    "notifyhook-peer": notifyhook_peer,
     # Not run by default: the concurrency cap as pgqueuer's entrypoint concurrency_limit
     # (enforced in the dequeue SQL with capacity slots) rather than max_concurrent_tasks.
     "backlog-1x100-eplimit": lambda ctx: backlog(ctx, 1, 100, "entrypoint"),

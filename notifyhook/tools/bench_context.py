@@ -100,6 +100,10 @@ class Result:
     note: str = ""
 
 
+async def _no_wait() -> None:
+    return None
+
+
 class Bench:
     """What every scenario needs: the server, the receiver, a scratch directory, the sizes."""
 
@@ -118,6 +122,10 @@ class Bench:
         self.size = size
         self.workers = workers
         self.progress = progress
+        self.settle: Callable[[], Awaitable[object]] = _no_wait
+        """Awaited just before a measured stretch starts (the peer scenario's): nothing,
+        or benchmarks/pgqueuer_compare.py's wait for a quiet machine, which its own
+        cases make too, so that their figures are taken under one rule."""
         # Numbers worker ids (and so their log files) across every trial of the run.
         self.worker_numbers = itertools.count(1)
 

@@ -96,6 +96,7 @@ async def peer(bench: Bench) -> list[Result]:
     async with bench.trial([(TENANTS[0], PEER_PATH)]) as trial:
         port = free_port()
         await trial.start_workers(1, {"CONCURRENCY": "50", "METRICS_PORT": str(port)})
+        await bench.settle()
         await insert_backlog(trial.url, count, TENANTS[:1])
         meter = trial.meter()
         hits = await bench.collect(count, 120 + count / 50, PEER_PATH)
