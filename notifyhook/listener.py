@@ -9,7 +9,7 @@ from collections.abc import Callable
 import psycopg
 
 from notifyhook import retry
-from notifyhook.store import connect, queries, redact_conninfo
+from notifyhook.store import connect, queries, redact_conninfo, server_words
 
 log = logging.getLogger("notifyhook.listener")
 
@@ -52,11 +52,7 @@ class Listener:
                 wait = next(delays)
                 log.warning(
                     "listener lost the database (%s); reconnecting in %.1fs",
-                    _first_line(error),
+                    server_words(error),
                     wait,
                 )
                 await asyncio.sleep(wait)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -15,7 +15,7 @@ from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 
 from notifyhook import __version__
 from notifyhook.settings import Settings
-from notifyhook.store import Trouble, conninfo_credentials
+from notifyhook.store import Trouble, conninfo_credentials, server_words
 
 FLUSH_TIMEOUT_S = 2.0
 """How long shutdown waits for reports still being sent."""
@@ -90,9 +90,8 @@ def report_database_trouble(what: str, trouble: Trouble, error: BaseException) -
     with sentry_sdk.new_scope() as scope:
         scope.fingerprint = ["notifyhook", trouble.kind]
         scope.set_tag("failed_operation", what)
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         sentry_sdk.capture_message(
-            f"{trouble.text}: {what} failed: {first_line[:200]}", level="warning"
+            f"{trouble.text}: {what} failed: {server_words(error)[:200]}", level="warning"
         )
 
 

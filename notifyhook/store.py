@@ -278,6 +278,16 @@ def diagnose(error: BaseException, timeouts: Timeouts | None = None) -> Trouble:
     )
 
 
+def server_words(error: BaseException) -> str:
+    """What a log line quotes of a failed call: the server's primary message on one line,
+    at most 300 characters, never its DETAIL, which for a constraint quotes the failing
+    row (an endpoint's URL with its token, a receiver's answer). An error of the client
+    (a lost connection) has no server message: the first line of libpq's text, its reason."""
+    primary = getattr(getattr(error, "diag", None), "message_primary", None)
+    text = primary or (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return " ".join(text.split())[:300]
+
+
 def _of(seconds: float | None) -> str:
     """ " of 5s", naming a timeout's value when the caller knows it."""
     return f" of {seconds:g}s" if seconds else ""

@@ -38,6 +38,7 @@ from notifyhook.store import (
     diagnose,
     is_transient,
     refusal,
+    server_words,
 )
 from notifyhook.systemd import SystemdNotifier
 
@@ -472,7 +473,7 @@ class Worker:
                 "%s failed, %s (%s); retrying",
                 what,
                 trouble.text,
-                " ".join(str(error).split())[:300],
+                server_words(error),
             )
             self.metrics.database_errors.inc()
             reporting.report_database_trouble(what, trouble, error)
@@ -592,7 +593,7 @@ async def _wait_for_schema(url: str) -> None:
             log.warning(
                 "checking the schema failed, %s (%s); trying again in %.1fs",
                 diagnose(error).text,
-                " ".join(str(error).split())[:300],
+                server_words(error),
                 wait,
             )
             await asyncio.sleep(wait)

@@ -369,3 +369,30 @@ def test_a_worker_whose_id_another_live_session_holds_claims_nothing_until_it_en
     # The twin's session ends: the worker takes the id and delivers.
     worker.wait_recorded(lambda: statuses(db) == {"delivered": 1}, what="the delivery")
     assert len(receiver.received("a")) == 1
+
+
+def test_a_failed_claims_log_line_quotes_no_row_the_server_detailed(
+    db, receiver, run_worker, caplog
+):
+    # A statement the server fails (here an operator's trigger on the queue) is logged
+    # with its reason. Its DETAIL is left out: for a constraint it quotes the failing
+    # row, and a row can hold an endpoint's URL with its token.
+    caplog.set_level(logging.WARNING, logger="notifyhook")
+    url = receiver.url("a") + "?token=s3cr3t-in-the-url"
+    add_endpoint(db, "t", "a", url)
+    db.execute(
+        """
+        CREATE FUNCTION public.no_claims() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'claims are paused' USING ERRCODE = '55006', DETAIL =
+                'row (' || (SELECT url FROM notifyhook.endpoints WHERE id = NEW.endpoint_id) || ')';
+        END $$;
+        CREATE TRIGGER no_claims BEFORE UPDATE ON notifyhook.deliveries_active
+            FOR EACH ROW WHEN (NEW.status = 'processing') EXECUTE FUNCTION public.no_claims();
+        """
+    )
+    run_worker()
+    insert_events(db, "t", 1)
+    wait_until(lambda: "claim failed" in caplog.text, what="the claim's failure logged")
+    assert "claims are paused" in caplog.text
+    assert "s3cr3t" not in caplog.text
