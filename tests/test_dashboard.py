@@ -290,6 +290,15 @@ def test_a_malformed_session_cookie_is_refused_not_an_error(db, dashboard):
     assert "Traceback" not in site.log()
 
 
+def test_an_undecodable_bearer_token_is_refused_not_an_error(db, dashboard):
+    # What went wrong: `Authorization: Bearer` followed by bytes that are not UTF-8
+    # was a 500 and a traceback in the log, where any other wrong token is a 401.
+    site = dashboard(token=TOKEN)
+    answer = get(site.url + "/", headers={"Authorization": b"Bearer \xff\xfe"})
+    assert answer.status_code == 401
+    assert "Traceback" not in site.log()
+
+
 def _log_in(site: Dashboard) -> str:
     """The session cookie's value after logging in with the right token."""
     answer = httpx.post(site.url + "/login", data={"token": TOKEN}, timeout=10)

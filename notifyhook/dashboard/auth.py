@@ -72,7 +72,10 @@ class Door:
 
     def token_matches(self, given: str) -> bool:
         assert self.token is not None
-        return hmac.compare_digest(given.encode(), self.token.encode())
+        # A header's undecodable bytes arrive as surrogates: "surrogatepass" encodes them
+        # into bytes no valid UTF-8 token has, where "replace" would make them a "?",
+        # and plain encode() raises (a 500 instead of a 401).
+        return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self.token.encode())
 
     def admits(self, request: web.Request) -> bool:
         if self.token is None:
