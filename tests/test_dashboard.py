@@ -6,7 +6,9 @@ import asyncio
 import html
 import re
 import subprocess
+import time
 from datetime import datetime, timedelta
+from http.cookies import SimpleCookie
 from urllib.parse import urljoin
 
 import httpx
@@ -26,7 +28,7 @@ from dashboard_support import (
 from notifyhook.dashboard import app as dashboard_app
 from notifyhook.dashboard import charts
 from notifyhook.dashboard.app import SECURITY_HEADERS
-from notifyhook.dashboard.auth import COOKIE
+from notifyhook.dashboard.auth import COOKIE, SESSION_LIFETIME_S
 from notifyhook.dashboard.data import MinuteCount, open_reader
 from notifyhook.tools.receiver import Answer
 
@@ -212,6 +214,102 @@ def test_the_token_is_needed_by_bearer_or_login_cookie(db, dashboard):
         site.url + "/login", data={"token": TOKEN, "next": "//evil.example/"}, timeout=10
     )
     assert elsewhere.headers["Location"] == "/"
+
+
+def test_a_login_says_when_its_session_ends(db, dashboard):
+    site = dashboard(token=TOKEN)
+    before = time.time()
+    right = httpx.post(site.url + "/login", data={"token": TOKEN, "next": "/"}, timeout=10)
+    assert right.status_code == 303
+    cookie = SimpleCookie(right.headers["Set-Cookie"])[COOKIE]
+    assert cookie["max-age"] == str(SESSION_LIFETIME_S) == "43200"  # 12 hours
+    expires = int(cookie.value.partition(".")[0])
+    assert before + SESSION_LIFETIME_S - 1 <= expires <= time.time() + SESSION_LIFETIME_S
+    assert TOKEN not in cookie.value
+    with httpx.Client(base_url=site.url, cookies=right.cookies, timeout=10) as client:
+        assert client.get("/").status_code == 200
+        assert client.get("/dead-letters").status_code == 200
+
+
+def test_a_session_cookie_past_its_expiry_is_refused(database_url, db):
+    # What went wrong: a cookie copied from a browser (a stolen profile, a shared
+    # machine) kept working until the operator changed the token.
+    # In process, to sign with this server's own key: the expiry is the only difference.
+    app = dashboard_app.build_app(database_url, TOKEN)
+    door = app[dashboard_app.DOOR]
+
+    async def statuses() -> tuple[int, int, int, str]:
+        now = int(time.time())
+        fresh, stale = door.session_value(now + 60), door.session_value(now - 1)
+        async with TestClient(TestServer(app)) as client:
+            current = await client.get("/", cookies={COOKIE: fresh})
+            program = await client.get("/", cookies={COOKIE: stale})
+            person = await client.get(
+                "/", cookies={COOKIE: stale}, headers={"Accept": "text/html"}, allow_redirects=False
+            )
+            return current.status, program.status, person.status, person.headers["Location"]
+
+    current, program, person, location = asyncio.run(statuses())
+    assert current == 200
+    assert program == 401
+    assert person == 303
+    assert httpx.URL(location).path == "/login"
+
+
+def test_a_session_ends_with_its_dashboard_process(db, dashboard):
+    # Another process with the same token stands for the same dashboard restarted: its
+    # key is drawn anew, so no earlier cookie opens it.
+    first, second = dashboard(token=TOKEN), dashboard(token=TOKEN)
+    value = _log_in(first)
+    assert _status(first, value) == 200
+    assert _status(second, value) == 401
+    assert _log_in(second) != value
+
+
+def test_a_session_cookie_with_a_changed_expiry_is_refused(db, dashboard):
+    site = dashboard(token=TOKEN)
+    value = _log_in(site)
+    expires, dot, mac = value.partition(".")
+    assert dot, f"the cookie carries no expiry: {value!r}"
+    assert expires.isdigit()
+    assert _status(site, value) == 200
+    later = f"{int(expires) + 365 * 24 * 3600}.{mac}"
+    padded = f"0{expires}.{mac}"  # the same number, another string
+    for altered in (later, padded, f"{int(expires) - 1}.{mac}"):
+        assert _status(site, altered) == 401, altered
+
+
+def test_a_malformed_session_cookie_is_refused_not_an_error(db, dashboard):
+    site = dashboard(token=TOKEN)
+    value = _log_in(site)
+    expires, _, mac = value.partition(".")
+    arabic_digits = "\u0661\u0662"  # str.isdigit() and int() take them
+    malformed = ("", "garbage", expires, mac, f".{mac}", f"{value}.1", f"{arabic_digits}.{mac}")
+    for session in (*(v.encode() for v in malformed), f"{expires}.".encode() + b"\xff\xfe"):
+        assert _status(site, session) == 401, session
+    assert "Traceback" not in site.log()
+
+
+def test_an_undecodable_bearer_token_is_refused_not_an_error(db, dashboard):
+    # What went wrong: `Authorization: Bearer` followed by bytes that are not UTF-8
+    # was a 500 and a traceback in the log, where any other wrong token is a 401.
+    site = dashboard(token=TOKEN)
+    answer = get(site.url + "/", headers={"Authorization": b"Bearer \xff\xfe"})
+    assert answer.status_code == 401
+    assert "Traceback" not in site.log()
+
+
+def _log_in(site: Dashboard) -> str:
+    """The session cookie's value after logging in with the right token."""
+    answer = httpx.post(site.url + "/login", data={"token": TOKEN}, timeout=10)
+    assert answer.status_code == 303, answer.text
+    return SimpleCookie(answer.headers["Set-Cookie"])[COOKIE].value
+
+
+def _status(site: Dashboard, session: str | bytes) -> int:
+    """The answer to a program sending this session cookie: bytes go out as they are."""
+    value = session if isinstance(session, bytes) else session.encode()
+    return get(site.url + "/", headers={"Cookie": COOKIE.encode() + b"=" + value}).status_code
 
 
 def test_without_a_token_it_binds_to_loopback_and_needs_none(database_url, db, tmp_path):

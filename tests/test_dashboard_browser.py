@@ -7,6 +7,7 @@ test that cannot run must say so by failing. Screenshots go to SCREENSHOTS.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-from notifyhook.dashboard.auth import COOKIE
+from notifyhook.dashboard.auth import COOKIE, SESSION_LIFETIME_S
 
 # A browser is seconds of CPU a page on two cores: end to end, out of the inner loop.
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -197,6 +198,8 @@ def test_without_the_token_a_person_gets_the_login_form(browser, db, dashboard):
     assert cookie is not None
     assert cookie["httpOnly"] is True
     assert cookie["value"] != TOKEN
+    # Kept for a working day at most, then dropped by the browser itself.
+    assert 0 < cookie["expiry"] - time.time() <= SESSION_LIFETIME_S
     # Scripts on the page could not read it even if any ran.
     assert COOKIE not in browser.execute_script("return document.cookie")
 

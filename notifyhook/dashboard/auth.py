@@ -1,8 +1,9 @@
 """The dashboard's door: a bearer token, or a login form that sets an HttpOnly cookie.
 
-The cookie holds an HMAC of the token, not the token: a copy of the browser's cookie
-store does not hand over what unlocks the command line's `Authorization` too. Every
-comparison is in constant time.
+The cookie holds its expiry and an HMAC of it, keyed by the token and by a key drawn
+when the process starts; never the token: a copy of the browser's cookie store does
+not hand over what unlocks the command line's `Authorization` too, and what it does
+hand over ends with the session. Every comparison is in constant time.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import secrets
+import time
 from urllib.parse import quote
 
 from aiohttp import web
@@ -19,6 +22,12 @@ COOKIE = "notifyhook_dashboard"
 LOGIN = "/login"
 STATIC = "/static/"
 """Reachable without the token: the login form and its stylesheet."""
+SESSION_LIFETIME_S = 12 * 60 * 60
+"""How long a login lasts: a working day, after which the person types the token again.
+The token is the long-lived secret; a cookie copied from a browser (a stolen profile, a
+shared machine) must stop working on its own rather than until the token changes.
+Restarting the dashboard process ends every session sooner: the key the cookies are
+signed with is drawn at start and never stored."""
 
 
 class Door:
@@ -29,20 +38,44 @@ class Door:
     def __init__(self, token: str | None, *, loopback_only: bool = False) -> None:
         self.token = token
         self.loopback_only = loopback_only and token is None
+        # Drawn per process and kept in memory only, so a restart revokes every cookie
+        # (what an operator reaches for first), without changing the token.
+        self._process_key = secrets.token_bytes(32)
 
     @property
     def locked(self) -> bool:
         return self.token is not None
 
-    def session_value(self) -> str:
+    def session_value(self, expires: int) -> str:
+        """The cookie of a session that ends at `expires` (Unix seconds): "expires.MAC"."""
+        return f"{expires}.{self._session_mac(str(expires))}"
+
+    def session_admits(self, value: str) -> bool:
+        """Whether a cookie is one of ours, unaltered, and its session not yet over by
+        this server's clock. Anything malformed is simply not admitted."""
+        expires, dot, mac = value.partition(".")
+        if not dot or not (expires.isascii() and expires.isdigit()):
+            return False
+        expected = self._session_mac(expires).encode()
+        # "replace": a header's undecodable bytes reach us as surrogates, which would
+        # raise; they match no MAC either way.
+        if not hmac.compare_digest(mac.encode("utf-8", "replace"), expected):
+            return False
+        return int(expires) > time.time()  # ours, so digits of a sane length
+
+    def _session_mac(self, expires: str) -> str:
         assert self.token is not None
-        return hmac.new(
-            self.token.encode(), b"notifyhook dashboard session", hashlib.sha256
-        ).hexdigest()
+        # The process key has a fixed length, so the concatenation is unambiguous.
+        key = self._process_key + self.token.encode()
+        message = b"notifyhook dashboard session until " + expires.encode()
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
 
     def token_matches(self, given: str) -> bool:
         assert self.token is not None
-        return hmac.compare_digest(given.encode(), self.token.encode())
+        # A header's undecodable bytes arrive as surrogates: "surrogatepass" encodes them
+        # into bytes no valid UTF-8 token has, where "replace" would make them a "?",
+        # and plain encode() raises (a 500 instead of a 401).
+        return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self.token.encode())
 
     def admits(self, request: web.Request) -> bool:
         if self.token is None:
@@ -50,8 +83,7 @@ class Door:
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and self.token_matches(credentials.strip()):
             return True
-        cookie = request.cookies.get(COOKIE, "")
-        return hmac.compare_digest(cookie.encode(), self.session_value().encode())
+        return self.session_admits(request.cookies.get(COOKIE, ""))
 
 
 def loopback_host(host: str | None) -> bool:
@@ -122,7 +154,9 @@ def safe_next(target: str | None) -> str:
 def set_session(door: Door, request: web.Request, response: web.StreamResponse) -> None:
     response.set_cookie(
         COOKIE,
-        door.session_value(),
+        door.session_value(int(time.time()) + SESSION_LIFETIME_S),
+        # The browser keeps it through a restart and drops it once we would refuse it.
+        max_age=SESSION_LIFETIME_S,
         httponly=True,
         samesite="Strict",
         # Behind a TLS proxy the request arrives as plain HTTP; the proxy says so.
