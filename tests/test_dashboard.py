@@ -299,6 +299,18 @@ def test_an_undecodable_bearer_token_is_refused_not_an_error(db, dashboard):
     assert "Traceback" not in site.log()
 
 
+def test_a_login_form_of_undecodable_bytes_is_refused_not_an_error(db, dashboard):
+    site = dashboard(token=TOKEN)
+    answer = httpx.post(
+        site.url + "/login",
+        content=b"token=\xff\xfe",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=10,
+    )
+    assert answer.status_code == 400
+    assert "Traceback" not in site.log()
+
+
 def _log_in(site: Dashboard) -> str:
     """The session cookie's value after logging in with the right token."""
     answer = httpx.post(site.url + "/login", data={"token": TOKEN}, timeout=10)

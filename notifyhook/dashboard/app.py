@@ -145,7 +145,11 @@ async def login_form(request: web.Request) -> web.Response:
 
 async def login(request: web.Request) -> web.Response:
     door = request.app[DOOR]
-    form = await request.post()
+    try:
+        form = await request.post()
+    except UnicodeDecodeError:
+        # A browser sends the form as UTF-8; anything else is a wrong request, not a bug.
+        raise web.HTTPBadRequest(text="the login form is not UTF-8") from None
     target = auth.safe_next(str(form.get("next", "/")))
     if not door.locked:
         raise web.HTTPSeeOther(target)
