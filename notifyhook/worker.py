@@ -502,9 +502,11 @@ class Worker:
 def session_timeouts(settings: Settings) -> Timeouts:
     """Every statement ends well within a lease, so a stuck one cannot outlive the claims
     it records or makes; waiting for a lock (a record behind an operator's transaction)
-    ends sooner still, and the statement is retried."""
+    ends sooner still, and the statement is retried. Sooner, not as soon: with the two
+    equal (a lease of 10 s or less), a lock wait was cut as a statement timeout and
+    logged as a slow statement."""
     statement_s = min(settings.lease / 2, 30.0)
-    return Timeouts(statement_s=statement_s, lock_s=min(statement_s, 5.0))
+    return Timeouts(statement_s=statement_s, lock_s=min(statement_s / 2, 5.0))
 
 
 async def serve(settings: Settings) -> None:

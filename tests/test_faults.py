@@ -306,7 +306,7 @@ def test_a_claim_lost_as_the_worker_stops_is_given_back_not_dead_lettered(
     insert_events(db, "t", 1)
     worker.wait_recorded(lambda: statuses(db) == {"delivered": 1}, what="a first delivery")
     with psycopg.connect(database_url) as operator:
-        # Holds the worker's next claim (lock_timeout 5 s) so that the test decides when
+        # Holds the worker's next claim (lock_timeout 2.5 s) so that the test decides when
         # it fails; it fails by its connection being cut, as a lost answer does.
         operator.execute("LOCK TABLE notifyhook.endpoint_turns IN ACCESS EXCLUSIVE MODE")
         claim_waiting = (

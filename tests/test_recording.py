@@ -227,7 +227,7 @@ def test_a_record_past_its_lock_timeout_is_logged_as_such_and_recorded_once_late
 ):
     # An operator's transaction holds the history (a LOCK TABLE or an ALTER TABLE left
     # open in psql) while an answer comes in: the record waits until its lock_timeout
-    # (5 s under a lease of 12 s) cancels it. That is no outage, and "database
+    # (3 s under a lease of 12 s) cancels it. That is no outage, and "database
     # unavailable" sent the operator looking for one. The record is tried again and, the
     # lock gone, the answer recorded once, never sent again.
     receiver.sequence("a", Answer(kind="slow", seconds=1.0))
@@ -243,7 +243,7 @@ def test_a_record_past_its_lock_timeout_is_logged_as_such_and_recorded_once_late
     assert scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 1
     log = worker.log()
     assert (
-        "record failed, the statement waited past its lock_timeout of 5s for a lock another "
+        "record failed, the statement waited past its lock_timeout of 3s for a lock another "
         "transaction holds (" in log
     ), log
     assert "database unavailable" not in log

@@ -455,3 +455,8 @@ def test_worker_sessions_run_under_statement_and_lock_timeouts(database_url):
     statement, lock, tcp_user = asyncio.run(read())
     assert (statement, lock) == ("10s", "5s")  # half the lease; at most 5 s for a lock
     assert int(tcp_user or 0) > 0
+    # A short lease: a lock wait still ends before the statement's own timeout, so that
+    # it is reported as the lock wait it is.
+    settings = Settings(database_url=database_url, lease=6, http_timeout=2)  # type: ignore[arg-type]
+    statement, lock, _ = asyncio.run(read())
+    assert (statement, lock) == ("3s", "1500ms")
