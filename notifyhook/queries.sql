@@ -61,7 +61,7 @@ SELECT * FROM notifyhook.record_outcomes(
 -- name: record_rejected_outcome
 SELECT notifyhook.record_rejected_outcome(
     %(worker)s, %(delivery_id)s, %(attempt)s, %(status)s, %(retry_in_s)s::double precision,
-    %(reason)s, %(attempt_key)s, %(endpoint_id)s) AS recorded;
+    %(reason)s, %(attempt_key)s, %(endpoint_id)s, %(started_ago_s)s::double precision) AS recorded;
 
 -- name: release_claims
 SELECT notifyhook.release_claims(%(worker)s, %(delivery_ids)s::bigint[], %(attempt_numbers)s::integer[]);

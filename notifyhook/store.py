@@ -662,6 +662,7 @@ class Store:
                 "reason": reason,
                 "attempt_key": outcome.result.attempt_key,
                 "endpoint_id": outcome.endpoint_id,
+                "started_ago_s": time.monotonic() - outcome.result.started_monotonic,
             },
         )
         return bool(rows[0][0])

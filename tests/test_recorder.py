@@ -125,7 +125,11 @@ def test_an_outcome_the_database_refuses_is_isolated_and_the_rest_recorded(db, d
     ids = leased(db, endpoint, 9)
     poisoned, huge_delay = ids[4], ids[7]
     outcomes = [
-        outcome(d, endpoint, excerpt="poison" if d == poisoned else "ok")
+        # The poisoned attempt began 30 s ago: its row says so, on the database's clock,
+        # as every other attempt's does (it said when the refusal was recorded).
+        outcome(d, endpoint, excerpt="poison", began_s_ago=30)
+        if d == poisoned
+        else outcome(d, endpoint, excerpt="ok")
         if d != huge_delay
         # now() + make_interval(secs => 1e300) is out of range.
         else outcome(d, endpoint, "pending", code=503, retry_in_s=1e300)
@@ -146,6 +150,13 @@ def test_an_outcome_the_database_refuses_is_isolated_and_the_rest_recorded(db, d
     assert "no_poison" in errors[poisoned]
     assert errors[poisoned].startswith("the database refused to record this attempt's outcome")
     assert "out of range" in errors[huge_delay]
+    began_s_ago = scalar(
+        db,
+        "SELECT extract(epoch FROM now() - started_at) FROM notifyhook.attempts "
+        "WHERE delivery_id = %s",
+        [poisoned],
+    )
+    assert 29 < began_s_ago < 45, began_s_ago
     due_in = scalar(
         db,
         "SELECT extract(epoch FROM next_attempt_at - now()) FROM notifyhook.deliveries "

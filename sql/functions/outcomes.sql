@@ -360,6 +360,8 @@ $$;
 -- answer was lost).
 DROP FUNCTION IF EXISTS notifyhook.record_rejected_outcome(
     text, bigint, integer, text, double precision, text, uuid);
+DROP FUNCTION IF EXISTS notifyhook.record_rejected_outcome(
+    text, bigint, integer, text, double precision, text, uuid, bigint);
 CREATE OR REPLACE FUNCTION notifyhook.record_rejected_outcome(
     worker text,
     delivery_id bigint,
@@ -369,12 +371,17 @@ CREATE OR REPLACE FUNCTION notifyhook.record_rejected_outcome(
     reason text,
     attempt_key uuid,
     -- The delivery's endpoint, for its attempt's row when the delivery is gone.
-    endpoint_id bigint DEFAULT NULL
+    endpoint_id bigint DEFAULT NULL,
+    -- How long ago the attempt began, by the worker's monotonic clock: its started_at
+    -- is written on the database's clock, as record_outcomes writes it. Null: now().
+    started_ago_s double precision DEFAULT NULL
 ) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     target notifyhook.deliveries%ROWTYPE;
     gone boolean;
+    started timestamptz := coalesce(
+        statement_timestamp() - make_interval(secs => started_ago_s), now());
 BEGIN
     -- After a record of this worker's whose answer was lost, and that may still be
     -- running: its attempt must be seen below (see record_outcomes).
@@ -397,7 +404,7 @@ BEGIN
                 (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code,
                  error, worker, attempt_key)
             VALUES (record_rejected_outcome.delivery_id, record_rejected_outcome.endpoint_id,
-                    record_rejected_outcome.attempt, now(), NULL, NULL, reason, worker,
+                    record_rejected_outcome.attempt, started, NULL, NULL, reason, worker,
                     record_rejected_outcome.attempt_key);
         END IF;
         RETURN false;
@@ -405,7 +412,7 @@ BEGIN
     INSERT INTO notifyhook.attempts
         (delivery_id, endpoint_id, attempt, started_at, duration_ms, status_code, error, worker,
          attempt_key)
-    VALUES (target.id, target.endpoint_id, record_rejected_outcome.attempt, now(), NULL, NULL,
+    VALUES (target.id, target.endpoint_id, record_rejected_outcome.attempt, started, NULL, NULL,
             reason, worker, record_rejected_outcome.attempt_key);
     IF target.locked_by = worker AND target.attempts = record_rejected_outcome.attempt THEN
         UPDATE notifyhook.deliveries AS d
