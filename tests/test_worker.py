@@ -498,13 +498,15 @@ def claim_failures(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("claim failed")]
 
 
-def test_a_claim_past_its_statement_timeout_is_logged_as_such_not_as_an_outage(
+def test_a_claim_held_by_an_operators_lock_is_logged_as_such_not_as_an_outage(
     db, database_url, receiver, run_worker, caplog
 ):
     # An operator's transaction holds a table every claim reads (a LOCK TABLE or an ALTER
-    # TABLE left open in psql): the claim waits until its statement_timeout (1 s under a
-    # lease of 2 s) cancels it. That is no outage, and "database unavailable" sent the
-    # operator looking for one; the claim is retried, and goes through once the lock is gone.
+    # TABLE left open in psql): the claim waits until its lock_timeout (0.5 s under a
+    # lease of 2 s: half the statement_timeout, which the lock wait once hit first and
+    # was logged as a slow statement) cancels it. That is no outage, and "database
+    # unavailable" sent the operator looking for one; the claim is retried, and goes
+    # through once the lock is gone.
     caplog.set_level(logging.INFO, logger="notifyhook")
     add_endpoint(db, "t", "a", receiver.url("a"))
     worker = run_worker(lease="2", http_timeout="1")
@@ -514,9 +516,10 @@ def test_a_claim_past_its_statement_timeout_is_logged_as_such_not_as_an_outage(
     insert_events(db, "t", 1)
     worker.wait_recorded(lambda: statuses(db) == {"delivered": 1}, what="the delivery")
     [line] = claim_failures(caplog)
-    assert line.startswith("claim failed, the statement ran past its statement_timeout of 1s ("), (
-        line
-    )
+    assert line.startswith(
+        "claim failed, the statement waited past its lock_timeout of 0.5s for a lock "
+        "another transaction holds ("
+    ), line
     assert line.endswith("; retrying")
     assert "database unavailable" not in caplog.text
     # Nor, once the lock is gone, "available again".
