@@ -392,7 +392,7 @@ def test_an_insert_fans_out_to_exactly_the_matching_endpoints(module_db, case):
 def claim_cases(draw: st.DrawFn) -> dict[str, Any]:
     """Endpoints of one or two tenants, each with rows due and some held by the worker, and
     a claim's size: often one endpoint alone, or one left uncapped among capped ones."""
-    concurrency = draw(st.sampled_from([10, 20, 50]))
+    concurrency = draw(st.sampled_from([1, 3, 9, 10, 20, 50]))
     endpoints = draw(
         st.lists(
             st.tuples(
