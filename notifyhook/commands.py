@@ -216,7 +216,7 @@ def _register_endpoint(commands: Any) -> None:
 
     add = actions.add_parser(
         "add",
-        help="add an endpoint and print its secret once",
+        help="add an endpoint and print a fresh secret once",
         description="Add an endpoint. A fresh secret is printed once: give it to the "
         "receiver (a secret given with --secret or --secret-file is not printed back). With "
         "--signature ed25519 its whpk_ public key is printed instead (the whsk_ signing key is "

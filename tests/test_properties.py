@@ -390,15 +390,20 @@ def test_an_insert_fans_out_to_exactly_the_matching_endpoints(module_db, case):
 
 @st.composite
 def claim_cases(draw: st.DrawFn) -> dict[str, Any]:
-    """Endpoints of one or two tenants, each with rows due and some held by the worker, and
-    a claim's size: often one endpoint alone, or one left uncapped among capped ones."""
-    concurrency = draw(st.sampled_from([1, 3, 9, 10, 20, 50]))
+    """Endpoints of one or two tenants, each with rows due now and later, some held by the
+    worker, plain or with a limit (or disabled), and a claim's size: often one endpoint
+    alone, or one left uncapped among capped or limited ones. (Widened by the session-10
+    review: rows due later, limited siblings, held entries of no rows, no reserve.)"""
+    concurrency = draw(st.sampled_from([1, 2, 3, 9, 10, 11, 20, 50]))
     endpoints = draw(
         st.lists(
             st.tuples(
                 st.sampled_from(["t1", "t2"]),  # tenant
-                st.integers(0, 30),  # rows due
+                st.integers(0, 30),  # rows due now
+                st.integers(0, 3),  # rows due later
                 st.integers(0, 25),  # rows this worker holds
+                st.sampled_from(["plain", "plain", "plain", "disabled", "rate", "max", "fifo"]),
+                st.booleans(),  # in the held arrays even when it holds nothing
             ),
             min_size=1,
             max_size=4,
@@ -410,6 +415,14 @@ def claim_cases(draw: st.DrawFn) -> dict[str, Any]:
         "endpoints": endpoints,
     }
 
+
+ENDPOINT_KINDS = {
+    "plain": "",
+    "disabled": ", enabled = false",
+    "rate": ", rate_limit = 5",
+    "max": ", max_in_flight = 3",
+    "fifo": ", ordered = true",
+}
 
 CLAIM_TAKEN = """
 SELECT coalesce(array_agg((c).endpoint_id ORDER BY (c).endpoint_id), '{}'),
@@ -425,10 +438,12 @@ GROUP BY r.more_due, r.held_back, r.passed_by
 @given(case=claim_cases())
 def test_the_claims_lone_endpoint_way_takes_what_the_general_statement_takes(module_db, case):
     """claim_due serves one picked endpoint without limits by a shorter way than its general
-    statement (sql/functions/claim.sql): both take the same rows and give the same turns."""
+    statement (sql/functions/claim.sql): both take as many rows of each endpoint and give
+    the same turns. (Not always the same rows among rows due at the same instant: nothing
+    orders those for an endpoint that is not FIFO.)"""
     with module_db.transaction(force_rollback=True):
         held: dict[int, tuple[str, int]] = {}
-        for index, (tenant, due, holds) in enumerate(case["endpoints"]):
+        for index, (tenant, due, later, holds, kind, listed) in enumerate(case["endpoints"]):
             endpoint = module_db.execute(
                 "INSERT INTO notifyhook.endpoints (tenant_id, name, url, event_types) "
                 "VALUES (%s, %s, 'http://example.com/', %s) RETURNING id",
@@ -437,16 +452,31 @@ def test_the_claims_lone_endpoint_way_takes_what_the_general_statement_takes(mod
             module_db.execute(
                 "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
                 "SELECT %s, %s, '{}' FROM generate_series(1, %s)",
-                [tenant, f"type.{index}", due + holds],
+                [tenant, f"type.{index}", due + later + holds],
             )
+            if later:
+                module_db.execute(
+                    "UPDATE notifyhook.deliveries SET next_attempt_at = now() + "
+                    "make_interval(mins => 1 + (id %% 5)::integer) WHERE id IN (SELECT id FROM "
+                    "notifyhook.deliveries WHERE endpoint_id = %s ORDER BY id DESC LIMIT %s)",
+                    [endpoint, later],
+                )
             if holds:
                 module_db.execute(
                     "UPDATE notifyhook.deliveries SET status = 'processing', locked_by = 'w', "
                     "locked_until = now() + interval '1 minute', attempts = 1 "
-                    "WHERE id IN (SELECT id FROM notifyhook.deliveries "
-                    "WHERE endpoint_id = %s AND status = 'pending' LIMIT %s)",
+                    "WHERE id IN (SELECT id FROM notifyhook.deliveries WHERE endpoint_id = %s "
+                    "AND status = 'pending' AND next_attempt_at <= now() LIMIT %s)",
                     [endpoint, holds],
                 )
+            if ENDPOINT_KINDS[kind]:
+                # After the rows: a disabled endpoint's fan-out would make none.
+                module_db.execute(
+                    f"UPDATE notifyhook.endpoints SET name = name{ENDPOINT_KINDS[kind]} "
+                    "WHERE id = %s",
+                    [endpoint],
+                )
+            if holds or listed:
                 held[endpoint] = (tenant, holds)
         params = {
             "rows": case["rows"],

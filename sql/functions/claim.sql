@@ -11,8 +11,8 @@
 -- statement of its own takes each one's rows: at most its fair part, its fleet-wide
 -- limits and an even level of this claim, and (4) gives each one its next turn: now
 -- if it still has rows due, which sends it to the back of the line. (When it picked one
--- endpoint without limits, the common case, steps 3 and 4 take a shorter way to the same
--- result, tests/test_properties.py comparing the two.) So a claim reads
+-- endpoint without limits, the common case, steps 3 and 4 take a shorter way to as many
+-- rows and the same next turn, tests/test_properties.py comparing the two.) So a claim reads
 -- a few index entries per endpoint it serves, whatever the number of endpoints, and
 -- a claim when nothing is due reads the head of one index.
 --
@@ -198,8 +198,9 @@ BEGIN
                false, passed_by;
         RETURN;
     END IF;
-    -- notifyhook.general_claim = on: the general statement always (the tests compare
-    -- the two ways, tests/test_properties.py).
+
+    -- notifyhook.general_claim = on: the general statement always. For the tests, which
+    -- compare the two ways (tests/test_properties.py); not an operator's setting.
     IF cardinality(picked) = 1
        AND current_setting('notifyhook.general_claim', true) IS DISTINCT FROM 'on' THEN
         SELECT e.tenant_id,
