@@ -104,6 +104,7 @@ DECLARE
     lone_tenant_mine integer;
     lone_take integer;
     lone_due timestamptz;
+    chosen_ids bigint[];
 BEGIN
     -- 1. Fold the wakes into the turns. Only wakes whose state row this claim can
     --    lock are folded (and deleted); the others wait for the next claim.
@@ -233,52 +234,24 @@ BEGIN
                 least(tenant_part - lone_tenant_mine, concurrency - held_total - reserve),
                 least(greatest(1, floor(tenant_part::numeric / lone_endpoints))::integer
                       - lone_mine, reserve))));
+        chosen_ids := '{}';
         IF lone_take > 0 THEN
-            WITH claimed_rows AS (
-                UPDATE notifyhook.deliveries AS d
-                SET status = 'processing', attempts = d.attempts + 1, locked_by = worker,
-                    locked_until = started + lease, updated_at = started
-                -- An array, not a join: the generic plan cannot know the LIMIT's value,
-                -- and hash-joined the chosen ids with every active row.
-                WHERE d.id = ANY (ARRAY(
-                          SELECT d.id FROM notifyhook.deliveries AS d
-                          WHERE d.endpoint_id = picked[1] AND d.status = 'pending'
-                            AND d.next_attempt_at <= started
-                          ORDER BY d.next_attempt_at
-                          LIMIT lone_take
-                          FOR UPDATE SKIP LOCKED))
-                  AND d.status IN ('pending', 'processing')
-                RETURNING d.id, d.event_id, d.endpoint_id, d.tenant_id, d.attempts
-            )
-            SELECT array_agg(ROW(c.id, c.event_id, c.endpoint_id, c.tenant_id, c.attempts, e.url,
-                                 e.secret,
-                                 CASE WHEN e.previous_secret_expires_at > now()
-                                      THEN e.previous_secret END,
-                                 e.headers, e.timeout_ms, e.retry_schedule,
-                                 (e.extra_fields || ev.payload)::text,
-                                 false
-                             )::notifyhook.claimed_delivery)
-            INTO claimed
-            FROM claimed_rows AS c
-            JOIN notifyhook.endpoints AS e ON e.id = c.endpoint_id
-            JOIN notifyhook.events AS ev ON ev.id = c.event_id;
+            chosen_ids := ARRAY(
+                SELECT d.id FROM notifyhook.deliveries AS d
+                WHERE d.endpoint_id = picked[1] AND d.status = 'pending'
+                  AND d.next_attempt_at <= started
+                ORDER BY d.next_attempt_at
+                LIMIT lone_take
+                FOR UPDATE SKIP LOCKED);
         END IF;
-        lone_due := (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
-                     WHERE d.endpoint_id = picked[1] AND d.status = 'pending'
-                     ORDER BY d.next_attempt_at LIMIT 1);
-        UPDATE notifyhook.endpoint_turns AS s
-        SET turn_at = CASE WHEN lone_due IS NULL THEN NULL
-                           WHEN lone_due > clock_timestamp() THEN lone_due
-                           ELSE clock_timestamp() END
-        WHERE s.endpoint_id = picked[1];
-        held_back := false;
     ELSE
         bucket_at := clock_timestamp();
 
-        -- 3. Take the rows, in a statement that starts after the locks (see above).
+        -- 3. Choose the rows, in a statement that starts after the locks (see above).
         --    MATERIALIZED: inlined, `candidate` copied its in-flight count subquery into
         --    every expression that reads in_flight, and each copy's plan was built at every
         --    claim (building plans is a third of a small claim's CPU: docs/performance.md).
+        chosen_ids := ARRAY(
         WITH candidate AS MATERIALIZED (
             SELECT e.id AS endpoint_id, e.tenant_id, e.rate_limit, e.max_in_flight, e.ordered,
                    s.consecutive_failures >= circuit_threshold AS circuit_open,
@@ -375,8 +348,14 @@ BEGIN
               AND ((r.tenant_turn <= r.tenant_room
                     AND r.claim_turn <= concurrency - held_total - reserve)
                    OR (r.slot <= r.floor_part AND r.under_turn <= reserve))
-        ),
-        claimed_rows AS (
+        )
+        SELECT chosen.id FROM chosen);
+    END IF;
+
+    -- The rows chosen either way, taken and handed over with what sending them needs: one
+    -- statement for both ways, so that what a worker is given is written once.
+    IF cardinality(chosen_ids) > 0 THEN
+        WITH claimed_rows AS (
             UPDATE notifyhook.deliveries AS d
             SET status = 'processing', attempts = d.attempts + 1, locked_by = worker,
                 locked_until = started + lease, updated_at = started
@@ -389,7 +368,7 @@ BEGIN
             -- And an array, not a join: the generic plan cannot know how many rows are
             -- chosen, and until the turns were analysed hash-joined them with every
             -- active row (and the events' with every event).
-            WHERE d.id = ANY (ARRAY(SELECT chosen.id FROM chosen))
+            WHERE d.id = ANY (chosen_ids)
               AND d.status IN ('pending', 'processing')
             RETURNING d.id, d.event_id, d.endpoint_id, d.tenant_id, d.attempts
         )
@@ -408,7 +387,19 @@ BEGIN
         JOIN notifyhook.endpoints AS e ON e.id = c.endpoint_id
         JOIN notifyhook.endpoint_state AS s ON s.endpoint_id = c.endpoint_id
         JOIN notifyhook.events AS ev ON ev.id = c.event_id;
+    END IF;
 
+    IF lone_plain THEN
+        lone_due := (SELECT d.next_attempt_at FROM notifyhook.deliveries AS d
+                     WHERE d.endpoint_id = picked[1] AND d.status = 'pending'
+                     ORDER BY d.next_attempt_at LIMIT 1);
+        UPDATE notifyhook.endpoint_turns AS s
+        SET turn_at = CASE WHEN lone_due IS NULL THEN NULL
+                           WHEN lone_due > clock_timestamp() THEN lone_due
+                           ELSE clock_timestamp() END
+        WHERE s.endpoint_id = picked[1];
+        held_back := false;
+    ELSE
         -- 4. The picked endpoints' next turns (this statement sees the rows just taken),
         --    and what their buckets have left.
         WITH taken AS (
