@@ -232,3 +232,9 @@ def test_wait_returns_at_a_deadline_already_passed(pacing, clock):
     clock.now += 2.0
     asyncio.run(pacing.wait())
     assert not pacing.wake.is_set()
+
+
+def test_rows_in_hand_that_will_have_waited_too_long_wake_the_loop(pacing, clock):
+    pacing.claimed(claim(0, wake_in_s=30), asked=10, in_flight=40)
+    pacing.hold_deadline = clock.now + 0.5  # notifyhook/slots.py: then they go back
+    assert pacing.timeout() == pytest.approx(0.5)

@@ -1,0 +1,217 @@
+"""A worker's slots: which claimed deliveries are sent now, and which wait a moment for one.
+
+A claim takes a few milliseconds, and while it runs, requests to a fast endpoint end and
+leave their slots empty until its answer comes: at CONCURRENCY 50 against one fast
+endpoint, every request of a claim had ended before the next claim's rows came. So while
+every endpoint the worker holds frees its slots faster than claims come, a claim looks
+ahead: it may take, beyond the slots, as many rows as those endpoints will free before
+the claim after it answers (at the rate they freed slots since the previous claim began;
+at most LOOKAHEAD_MOST times CONCURRENCY). Those rows wait here, in hand, and a slot that
+frees is refilled from them at once. A slow endpoint frees next to nothing in a few
+milliseconds: while the worker holds one, a claim does not look ahead at all, so no
+endpoint's part of the slots grows by it and a slow one cannot fill the slots of a fast
+one with rows taken ahead.
+
+The claim shares out the slots plus the lookahead (`capacity`) by the same rules as
+before (sql/functions/claim.sql) and counts the rows in hand as held; the fleet-wide
+limits count rows in the database, where a row in hand is `processing`. Here, a freed
+slot goes to the waiting row whose endpoint has the fewest requests running, then to the
+row taken first, so a fresh event never queues behind another endpoint's rows in hand;
+and no endpoint runs more than all but the claim's reserve (a tenth) of the slots. A
+row that waited `longest_wait_s` for a slot (its endpoint slowed down) is given back
+unsent, not held from other workers, and never sent so late that its lease could run
+out first.
+
+No I/O, and the clock is a parameter: the rules are tested without a database or a wait.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from notifyhook.store import ClaimedDelivery, Holding
+
+LOOKAHEAD_CLAIMS = 2.0
+"""The claims' time a lookahead covers: the rows of this claim must last through its own
+answer and the next claim's."""
+
+LOOKAHEAD_MOST = 2
+"""At most this many times CONCURRENCY rows in hand: a claim has a size it pays for."""
+
+LONGEST_WAIT_S = 1.0
+"""How long a row in hand may wait for a slot (and at most a twentieth of the lease)."""
+
+
+def longest_wait_s(lease_s: float) -> float:
+    """A row in hand that waited this long goes back: its request, up to 0.9 of the lease
+    (Settings.endpoint_timeout_cap_s), must still end within the lease."""
+    return min(LONGEST_WAIT_S, lease_s / 20)
+
+
+@dataclass(slots=True, eq=False)
+class _Endpoint:
+    tenant_id: str
+    running: int = 0
+    waiting: deque[tuple[float, int, ClaimedDelivery]] = field(default_factory=deque)
+    """(when it was taken, in what order, the row), oldest first."""
+    freed: int = 0
+    """Slots it freed since the last claim began."""
+
+    @property
+    def held(self) -> int:
+        return self.running + len(self.waiting)
+
+
+class Slots:
+    """The rows a worker holds, per endpoint: running (a request in flight) or in hand."""
+
+    def __init__(
+        self,
+        concurrency: int,
+        longest_wait_s: float = LONGEST_WAIT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.concurrency = concurrency
+        self.longest_wait_s = longest_wait_s
+        # The claim's reserve (sql/functions/claim.sql): slots one endpoint may not fill.
+        self.per_endpoint = max(1, concurrency - concurrency // 10)
+        self.lookahead = 0
+        self.running = 0
+        self.waiting = 0
+        self._endpoints: dict[int, _Endpoint] = {}
+        self._expired: list[ClaimedDelivery] = []
+        self._clock = clock
+        self._taken = 0
+        self._claim_began: float | None = None
+        self._claim_s = 0.0
+
+    @property
+    def held(self) -> int:
+        return self.running + self.waiting
+
+    # -- the claim's side ----------------------------------------------------------------
+
+    def claim_started(self) -> None:
+        """A claim begins: how far it looks ahead (see the module's doc)."""
+        now = self._clock()
+        since = now - self._claim_began if self._claim_began is not None else 0.0
+        expected = 0
+        fast = since > 0
+        for endpoint_id, endpoint in list(self._endpoints.items()):
+            if since > 0:
+                frees = int(endpoint.freed * LOOKAHEAD_CLAIMS * self._claim_s / since)
+                fast = fast and frees >= endpoint.held
+                expected += frees
+            endpoint.freed = 0
+            if not endpoint.held:
+                del self._endpoints[endpoint_id]
+        self._claim_began = now
+        self.lookahead = min(LOOKAHEAD_MOST * self.concurrency, expected) if fast else 0
+
+    def claim_answered(self) -> None:
+        """The claim's answer came: how long a claim takes, for the next one's lookahead."""
+        if self._claim_began is not None:
+            self._claim_s = self._clock() - self._claim_began
+
+    @property
+    def capacity(self) -> int:
+        """What the claim shares out: the slots, and the rows it may take ahead."""
+        return self.concurrency + self.lookahead
+
+    @property
+    def room(self) -> int:
+        """How many rows the claim may take."""
+        return self.capacity - self.held
+
+    def holdings(self) -> list[Holding]:
+        """What the worker holds per endpoint, running or in hand: the claim's shares."""
+        return [
+            Holding(endpoint_id, endpoint.tenant_id, endpoint.held)
+            for endpoint_id, endpoint in self._endpoints.items()
+            if endpoint.held
+        ]
+
+    def take(self, claimed: Sequence[ClaimedDelivery]) -> list[ClaimedDelivery]:
+        """A claim's rows are held; the ones to start now (the rest wait for a slot)."""
+        now = self._clock()
+        for row in claimed:
+            endpoint = self._endpoints.get(row.endpoint_id)
+            if endpoint is None:
+                endpoint = self._endpoints[row.endpoint_id] = _Endpoint(row.tenant_id)
+            self._taken += 1
+            endpoint.waiting.append((now, self._taken, row))
+        self.waiting += len(claimed)
+        return self._fill()
+
+    # -- the deliveries' side ------------------------------------------------------------
+
+    def finished(self, row: ClaimedDelivery, *, refill: bool = True) -> list[ClaimedDelivery]:
+        """A running row's delivery ended: its slot is free; the rows to start in it (none
+        when not `refill`: the worker is stopping)."""
+        endpoint = self._endpoints[row.endpoint_id]
+        endpoint.running -= 1
+        endpoint.freed += 1
+        self.running -= 1
+        # Kept while it holds nothing: what it freed counts for the next lookahead.
+        return self._fill() if refill else []
+
+    def expired(self) -> list[ClaimedDelivery]:
+        """Rows in hand that waited too long for a slot, held no more: to give back."""
+        self._expire()
+        gone, self._expired = self._expired, []
+        return gone
+
+    def next_expiry(self) -> float | None:
+        """When the oldest row in hand will have waited too long, if one waits."""
+        heads = [e.waiting[0][0] for e in self._endpoints.values() if e.waiting]
+        return min(heads) + self.longest_wait_s if heads else None
+
+    def give_back_waiting(self) -> list[ClaimedDelivery]:
+        """Every row in hand, held no more: the worker stops; they go back unsent."""
+        gone = self.in_hand()
+        self._expired = []
+        for endpoint in self._endpoints.values():
+            endpoint.waiting.clear()
+        self.waiting = 0
+        return gone
+
+    def in_hand(self) -> list[ClaimedDelivery]:
+        """The rows held and not running: waiting, or expired and not yet given back."""
+        return [*self._expired, *(row for e in self._endpoints.values() for _, _, row in e.waiting)]
+
+    # -- choosing ------------------------------------------------------------------------
+
+    def _expire(self) -> None:
+        oldest = self._clock() - self.longest_wait_s
+        for endpoint in self._endpoints.values():
+            while endpoint.waiting and endpoint.waiting[0][0] <= oldest:
+                self._expired.append(endpoint.waiting.popleft()[2])
+                self.waiting -= 1
+
+    def _fill(self) -> list[ClaimedDelivery]:
+        """Start rows in hand while slots are free: the endpoint with the fewest running
+        first (then the row taken first), none beyond all but the reserve."""
+        started: list[ClaimedDelivery] = []
+        if self.running >= self.concurrency or not self.waiting:
+            return started
+        self._expire()
+        while self.running < self.concurrency and self.waiting:
+            best: _Endpoint | None = None
+            for endpoint in self._endpoints.values():
+                if not endpoint.waiting or endpoint.running >= self.per_endpoint:
+                    continue
+                if best is None or (endpoint.running, endpoint.waiting[0][1]) < (
+                    best.running,
+                    best.waiting[0][1],
+                ):
+                    best = endpoint
+            if best is None:
+                break
+            started.append(best.waiting.popleft()[2])
+            best.running += 1
+            self.running += 1
+            self.waiting -= 1
+        return started

@@ -1,0 +1,174 @@
+"""A worker's slots and rows in hand (notifyhook/slots.py), on a clock the test moves."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import pytest
+
+from notifyhook.slots import LOOKAHEAD_MOST, Slots, longest_wait_s
+from notifyhook.store import ClaimedDelivery, Holding
+
+ids = itertools.count(1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rows(endpoint_id: int, count: int, tenant_id: str = "t") -> list[ClaimedDelivery]:
+    return [
+        ClaimedDelivery(
+            next(ids),
+            uuid.uuid4(),
+            endpoint_id,
+            tenant_id,
+            1,
+            "https://example.com/",
+            "s",
+            None,
+            {},
+            None,
+            None,
+            "{}",
+            False,
+        )
+        for _ in range(count)
+    ]
+
+
+def endpoints(started: list[ClaimedDelivery]) -> list[int]:
+    return [row.endpoint_id for row in started]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def slots(clock: Clock) -> Slots:
+    return Slots(concurrency=10, longest_wait_s=1.0, clock=clock)
+
+
+def test_without_lookahead_a_claim_shares_the_free_slots_and_its_rows_start_at_once(slots):
+    slots.claim_started()
+    assert (slots.capacity, slots.room) == (10, 10)
+    started = slots.take(rows(1, 6) + rows(2, 3))
+    assert sorted(endpoints(started)) == [1] * 6 + [2] * 3
+    assert (slots.running, slots.waiting, slots.room) == (9, 0, 1)
+    assert sorted(slots.holdings(), key=lambda h: h.endpoint_id) == [
+        Holding(1, "t", 6),
+        Holding(2, "t", 3),
+    ]
+
+
+def test_no_endpoint_runs_more_than_all_but_the_reserve(slots):
+    a = rows(1, 10)
+    assert len(slots.take(a)) == 9  # a tenth of 10 slots kept for others
+    assert slots.waiting == 1
+    assert endpoints(slots.take(rows(2, 1))) == [2]  # a fresh event finds a slot
+    assert endpoints(slots.finished(a[0])) == [1]  # the waiting one takes A's own slot
+
+
+def test_a_freed_slot_goes_to_the_endpoint_with_the_fewest_requests_running(slots):
+    a, b = rows(1, 8), rows(2, 4)
+    slots.take(a + b[:2])  # all ten slots: A 8, B 2
+    slots.take(rows(1, 2) + b[2:])  # in hand: A's two first, then B's two
+    assert endpoints(slots.finished(a[0])) == [2]  # A 7, B 2 running: B's turn
+    assert endpoints(slots.finished(a[1])) == [2]  # A 6, B 3
+    assert endpoints(slots.finished(a[2])) == [1]  # only A has rows in hand now
+
+
+def test_a_stopping_worker_starts_nothing_more_and_gives_back_what_it_holds_in_hand(slots):
+    a = rows(1, 12)
+    slots.take(a)
+    assert slots.finished(a[0], refill=False) == []
+    back = slots.give_back_waiting()
+    assert sorted(row.delivery_id for row in back) == [row.delivery_id for row in a[9:]]
+    assert (slots.running, slots.waiting, slots.in_hand()) == (8, 0, [])
+
+
+def run_claim(slots: Slots, clock: Clock, claim_s: float) -> None:
+    slots.claim_started()
+    clock.now += claim_s
+    slots.claim_answered()
+
+
+def test_a_claim_looks_ahead_by_what_fast_endpoints_will_free_before_the_next_answer(slots, clock):
+    a = rows(1, 9)
+    run_claim(slots, clock, 0.004)
+    slots.take(a)
+    clock.now += 0.004
+    for row in a:  # all of the claim's rows end within 4 ms
+        slots.finished(row)
+    slots.take(b := rows(1, 5))
+    slots.claim_started()
+    # 9 freed in the 8 ms since the last claim began; a claim takes 4 ms; over two
+    # claims' time it will free 9 more: the claim may take them beyond the slots.
+    assert slots.lookahead == 9
+    assert (slots.capacity, slots.room) == (19, 14)
+    assert len(b) == slots.running
+
+
+def test_a_claim_does_not_look_ahead_while_a_slow_endpoint_is_held(slots, clock):
+    fast, slow = rows(1, 5), rows(2, 3)
+    run_claim(slots, clock, 0.004)
+    slots.take(fast + slow)
+    clock.now += 0.004
+    for row in fast:
+        slots.finished(row)
+    slots.claim_started()
+    assert slots.lookahead == 0  # the slow endpoint's part must not grow by it
+    assert slots.room == 7
+
+
+def test_the_lookahead_has_a_bound(clock):
+    slots = Slots(concurrency=4, longest_wait_s=1.0, clock=clock)
+    run_claim(slots, clock, 0.010)
+    for _ in range(10):  # the same slots freed over and over within one claim's time
+        row = rows(1, 1)
+        slots.take(row)
+        slots.finished(row[0])
+    clock.now += 0.001
+    slots.claim_started()
+    assert slots.lookahead == LOOKAHEAD_MOST * 4
+
+
+def test_the_first_claim_and_an_idle_worker_do_not_look_ahead(slots, clock):
+    slots.claim_started()
+    assert slots.lookahead == 0
+    clock.now += 5
+    slots.claim_started()
+    assert slots.lookahead == 0
+
+
+def test_a_row_in_hand_that_waited_too_long_is_given_back_not_started(slots, clock):
+    a = rows(1, 11)
+    slots.take(a)
+    assert slots.next_expiry() == clock.now + 1.0
+    clock.now += 0.5
+    assert slots.expired() == []
+    clock.now += 0.5
+    assert slots.finished(a[0]) == []  # a slot, but its row waited its second
+    assert [row.delivery_id for row in slots.expired()] == [a[9].delivery_id, a[10].delivery_id]
+    assert (slots.waiting, slots.next_expiry(), slots.expired()) == (0, None, [])
+
+
+def test_rows_expired_but_not_yet_given_back_are_still_in_hand(slots, clock):
+    a = rows(1, 10)
+    slots.take(a)
+    clock.now += 1.0
+    slots.finished(a[0])
+    assert [row.delivery_id for row in slots.in_hand()] == [a[9].delivery_id]
+    assert [row.delivery_id for row in slots.give_back_waiting()] == [a[9].delivery_id]
+
+
+@pytest.mark.parametrize(("lease_s", "wait_s"), [(60.0, 1.0), (10.0, 0.5), (1.0, 0.05)])
+def test_a_row_in_hand_waits_at_most_a_twentieth_of_the_lease(lease_s, wait_s):
+    assert longest_wait_s(lease_s) == wait_s
