@@ -1,24 +1,24 @@
 """A worker's slots: which claimed deliveries are sent now, and which wait a moment for one.
 
-A claim takes a few milliseconds, and while it runs, requests to a fast endpoint end and
+A claim takes a few milliseconds, and while it runs, requests to fast endpoints end and
 leave their slots empty until its answer comes: at CONCURRENCY 50 against one fast
-endpoint, every request of a claim had ended before the next claim's rows came. So while
-every endpoint the worker holds frees its slots faster than claims come, a claim looks
-ahead: it may take, beyond the slots, as many rows as those endpoints will free before
-the claim after it answers (at the rate they freed slots since the previous claim began;
-at most LOOKAHEAD_MOST times CONCURRENCY). Those rows wait here, in hand, and a slot that
-frees is refilled from them at once. A slow endpoint frees next to nothing in a few
-milliseconds: while the worker holds one, a claim does not look ahead at all, so no
-endpoint's part of the slots grows by it and a slow one cannot fill the slots of a fast
-one with rows taken ahead.
+endpoint, every request of a claim had ended before the next claim's rows came. So
+while every request running has started since the previous claim began (no endpoint
+the worker holds is slower than a claim), a claim looks ahead: it may take, beyond the
+slots, as many rows as will be freed before the claim after it answers (at the rate
+slots freed since the previous claim began, over two claims' time; at most
+LOOKAHEAD_MOST times CONCURRENCY). Those rows wait here, in hand, and a slot that frees
+is refilled from them at once. While a request has outlived a claim, a claim does not
+look ahead at all: a slow endpoint's part of the slots never grows by it, and it
+cannot fill the slots of a fast one with rows taken ahead.
 
-The claim shares out the slots plus the lookahead (`capacity`) by the same rules as
-before (sql/functions/claim.sql) and counts the rows in hand as held; the fleet-wide
-limits count rows in the database, where a row in hand is `processing`. Here, a freed
-slot goes to the waiting row whose endpoint has the fewest requests running, then to the
-row taken first, so a fresh event never queues behind another endpoint's rows in hand;
-and no endpoint runs more than all but the claim's reserve (a tenth) of the slots. A
-row that waited `longest_wait_s` for a slot (its endpoint slowed down) is given back
+The claim shares out the slots plus the lookahead (`capacity`) by its usual rules
+(sql/functions/claim.sql) and counts the rows in hand as held; the fleet-wide limits
+count rows in the database, where a row in hand is `processing`. Here, a freed slot
+goes to the waiting row whose endpoint has the fewest requests running, then to the row
+taken first, so a fresh event never queues behind another endpoint's rows in hand; and
+no endpoint runs more than all but the claim's reserve (a tenth) of the slots. A row
+that waited `longest_wait_s` for a slot (its endpoint slowed down) is given back
 unsent, not held from other workers, and never sent so late that its lease could run
 out first.
 
@@ -27,6 +27,7 @@ No I/O, and the clock is a parameter: the rules are tested without a database or
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -57,8 +58,6 @@ class _Endpoint:
     running: int = 0
     waiting: deque[tuple[float, int, ClaimedDelivery]] = field(default_factory=deque)
     """(when it was taken, in what order, the row), oldest first."""
-    freed: int = 0
-    """Slots it freed since the last claim began."""
 
     @property
     def held(self) -> int:
@@ -82,11 +81,20 @@ class Slots:
         self.running = 0
         self.waiting = 0
         self._endpoints: dict[int, _Endpoint] = {}
+        # Those with rows in hand, and a heap of (running, its head's order, id) to
+        # choose among them: an entry no longer matching its endpoint is stale, skipped.
+        self._in_hand: dict[int, _Endpoint] = {}
+        self._turns: list[tuple[int, int, int]] = []
         self._expired: list[ClaimedDelivery] = []
         self._clock = clock
         self._taken = 0
         self._claim_began: float | None = None
+        self._claim_before: float | None = None
         self._claim_s = 0.0
+        self._freed = 0
+        """Slots freed since the last claim began."""
+        self._started: dict[int, float] = {}
+        """When each running row started (monotonic), oldest first."""
 
     @property
     def held(self) -> int:
@@ -97,19 +105,21 @@ class Slots:
     def claim_started(self) -> None:
         """A claim begins: how far it looks ahead (see the module's doc)."""
         now = self._clock()
-        since = now - self._claim_began if self._claim_began is not None else 0.0
-        expected = 0
-        fast = since > 0
-        for endpoint_id, endpoint in list(self._endpoints.items()):
-            if since > 0:
-                frees = int(endpoint.freed * LOOKAHEAD_CLAIMS * self._claim_s / since)
-                fast = fast and frees >= endpoint.held
-                expected += frees
-            endpoint.freed = 0
-            if not endpoint.held:
-                del self._endpoints[endpoint_id]
-        self._claim_began = now
-        self.lookahead = min(LOOKAHEAD_MOST * self.concurrency, expected) if fast else 0
+        before, previous = self._claim_before, self._claim_began
+        self._claim_before, self._claim_began = previous, now
+        freed, self._freed = self._freed, 0
+        for endpoint_id in [i for i, e in self._endpoints.items() if not e.held]:
+            del self._endpoints[endpoint_id]
+        # A request running since before the claim before the last began has outlived a
+        # whole claim: its endpoint is slower than claims, and must not gain slots by a
+        # lookahead. (Not the last claim: on a busy worker a fast request's answer may
+        # wait a claim's time for the event loop.)
+        oldest = next(iter(self._started.values()), None)
+        if previous is None or (oldest is not None and oldest < (before or previous)):
+            self.lookahead = 0
+            return
+        expected = int(freed * LOOKAHEAD_CLAIMS * self._claim_s / (now - previous))
+        self.lookahead = min(LOOKAHEAD_MOST * self.concurrency, expected)
 
     def claim_answered(self) -> None:
         """The claim's answer came: how long a claim takes, for the next one's lookahead."""
@@ -123,8 +133,11 @@ class Slots:
 
     @property
     def room(self) -> int:
-        """How many rows the claim may take."""
-        return self.capacity - self.held
+        """How many rows the claim may take: up to its capacity, and never fewer than the
+        free slots. Rows taken ahead may outnumber the capacity of a claim that no longer
+        looks ahead (its endpoint slowed down); a fresh event of another endpoint still
+        takes a free slot then, by the claim's reserve."""
+        return max(self.capacity - self.held, self.concurrency - self.running)
 
     def holdings(self) -> list[Holding]:
         """What the worker holds per endpoint, running or in hand: the claim's shares."""
@@ -143,6 +156,9 @@ class Slots:
                 endpoint = self._endpoints[row.endpoint_id] = _Endpoint(row.tenant_id)
             self._taken += 1
             endpoint.waiting.append((now, self._taken, row))
+            if len(endpoint.waiting) == 1:
+                self._in_hand[row.endpoint_id] = endpoint
+                self._queue(row.endpoint_id, endpoint)
         self.waiting += len(claimed)
         return self._fill()
 
@@ -153,8 +169,11 @@ class Slots:
         when not `refill`: the worker is stopping)."""
         endpoint = self._endpoints[row.endpoint_id]
         endpoint.running -= 1
-        endpoint.freed += 1
         self.running -= 1
+        self._freed += 1
+        del self._started[row.delivery_id]
+        if endpoint.waiting:
+            self._queue(row.endpoint_id, endpoint)
         # Kept while it holds nothing: what it freed counts for the next lookahead.
         return self._fill() if refill else []
 
@@ -166,52 +185,66 @@ class Slots:
 
     def next_expiry(self) -> float | None:
         """When the oldest row in hand will have waited too long, if one waits."""
-        heads = [e.waiting[0][0] for e in self._endpoints.values() if e.waiting]
+        heads = [e.waiting[0][0] for e in self._in_hand.values()]
         return min(heads) + self.longest_wait_s if heads else None
 
     def give_back_waiting(self) -> list[ClaimedDelivery]:
         """Every row in hand, held no more: the worker stops; they go back unsent."""
         gone = self.in_hand()
         self._expired = []
-        for endpoint in self._endpoints.values():
+        for endpoint in self._in_hand.values():
             endpoint.waiting.clear()
+        self._in_hand.clear()
+        self._turns.clear()
         self.waiting = 0
         return gone
 
     def in_hand(self) -> list[ClaimedDelivery]:
         """The rows held and not running: waiting, or expired and not yet given back."""
-        return [*self._expired, *(row for e in self._endpoints.values() for _, _, row in e.waiting)]
+        return [*self._expired, *(row for e in self._in_hand.values() for _, _, row in e.waiting)]
 
     # -- choosing ------------------------------------------------------------------------
 
     def _expire(self) -> None:
         oldest = self._clock() - self.longest_wait_s
-        for endpoint in self._endpoints.values():
-            while endpoint.waiting and endpoint.waiting[0][0] <= oldest:
-                self._expired.append(endpoint.waiting.popleft()[2])
-                self.waiting -= 1
+        for endpoint_id, endpoint in list(self._in_hand.items()):
+            if endpoint.waiting and endpoint.waiting[0][0] <= oldest:
+                while endpoint.waiting and endpoint.waiting[0][0] <= oldest:
+                    self._expired.append(endpoint.waiting.popleft()[2])
+                    self.waiting -= 1
+                if endpoint.waiting:
+                    self._queue(endpoint_id, endpoint)
+                else:
+                    del self._in_hand[endpoint_id]
+
+    def _queue(self, endpoint_id: int, endpoint: _Endpoint) -> None:
+        heapq.heappush(self._turns, (endpoint.running, endpoint.waiting[0][1], endpoint_id))
 
     def _fill(self) -> list[ClaimedDelivery]:
         """Start rows in hand while slots are free: the endpoint with the fewest running
-        first (then the row taken first), none beyond all but the reserve."""
+        first (then the row taken first), none beyond all but the reserve; a row that
+        waited too long is set aside instead, to be given back."""
         started: list[ClaimedDelivery] = []
-        if self.running >= self.concurrency or not self.waiting:
-            return started
-        self._expire()
-        while self.running < self.concurrency and self.waiting:
-            best: _Endpoint | None = None
-            for endpoint in self._endpoints.values():
-                if not endpoint.waiting or endpoint.running >= self.per_endpoint:
-                    continue
-                if best is None or (endpoint.running, endpoint.waiting[0][1]) < (
-                    best.running,
-                    best.waiting[0][1],
-                ):
-                    best = endpoint
-            if best is None:
-                break
-            started.append(best.waiting.popleft()[2])
-            best.running += 1
-            self.running += 1
+        now = self._clock()
+        oldest = now - self.longest_wait_s
+        while self.running < self.concurrency and self._turns:
+            running, order, endpoint_id = heapq.heappop(self._turns)
+            endpoint = self._in_hand.get(endpoint_id)
+            if endpoint is None or (endpoint.running, endpoint.waiting[0][1]) != (running, order):
+                continue  # stale: the endpoint has a newer entry, or none in hand
+            if running >= self.per_endpoint:
+                continue  # queued again when one of its requests ends
+            taken_at, _, row = endpoint.waiting.popleft()
             self.waiting -= 1
+            if taken_at <= oldest:
+                self._expired.append(row)
+            else:
+                started.append(row)
+                self._started[row.delivery_id] = now
+                endpoint.running += 1
+                self.running += 1
+            if endpoint.waiting:
+                self._queue(endpoint_id, endpoint)
+            else:
+                del self._in_hand[endpoint_id]
         return started

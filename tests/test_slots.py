@@ -116,16 +116,30 @@ def test_a_claim_looks_ahead_by_what_fast_endpoints_will_free_before_the_next_an
     assert len(b) == slots.running
 
 
-def test_a_claim_does_not_look_ahead_while_a_slow_endpoint_is_held(slots, clock):
+def test_a_claim_does_not_look_ahead_while_a_request_has_outlived_a_whole_claim(slots, clock):
     fast, slow = rows(1, 5), rows(2, 3)
     run_claim(slots, clock, 0.004)
     slots.take(fast + slow)
     clock.now += 0.004
     for row in fast:
         slots.finished(row)
-    slots.claim_started()
-    assert slots.lookahead == 0  # the slow endpoint's part must not grow by it
+    run_claim(slots, clock, 0.004)
+    assert slots.lookahead == 5  # the slow rows started after the last claim began
+    for _ in range(2):
+        slots.take(more := rows(1, 5))
+        clock.now += 0.004
+        for row in more:
+            slots.finished(row)
+        slots.claim_started()
+    # Still running since before the claim before the last began: a slow endpoint,
+    # whose part must not grow by a lookahead.
+    assert slots.lookahead == 0
     assert slots.room == 7
+    for row in slow:
+        slots.finished(row)
+    clock.now += 0.004
+    slots.claim_started()
+    assert slots.lookahead == 6  # fast again: 3 freed in 4 ms; over two claims of 4 ms, 6
 
 
 def test_the_lookahead_has_a_bound(clock):
@@ -172,3 +186,21 @@ def test_rows_expired_but_not_yet_given_back_are_still_in_hand(slots, clock):
 @pytest.mark.parametrize(("lease_s", "wait_s"), [(60.0, 1.0), (10.0, 0.5), (1.0, 0.05)])
 def test_a_row_in_hand_waits_at_most_a_twentieth_of_the_lease(lease_s, wait_s):
     assert longest_wait_s(lease_s) == wait_s
+
+
+def test_rows_taken_ahead_never_keep_a_fresh_event_from_a_free_slot(slots, clock):
+    a = rows(1, 9)
+    run_claim(slots, clock, 0.004)
+    slots.take(a)
+    clock.now += 0.004
+    for row in a:
+        slots.finished(row)
+    slots.claim_started()
+    assert slots.lookahead == 9
+    slots.take(b := rows(1, 17))  # 9 running (all but the reserve), 8 in hand
+    clock.now += 0.5
+    slots.claim_started()  # nothing freed: no lookahead now, and more held than slots
+    assert (slots.lookahead, slots.held, slots.capacity) == (0, 17, 10)
+    assert slots.room == 1  # the free slot: the claim's reserve gives it to a newcomer
+    assert endpoints(slots.take(rows(2, 1))) == [2]
+    assert len(b) == 17
