@@ -43,13 +43,14 @@ LOOKAHEAD_MOST = 2
 """At most this many times CONCURRENCY rows in hand: a claim has a size it pays for."""
 
 LONGEST_WAIT_S = 1.0
-"""How long a row in hand may wait for a slot (and at most a twentieth of the lease)."""
+"""How long a row in hand may wait for a slot (and at most a fortieth of the lease)."""
 
 
 def longest_wait_s(lease_s: float) -> float:
-    """A row in hand that waited this long goes back: its request, up to 0.9 of the lease
-    (Settings.endpoint_timeout_cap_s), must still end within the lease."""
-    return min(LONGEST_WAIT_S, lease_s / 20)
+    """A row in hand that waited this long since its claim began goes back: its request,
+    up to 0.9 of the lease (Settings.endpoint_timeout_cap_s), must still end well within
+    the lease."""
+    return min(LONGEST_WAIT_S, lease_s / 40)
 
 
 @dataclass(slots=True, eq=False)
@@ -58,6 +59,13 @@ class _Endpoint:
     running: int = 0
     waiting: deque[tuple[float, int, ClaimedDelivery]] = field(default_factory=deque)
     """(when it was taken, in what order, the row), oldest first."""
+    freed: int = 0
+    """Slots it freed since the last claim began."""
+    fast: bool = False
+    """It freed a slot between the last two claims: seen answering faster than claims."""
+    share: int | None = None
+    """While it has rows in hand and is not known fast: the most it may run, its part of
+    the slots as the claim that gave it rows ahead shared them."""
 
     @property
     def held(self) -> int:
@@ -102,14 +110,10 @@ class Slots:
 
     # -- the claim's side ----------------------------------------------------------------
 
-    def claim_started(self) -> None:
-        """A claim begins: how far it looks ahead (see the module's doc)."""
+    def look_ahead(self) -> None:
+        """Before a claim: how far it may look ahead (see the module's doc)."""
         now = self._clock()
-        before, previous = self._claim_before, self._claim_began
-        self._claim_before, self._claim_began = previous, now
-        freed, self._freed = self._freed, 0
-        for endpoint_id in [i for i, e in self._endpoints.items() if not e.held]:
-            del self._endpoints[endpoint_id]
+        previous, before = self._claim_began, self._claim_before
         # A request running since before the claim before the last began has outlived a
         # whole claim: its endpoint is slower than claims, and must not gain slots by a
         # lookahead. (Not the last claim: on a busy worker a fast request's answer may
@@ -118,8 +122,20 @@ class Slots:
         if previous is None or (oldest is not None and oldest < (before or previous)):
             self.lookahead = 0
             return
-        expected = int(freed * LOOKAHEAD_CLAIMS * self._claim_s / (now - previous))
+        since = max(now - previous, 1e-6)
+        expected = int(self._freed * LOOKAHEAD_CLAIMS * self._claim_s / since)
         self.lookahead = min(LOOKAHEAD_MOST * self.concurrency, expected)
+
+    def claim_started(self) -> None:
+        """A claim begins (after `look_ahead`): what was freed is counted from here."""
+        self._claim_before, self._claim_began = self._claim_began, self._clock()
+        self._freed = 0
+        for endpoint_id, endpoint in list(self._endpoints.items()):
+            endpoint.fast, endpoint.freed = endpoint.freed > 0, 0
+            if endpoint.fast:
+                endpoint.share = None
+            elif not endpoint.held:
+                del self._endpoints[endpoint_id]  # kept while fast: its next rows are
 
     def claim_answered(self) -> None:
         """The claim's answer came: how long a claim takes, for the next one's lookahead."""
@@ -148,18 +164,31 @@ class Slots:
         ]
 
     def take(self, claimed: Sequence[ClaimedDelivery]) -> list[ClaimedDelivery]:
-        """A claim's rows are held; the ones to start now (the rest wait for a slot)."""
-        now = self._clock()
+        """A claim's rows are held; the ones to start now (the rest wait for a slot). A
+        row's wait counts from the claim's start."""
+        taken_at = self._claim_began if self._claim_began is not None else self._clock()
+        given: dict[int, int] = {}
         for row in claimed:
             endpoint = self._endpoints.get(row.endpoint_id)
             if endpoint is None:
                 endpoint = self._endpoints[row.endpoint_id] = _Endpoint(row.tenant_id)
             self._taken += 1
-            endpoint.waiting.append((now, self._taken, row))
+            endpoint.waiting.append((taken_at, self._taken, row))
+            given[row.endpoint_id] = given.get(row.endpoint_id, 0) + 1
             if len(endpoint.waiting) == 1:
                 self._in_hand[row.endpoint_id] = endpoint
                 self._queue(row.endpoint_id, endpoint)
         self.waiting += len(claimed)
+        for endpoint_id, rows in given.items():
+            endpoint = self._endpoints[endpoint_id]
+            if endpoint.fast:
+                continue
+            if self.lookahead:
+                # Its part of the slots, as this claim shared its capacity: rows taken
+                # ahead do not make an endpoint not seen answering fast run more.
+                endpoint.share = max(1, endpoint.held * self.concurrency // self.capacity)
+            elif endpoint.share is not None:
+                endpoint.share += rows  # given within the slots
         return self._fill()
 
     # -- the deliveries' side ------------------------------------------------------------
@@ -171,6 +200,7 @@ class Slots:
         endpoint.running -= 1
         self.running -= 1
         self._freed += 1
+        endpoint.freed += 1
         del self._started[row.delivery_id]
         if endpoint.waiting:
             self._queue(row.endpoint_id, endpoint)
@@ -194,6 +224,7 @@ class Slots:
         self._expired = []
         for endpoint in self._in_hand.values():
             endpoint.waiting.clear()
+            endpoint.share = None
         self._in_hand.clear()
         self._turns.clear()
         self.waiting = 0
@@ -215,24 +246,40 @@ class Slots:
                 if endpoint.waiting:
                     self._queue(endpoint_id, endpoint)
                 else:
-                    del self._in_hand[endpoint_id]
+                    self._out_of_hand(endpoint_id, endpoint)
+
+    def _out_of_hand(self, endpoint_id: int, endpoint: _Endpoint) -> None:
+        del self._in_hand[endpoint_id]
+        endpoint.share = None
 
     def _queue(self, endpoint_id: int, endpoint: _Endpoint) -> None:
         heapq.heappush(self._turns, (endpoint.running, endpoint.waiting[0][1], endpoint_id))
 
     def _fill(self) -> list[ClaimedDelivery]:
         """Start rows in hand while slots are free: the endpoint with the fewest running
-        first (then the row taken first), none beyond all but the reserve; a row that
-        waited too long is set aside instead, to be given back."""
+        first (then the row taken first), none beyond all but the reserve nor its share,
+        and the reserve only for an endpoint below an even part; a row that waited too
+        long is set aside instead, to be given back."""
         started: list[ClaimedDelivery] = []
         now = self._clock()
         oldest = now - self.longest_wait_s
         while self.running < self.concurrency and self._turns:
-            running, order, endpoint_id = heapq.heappop(self._turns)
+            running, order, endpoint_id = self._turns[0]
             endpoint = self._in_hand.get(endpoint_id)
             if endpoint is None or (endpoint.running, endpoint.waiting[0][1]) != (running, order):
-                continue  # stale: the endpoint has a newer entry, or none in hand
-            if running >= self.per_endpoint:
+                heapq.heappop(self._turns)  # stale: a newer entry, or nothing in hand
+                continue
+            if self.running >= self.per_endpoint and running >= max(
+                1, self.per_endpoint // len(self._endpoints)
+            ):
+                # The reserve is for endpoints below an even part of the slots (a
+                # newcomer), as in the claim; the heap's head runs the fewest, so no
+                # other may take it either. Kept for the next slot that frees.
+                break
+            heapq.heappop(self._turns)
+            if running >= self.per_endpoint or (
+                endpoint.share is not None and running >= endpoint.share
+            ):
                 continue  # queued again when one of its requests ends
             taken_at, _, row = endpoint.waiting.popleft()
             self.waiting -= 1
@@ -246,5 +293,5 @@ class Slots:
             if endpoint.waiting:
                 self._queue(endpoint_id, endpoint)
             else:
-                del self._in_hand[endpoint_id]
+                self._out_of_hand(endpoint_id, endpoint)
         return started

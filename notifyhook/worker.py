@@ -204,7 +204,7 @@ class Worker:
                 continue
             if not await self._give_back_expired():
                 continue
-            self._slots.claim_started()
+            self._slots.look_ahead()
             room = self._slots.room
             if room <= 0:
                 continue
@@ -215,6 +215,7 @@ class Worker:
             try:
                 if self._claim_unanswered:
                     await self._release_lost_claims()
+                self._slots.claim_started()
                 claim = await self._store.claim_due(
                     self.settings.worker_id,
                     asked,
@@ -438,16 +439,23 @@ class Worker:
 
     async def _finish_in_flight(self, recorder: asyncio.Task[None]) -> None:
         """Soft stop: let requests finish within the grace, recording their outcomes as
-        they come. Hard stop: give the rest back, record what is left, within a deadline."""
+        they come. Hard stop: give the rest back, record what is left, within a deadline.
+        The rows in hand go back at once: waiting out the grace, they would hold their
+        endpoints' FIFO heads and max_in_flight from the other workers."""
+        unsent = [
+            (row.delivery_id, row.attempt)
+            for row in [*self._to_give_back, *self._slots.give_back_waiting()]
+        ]
+        self._to_give_back.clear()
+        self._count()
+        giving_back = asyncio.create_task(
+            self._release(unsent, reason=GIVEN_BACK_AT_STOP) if unsent else asyncio.sleep(0)
+        )
         tasks = [task for _, task in self._in_flight.values()]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
         unfinished = [
             (delivery_id, attempt) for delivery_id, (attempt, _) in self._in_flight.items()
-        ]
-        unsent = [
-            (row.delivery_id, row.attempt)
-            for row in [*self._to_give_back, *self._slots.give_back_waiting()]
         ]
         for _, task in list(self._in_flight.values()):
             task.cancel()
@@ -463,10 +471,9 @@ class Worker:
             # Bounded: systemd's TimeoutStopSec must not run out while the database is away.
             async with asyncio.timeout(SHUTDOWN_DATABASE_S):
                 await self.recorder.flush(final=True)
+                await giving_back
                 if unfinished:
                     await self._release(unfinished)
-                if unsent:
-                    await self._release(unsent, reason=GIVEN_BACK_AT_STOP)
                 if self._claim_unanswered:
                     # A claim failed just before the stop: what it may have taken was
                     # never sent, and would go dead at its last attempt after the lease.
@@ -489,7 +496,7 @@ class Worker:
                 "their leases will expire and they will be sent again",
                 why,
                 len(self.recorder),
-                len(unfinished) + len(unsent),
+                len(unfinished),
                 SHUTDOWN_DATABASE_S,
             )
 

@@ -16,6 +16,10 @@
 -- a few index entries per endpoint it serves, whatever the number of endpoints, and
 -- a claim when nothing is due reads the head of one index.
 --
+-- `concurrency` is what the worker may hold: its slots, plus the rows it takes ahead of
+-- them while its requests end faster than claims come (notifyhook/slots.py); the
+-- worker starts no more requests than its slots.
+--
 -- Fair parts, between the endpoints due at this moment only (work-conserving):
 -- a tenant may hold concurrency - reserve slots of this worker divided by the number
 -- of tenants with rows due, and an endpoint its tenant's part divided by the number
