@@ -14,13 +14,22 @@ cannot fill the slots of a fast one with rows taken ahead.
 
 The claim shares out the slots plus the lookahead (`capacity`) by its usual rules
 (sql/functions/claim.sql) and counts the rows in hand as held; the fleet-wide limits
-count rows in the database, where a row in hand is `processing`. Here, a freed slot
-goes to the waiting row whose endpoint has the fewest requests running, then to the row
-taken first, so a fresh event never queues behind another endpoint's rows in hand; and
-no endpoint runs more than all but the claim's reserve (a tenth) of the slots. A row
-that waited `longest_wait_s` for a slot (its endpoint slowed down) is given back
-unsent, not held from other workers, and never sent so late that its lease could run
-out first.
+count rows in the database, where a row in hand is `processing`. Here, the claim's
+rules are kept for the slots themselves:
+  * a freed slot goes to the row in hand whose endpoint has the fewest requests
+    running, then to the row taken first: a fresh event never queues behind another
+    endpoint's rows in hand;
+  * no endpoint runs more than all but the reserve (a tenth of the slots), and the
+    reserve goes only to an endpoint below an even part of the slots: rows taken
+    ahead for busy endpoints never take it from a newcomer;
+  * an endpoint not yet seen answering within a claim runs no more than its part of
+    the slots as the claim that gave it rows ahead shared them: a slow newcomer does
+    not take the slots its fast neighbours free.
+A row that waited `longest_wait_s` since its claim for a slot (its endpoint slowed
+down) is given back unsent, not held from other workers, and never sent so late that
+its lease could run out first; a stopping worker gives back its rows in hand at once.
+A worker killed outright leaves them leased, like its requests in flight, and when
+the leases expire they are charged an attempt as those are.
 
 No I/O, and the clock is a parameter: the rules are tested without a database or a wait.
 """
