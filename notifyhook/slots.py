@@ -142,9 +142,11 @@ class Slots:
         for endpoint_id, endpoint in list(self._endpoints.items()):
             endpoint.fast, endpoint.freed = endpoint.freed > 0, 0
             if endpoint.fast:
+                # Kept even when it holds nothing: its next rows, taken ahead, run
+                # without a share.
                 endpoint.share = None
             elif not endpoint.held:
-                del self._endpoints[endpoint_id]  # kept while fast: its next rows are
+                del self._endpoints[endpoint_id]
 
     def claim_answered(self) -> None:
         """The claim's answer came: how long a claim takes, for the next one's lookahead."""
