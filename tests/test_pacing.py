@@ -5,17 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import Clock
 
 from notifyhook.pacing import PASSED_BY_RETRY_S, Pacing
 from notifyhook.store import Claim
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def claim(
@@ -28,11 +21,6 @@ def claim(
 ) -> Claim:
     # The pacing counts the claimed rows and never reads them.
     return Claim([None] * taken, wake_in_s, more_due, held_back, passed_by)  # type: ignore[list-item]
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

@@ -6,19 +6,12 @@ import itertools
 import uuid
 
 import pytest
+from conftest import Clock
 
 from notifyhook.slots import LOOKAHEAD_MOST, Slots, longest_wait_s
 from notifyhook.store import ClaimedDelivery, Holding
 
 ids = itertools.count(1)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def rows(endpoint_id: int, count: int, tenant_id: str = "t") -> list[ClaimedDelivery]:
@@ -44,11 +37,6 @@ def rows(endpoint_id: int, count: int, tenant_id: str = "t") -> list[ClaimedDeli
 
 def endpoints(started: list[ClaimedDelivery]) -> list[int]:
     return [row.endpoint_id for row in started]
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture
