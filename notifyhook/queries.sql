@@ -190,3 +190,8 @@ RETURNING previous_secret_expires_at;
 
 -- name: listen
 LISTEN notifyhook;
+
+-- name: backend_wait
+-- What a backend waits for (a worker's start-up schema check that takes long): the type
+-- of its wait event, and the backends that block it.
+SELECT a.wait_event_type, pg_blocking_pids(a.pid) FROM pg_stat_activity AS a WHERE a.pid = %(pid)s;

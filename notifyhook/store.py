@@ -766,6 +766,17 @@ async def retire_partitions(
     return dropped
 
 
+async def blocking_backends(url: str, conn: psycopg.AsyncConnection[Any]) -> list[int] | None:
+    """The backends whose locks `conn`'s statement waits for, asked over a connection of
+    its own; None when it waits for no lock (a slow server)."""
+    async with connect(url) as other:
+        cursor = await other.execute(queries()["backend_wait"], {"pid": conn.info.backend_pid})
+        row = await cursor.fetchone()
+    if row is None or row[0] != "Lock":
+        return None
+    return list(row[1])
+
+
 async def read_schema_version(conn: psycopg.AsyncConnection[Any]) -> int | None:
     """The schema version recorded in the database; None before the first migrate."""
     sql = queries()

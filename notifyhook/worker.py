@@ -34,6 +34,7 @@ from notifyhook.store import (
     Store,
     Timeouts,
     Trouble,
+    blocking_backends,
     connect,
     diagnose,
     is_transient,
@@ -57,6 +58,9 @@ GIVEN_BACK_LATE = (
 GIVEN_BACK_AT_STOP = (
     "given back unsent: the worker stopped before a slot freed for it; the attempt is not charged"
 )
+
+SCHEMA_CHECK_PATIENCE_S = 3.0
+"""How long the start-up schema check may wait before the worker says what it waits for."""
 
 SHUTDOWN_DATABASE_S = 10.0
 """After the grace, how long a stopping worker tries to record outcomes and give back
@@ -627,6 +631,36 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stopping: asyncio.Eve
     return False
 
 
+async def _check_schema_saying_if_slow(url: str, conn: Any) -> None:
+    """The schema check, which has no lock_timeout: a migration under way, or an
+    operator's transaction holding a lock on notifyhook's tables, makes it wait as long
+    as that lasts. The worker waits too, but says so, rather than sit silent."""
+    check = asyncio.ensure_future(check_schema(conn))
+    try:
+        done, _ = await asyncio.wait({check}, timeout=SCHEMA_CHECK_PATIENCE_S)
+        if not done:
+            try:
+                blockers = await blocking_backends(url, conn)
+            except DatabaseError:
+                blockers = None
+            if blockers is None:
+                log.warning(
+                    "checking the schema has taken %gs so far; still waiting",
+                    SCHEMA_CHECK_PATIENCE_S,
+                )
+            else:
+                log.warning(
+                    "checking the schema has waited %gs for a lock held by backend %s (a "
+                    "migration under way, or an open transaction that locked notifyhook's "
+                    "tables: see pg_stat_activity); waiting for it to end",
+                    SCHEMA_CHECK_PATIENCE_S,
+                    ", ".join(str(pid) for pid in blockers),
+                )
+        await check
+    finally:
+        check.cancel()
+
+
 async def _wait_for_schema(url: str) -> None:
     """Refuse a schema this code does not know; wait out a database that is not up yet.
 
@@ -637,7 +671,7 @@ async def _wait_for_schema(url: str) -> None:
     while True:
         try:
             async with connect(url) as conn:
-                await check_schema(conn)
+                await _check_schema_saying_if_slow(url, conn)
                 return
         except DatabaseError as error:
             if (reason := refusal(error)) is not None:

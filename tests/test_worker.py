@@ -292,6 +292,22 @@ def test_the_worker_refuses_an_unknown_schema_version(db, start_worker):
     assert "newer" in log
 
 
+@pytest.mark.slow
+def test_a_worker_says_which_backend_its_schema_check_waits_for(database_url, start_worker):
+    with psycopg.connect(database_url) as holder:
+        holder.execute("LOCK TABLE notifyhook.migrations IN ACCESS EXCLUSIVE MODE")
+        holder_pid = holder.info.backend_pid
+        worker = start_worker()
+        wait_until(
+            lambda: "checking the schema has waited" in worker.log(),
+            what="the worker saying why it waits",
+        )
+        assert f"held by backend {holder_pid} " in worker.log()
+        assert " ready" not in worker.log()
+    # The lock gone, it starts as usual.
+    wait_until(lambda: f"worker {worker.worker_id} ready" in worker.log(), what="ready")
+
+
 @pytest.mark.parametrize("wrong", ["database", "user"])
 def test_the_worker_stops_when_the_server_refuses_its_credentials(
     database_url, start_worker, wrong
