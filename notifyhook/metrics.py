@@ -44,11 +44,6 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("notifyhook_in_flight", "HTTP requests in flight.", registry=r)
-        self.in_hand = Gauge(
-            "notifyhook_in_hand",
-            "Claimed deliveries waiting in this worker for a free slot (taken ahead).",
-            registry=r,
-        )
         self.claim_batch = Histogram(
             "notifyhook_claim_batch_size",
             "Deliveries taken per claim.",

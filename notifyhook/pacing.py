@@ -51,8 +51,6 @@ class Pacing:
         # is kept apart because a claim may run before that retry is recorded.
         self.claim_deadline: float | None = None
         self.retry_deadline: float | None = None
-        self.hold_deadline: float | None = None
-        """When a row in hand has waited too long for a slot (notifyhook/slots.py)."""
 
     # -- the claim loop's side ---------------------------------------------------------
 
@@ -61,11 +59,7 @@ class Pacing:
         now = self._clock()
         if self.retry_deadline is not None and self.retry_deadline <= now:
             self.retry_deadline = None
-        deadlines = [
-            d
-            for d in (self.claim_deadline, self.retry_deadline, self.hold_deadline)
-            if d is not None
-        ]
+        deadlines = [d for d in (self.claim_deadline, self.retry_deadline) if d is not None]
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     async def wait(self) -> None:

@@ -66,10 +66,6 @@ SELECT notifyhook.record_rejected_outcome(
 -- name: release_claims
 SELECT notifyhook.release_claims(%(worker)s, %(delivery_ids)s::bigint[], %(attempt_numbers)s::integer[]);
 
--- name: release_claims_because
--- Rows in hand given back before a request was sent: the attempts log says why.
-SELECT notifyhook.release_claims(%(worker)s, %(delivery_ids)s::bigint[], %(attempt_numbers)s::integer[], %(reason)s);
-
 -- name: reclaim_expired
 SELECT notifyhook.reclaim_expired(%(max_attempts)s);
 

@@ -667,20 +667,16 @@ class Store:
         )
         return bool(rows[0][0])
 
-    async def release_claims(
-        self, worker: str, held: Sequence[tuple[int, int]], *, reason: str | None = None
-    ) -> int:
-        """Give back (delivery_id, attempt) claims not finished, uncharged; `reason` for
-        the attempts log (None: the worker shut down before an answer)."""
-        params: dict[str, Any] = {
-            "worker": worker,
-            "delivery_ids": [delivery_id for delivery_id, _ in held],
-            "attempt_numbers": [attempt for _, attempt in held],
-        }
-        if reason is None:
-            rows = await self._fetch("release_claims", params)
-        else:
-            rows = await self._fetch("release_claims_because", {**params, "reason": reason})
+    async def release_claims(self, worker: str, held: Sequence[tuple[int, int]]) -> int:
+        """Give back (delivery_id, attempt) claims not finished, uncharged."""
+        rows = await self._fetch(
+            "release_claims",
+            {
+                "worker": worker,
+                "delivery_ids": [delivery_id for delivery_id, _ in held],
+                "attempt_numbers": [attempt for _, attempt in held],
+            },
+        )
         return int(rows[0][0])
 
     async def repair_turns(self) -> int:

@@ -26,11 +26,11 @@ from notifyhook.pacing import Pacing
 from notifyhook.recorder import Recorder
 from notifyhook.sender import Sender, without_url
 from notifyhook.settings import Settings
-from notifyhook.slots import Slots, longest_wait_s
 from notifyhook.store import (
     UNAVAILABLE,
     ClaimedDelivery,
     DatabaseError,
+    Holding,
     Store,
     Timeouts,
     Trouble,
@@ -50,14 +50,6 @@ unexpected_log = logging.getLogger(reporting.UNEXPECTED_LOGGER)
 
 WORKER_ID_RETRY_S = 1.0
 """How often a worker whose id another live session holds looks whether it is free."""
-
-GIVEN_BACK_LATE = (
-    "given back unsent: no slot of the worker freed within {wait:g}s of the claim "
-    "(notifyhook/slots.py); the attempt is not charged"
-)
-GIVEN_BACK_AT_STOP = (
-    "given back unsent: the worker stopped before a slot freed for it; the attempt is not charged"
-)
 
 SCHEMA_CHECK_PATIENCE_S = 3.0
 """How long the start-up schema check may wait before the worker says what it waits for."""
@@ -102,12 +94,8 @@ class Worker:
         self.pacing = Pacing(settings.batch_size, settings.concurrency)
         self._stop = asyncio.Event()
         self._in_flight: dict[int, tuple[int, asyncio.Task[None]]] = {}
-        # What this worker holds per endpoint, running or in hand: the claim shares
-        # slots by it.
-        self._slots = Slots(settings.concurrency, longest_wait_s(settings.lease))
-        # Rows in hand that are to go back unsent (waited too long for a slot); kept
-        # until the database has them.
-        self._to_give_back: list[ClaimedDelivery] = []
+        # What this worker holds per endpoint: the claim shares slots by it.
+        self._holdings: dict[int, Holding] = {}
         self.recorder = Recorder(
             settings,
             store,
@@ -204,28 +192,22 @@ class Worker:
         while not self._stop.is_set():
             await self.pacing.wait()
             self._last_cycle = time.monotonic()
-            if self._stop.is_set():
-                continue
-            if not await self._give_back_expired():
-                continue
-            self._slots.look_ahead()
-            room = self._slots.room
-            if room <= 0:
+            free = self.settings.concurrency - len(self._in_flight)
+            if self._stop.is_set() or free <= 0:
                 continue
             if not self._store.holds_worker_id and not await self._hold_worker_id():
                 continue
-            asked = min(room, self.settings.batch_size)
+            asked = min(free, self.settings.batch_size)
             began = time.perf_counter()
             try:
                 if self._claim_unanswered:
                     await self._release_lost_claims()
-                self._slots.claim_started()
                 claim = await self._store.claim_due(
                     self.settings.worker_id,
                     asked,
                     self.settings.lease,
-                    self._slots.capacity,
-                    self._slots.holdings(),
+                    self.settings.concurrency,
+                    list(self._holdings.values()),
                 )
             except DatabaseError as error:
                 # The claim may have committed and only its answer been lost: the next
@@ -240,35 +222,11 @@ class Worker:
                 self._ready_sent = True
                 self._notifier.ready()
                 log.info("worker %s ready", self.settings.worker_id)
-            self._slots.claim_answered()
             self.metrics.claim_seconds.observe(time.perf_counter() - began)
             self.metrics.claim_batch.observe(len(claim.deliveries))
-            for claimed in self._slots.take(claim.deliveries):
+            for claimed in claim.deliveries:
                 self._start(claimed)
-            self._count()
             self.pacing.claimed(claim, asked, len(self._in_flight))
-            self.pacing.hold_deadline = self._slots.next_expiry()
-
-    async def _give_back_expired(self) -> bool:
-        """Give back, unsent and uncharged, the rows in hand that waited too long for a
-        slot (their endpoint slowed down); whether the claim loop may go on."""
-        self._to_give_back.extend(self._slots.expired())
-        self.pacing.hold_deadline = self._slots.next_expiry()
-        self._count()
-        if not self._to_give_back:
-            return True
-        held = [(row.delivery_id, row.attempt) for row in self._to_give_back]
-        try:
-            await self._store.release_claims(
-                self.settings.worker_id,
-                held,
-                reason=GIVEN_BACK_LATE.format(wait=self._slots.longest_wait_s),
-            )
-        except DatabaseError as error:
-            await self._database_trouble("give back", error, 1.0)
-            return False
-        self._to_give_back.clear()
-        return True
 
     async def _hold_worker_id(self) -> bool:
         """Take the worker id's lock if no other live session holds it; else wait a
@@ -299,12 +257,7 @@ class Worker:
     async def _release_lost_claims(self) -> None:
         """Give back, uncharged, the rows of a claim whose answer never came: never sent,
         they would otherwise wait out the lease and be charged an attempt not made."""
-        known = {
-            *self._in_flight,
-            *(row.delivery_id for row in self._slots.in_hand()),
-            *(row.delivery_id for row in self._to_give_back),
-            *self.recorder.delivery_ids(),
-        }
+        known = {*self._in_flight, *self.recorder.delivery_ids()}
         released = await self._store.release_lost_claims(self.settings.worker_id, known)
         self._claim_unanswered = False
         if released:
@@ -347,10 +300,18 @@ class Worker:
     def _start(self, claimed: ClaimedDelivery) -> None:
         task = asyncio.create_task(self._deliver(claimed), name=f"delivery-{claimed.delivery_id}")
         self._in_flight[claimed.delivery_id] = (claimed.attempt, task)
-
-    def _count(self) -> None:
+        held = self._holdings.get(claimed.endpoint_id)
+        self._holdings[claimed.endpoint_id] = Holding(
+            claimed.endpoint_id, claimed.tenant_id, (held.rows if held else 0) + 1
+        )
         self.metrics.in_flight.set(len(self._in_flight))
-        self.metrics.in_hand.set(self._slots.waiting)
+
+    def _release_holding(self, endpoint_id: int) -> None:
+        held = self._holdings[endpoint_id]
+        if held.rows <= 1:
+            del self._holdings[endpoint_id]
+        else:
+            self._holdings[endpoint_id] = Holding(endpoint_id, held.tenant_id, held.rows - 1)
 
     # -- sending -----------------------------------------------------------------
 
@@ -394,11 +355,9 @@ class Worker:
             self.recorder.add(outcome)
         finally:
             del self._in_flight[claimed.delivery_id]
-            # A stopping worker starts nothing more: what waits goes back unsent.
-            for row in self._slots.finished(claimed, refill=not self._stop.is_set()):
-                self._start(row)
-            self._count()
-            self.pacing.freed(self._slots.held)
+            self._release_holding(claimed.endpoint_id)
+            self.metrics.in_flight.set(len(self._in_flight))
+            self.pacing.freed(len(self._in_flight))
 
     async def _attempt(self, delivery: Delivery) -> AttemptResult:
         try:
@@ -443,18 +402,7 @@ class Worker:
 
     async def _finish_in_flight(self, recorder: asyncio.Task[None]) -> None:
         """Soft stop: let requests finish within the grace, recording their outcomes as
-        they come. Hard stop: give the rest back, record what is left, within a deadline.
-        The rows in hand go back at once: waiting out the grace, they would hold their
-        endpoints' FIFO heads and max_in_flight from the other workers."""
-        unsent = [
-            (row.delivery_id, row.attempt)
-            for row in [*self._to_give_back, *self._slots.give_back_waiting()]
-        ]
-        self._to_give_back.clear()
-        self._count()
-        giving_back = asyncio.create_task(
-            self._release(unsent, reason=GIVEN_BACK_AT_STOP) if unsent else asyncio.sleep(0)
-        )
+        they come. Hard stop: give the rest back, record what is left, within a deadline."""
         tasks = [task for _, task in self._in_flight.values()]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
@@ -475,7 +423,6 @@ class Worker:
             # Bounded: systemd's TimeoutStopSec must not run out while the database is away.
             async with asyncio.timeout(SHUTDOWN_DATABASE_S):
                 await self.recorder.flush(final=True)
-                await giving_back
                 if unfinished:
                     await self._release(unfinished)
                 if self._claim_unanswered:
@@ -504,11 +451,9 @@ class Worker:
                 SHUTDOWN_DATABASE_S,
             )
 
-    async def _release(self, held: Sequence[tuple[int, int]], reason: str | None = None) -> None:
+    async def _release(self, held: Sequence[tuple[int, int]]) -> None:
         try:
-            released = await self._store.release_claims(
-                self.settings.worker_id, held, reason=reason
-            )
+            released = await self._store.release_claims(self.settings.worker_id, held)
         except DatabaseError as error:
             log.error(
                 "could not give back %d claims (their leases will expire): %s", len(held), error

@@ -27,22 +27,6 @@ from notifyhook.tools.receiver import Receiver
 from notifyhook.tools.workers import WorkerProcess, WorkerThread, notifyhook_environment
 
 
-class Clock:
-    """A clock a test moves by hand (`clock.now += 0.5`), for the rules that take their
-    clock as a parameter (notifyhook/pacing.py, notifyhook/slots.py)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -4,15 +4,12 @@ start-up refusals and its log."""
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import logging
-import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -29,8 +26,6 @@ from notifyhook.secrets import seal
 from notifyhook.signing import generate_secret
 from notifyhook.store import Timeouts, diagnose
 from notifyhook.tools.receiver import Answer
-from notifyhook.tools.receiver_process import PathSpec, ReceiverProcess
-from notifyhook.tools.workers import WorkerThread
 
 
 def statuses(db) -> dict[str, int]:
@@ -598,97 +593,3 @@ def test_each_timeout_of_the_workers_session_is_named_for_what_it_is(db, databas
         with pytest.raises(psycopg.OperationalError) as raised:
             conn.execute("SELECT 1")
     assert diagnose(raised.value, timeouts).text == "database unavailable"
-
-
-# -- rows taken ahead of the slots (notifyhook/slots.py) ---------------------------------
-
-
-@contextlib.contextmanager
-def receiver_process() -> Iterator[ReceiverProcess]:
-    """A fast receiver in a process of its own, which the test may stop (SIGSTOP)."""
-    receiver = ReceiverProcess({"fast": PathSpec()}).start()
-    try:
-        yield receiver
-    finally:
-        os.kill(receiver.pid, signal.SIGCONT)
-        receiver.stop()
-
-
-def in_hand(worker: WorkerThread) -> float:
-    return worker.metrics.registry.get_sample_value("notifyhook_in_hand") or 0.0
-
-
-def stop_with_rows_in_hand(worker: WorkerThread, receiver: ReceiverProcess) -> None:
-    """Stop the receiver at a moment the worker holds rows in hand: no request can end,
-    so no slot frees for them. Tries again until the stop catches some (a claim takes
-    rows ahead only while its endpoint is fast), within a bound."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if in_hand(worker) > 0:
-            os.kill(receiver.pid, signal.SIGSTOP)
-            # Answers already on their way end their requests; what is in hand after
-            # them stays there.
-            time.sleep(0.2)
-            if in_hand(worker) > 0:
-                return
-            os.kill(receiver.pid, signal.SIGCONT)
-        time.sleep(0.0005)
-    pytest.fail("the worker never held rows in hand")
-
-
-def requests_per_event(receiver: ReceiverProcess) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for hit in receiver.drain():
-        counts[hit.webhook_id] = counts.get(hit.webhook_id, 0) + 1
-    return counts
-
-
-def attempts_charged(db) -> dict[str, int]:
-    return dict(db.execute("SELECT event_id::text, attempts FROM notifyhook.deliveries").fetchall())
-
-
-@pytest.mark.slow
-def test_rows_in_hand_with_no_slot_go_back_unsent_and_uncharged(db, run_worker):
-    with receiver_process() as receiver:
-        add_endpoint(db, "t", "fast", receiver.url("fast"))
-        worker = run_worker(concurrency="20", http_timeout="8")
-        insert_events(db, "t", 3000)
-        stop_with_rows_in_hand(worker, receiver)
-        stuck = in_hand(worker)
-        wait_until(lambda: in_hand(worker) == 0, timeout=5, what="rows in hand given back")
-        os.kill(receiver.pid, signal.SIGCONT)
-        wait_until(lambda: statuses(db) == {"delivered": 3000}, timeout=60, what="all delivered")
-        requests = requests_per_event(receiver)
-    given_back = scalar(
-        db,
-        "SELECT count(*) FROM notifyhook.attempts WHERE error LIKE %s",
-        ["given back unsent: no slot of the worker freed within %s of the claim%"],
-    )
-    assert given_back >= stuck
-    # Never sent, so never charged: each delivery's attempts are its requests, one each.
-    assert attempts_charged(db) == requests
-    assert set(requests.values()) == {1}
-    # The attempts log tells the whole story: a row per request, one per give-back.
-    assert scalar(db, "SELECT count(*) FROM notifyhook.attempts") == 3000 + given_back
-
-
-@pytest.mark.slow
-def test_a_stopping_worker_gives_back_its_rows_in_hand_unsent(db, run_worker):
-    with receiver_process() as receiver:
-        add_endpoint(db, "t", "fast", receiver.url("fast"))
-        worker = run_worker(concurrency="20", http_timeout="8", shutdown_grace="0.2")
-        insert_events(db, "t", 3000)
-        stop_with_rows_in_hand(worker, receiver)
-        worker.stop()
-        os.kill(receiver.pid, signal.SIGCONT)
-        sent = set(requests_per_event(receiver))
-    unsent = db.execute(
-        "SELECT d.event_id::text, d.status, d.attempts FROM notifyhook.attempts AS a "
-        "JOIN notifyhook.deliveries AS d ON d.id = a.delivery_id WHERE a.error LIKE %s",
-        ["given back unsent: the worker stopped before a slot freed for it%"],
-    ).fetchall()
-    assert unsent
-    # Pending again, uncharged, and never sent.
-    assert {(status, attempts) for _, status, attempts in unsent} == {("pending", 0)}
-    assert not sent & {event for event, _, _ in unsent}
-    assert scalar(db, "SELECT count(*) FROM notifyhook.deliveries WHERE status = 'processing'") == 0

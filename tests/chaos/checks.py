@@ -15,9 +15,6 @@ from .run import Observed
 LEASE_EXPIRED = "lease expired"
 CLAIM_LOST = "claim lost"
 """A claim whose answer its worker never got, given back unsent (release_lost_claims)."""
-GIVEN_BACK_UNSENT = "given back unsent"
-"""A row taken ahead of the slots that no slot took in time, or held at a stop
-(notifyhook/slots.py): given back before any request went."""
 
 Key = tuple[str, str]
 """A delivery as the receiver knows it: (endpoint name, event id)."""
@@ -34,8 +31,7 @@ class Delivery:
     lost: list[int] = field(default_factory=list)
     """Attempt numbers reclaim_expired wrote off: claims whose worker never recorded them."""
     unsent: list[int] = field(default_factory=list)
-    """Attempt numbers of claims given back unsent (their answer lost, or rows in hand
-    given back): no request went."""
+    """Attempt numbers of claims given back unsent, their answer lost: no request went."""
     arrivals: list[Arrival] = field(default_factory=list)
 
     @property
@@ -82,7 +78,7 @@ def _deliveries(observed: Observed) -> dict[Key, Delivery]:
     for delivery_id, attempt, code, error, worker in observed.tables["attempts"]:
         if error is not None and error.startswith(LEASE_EXPIRED):
             by_id[delivery_id].lost.append(attempt)
-        elif error is not None and error.startswith((CLAIM_LOST, GIVEN_BACK_UNSENT)):
+        elif error is not None and error.startswith(CLAIM_LOST):
             by_id[delivery_id].unsent.append(attempt)
         else:
             by_id[delivery_id].recorded.append((attempt, code, error, worker))
@@ -278,7 +274,7 @@ def _summary(
         (
             "attempts recorded",
             f"{recorded} (+{lost} written off by reclaim_expired, "
-            f"+{unsent} claims given back unsent: their answer lost, or rows in hand)",
+            f"+{unsent} claims given back unsent, their answer lost)",
         ),
         ("producer retries", str(observed.producer_errors)),
         ("commit-to-arrival", _latency(to_first_arrival)),
