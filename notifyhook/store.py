@@ -764,11 +764,12 @@ async def retire_partitions(
 
 async def blocking_backends(url: str, conn: psycopg.AsyncConnection[Any]) -> list[int] | None:
     """The backends whose locks `conn`'s statement waits for, asked over a connection of
-    its own; None when it waits for no lock (a slow server)."""
+    its own (`conn` is busy waiting); None when it waits for no lock held by another
+    backend (a slow server, or a lock released as we asked)."""
     async with connect(url) as other:
         cursor = await other.execute(queries()["backend_wait"], {"pid": conn.info.backend_pid})
         row = await cursor.fetchone()
-    if row is None or row[0] != "Lock":
+    if row is None or row[0] != "Lock" or not row[1]:
         return None
     return list(row[1])
 

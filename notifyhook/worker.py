@@ -603,6 +603,7 @@ async def _check_schema_saying_if_slow(url: str, conn: Any) -> None:
                 )
         await check
     finally:
+        # A stop while waiting cancels this coroutine, not the task it awaits.
         check.cancel()
 
 
