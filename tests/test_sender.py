@@ -818,3 +818,46 @@ def test_a_percent_encoded_echo_of_the_path_is_stripped_too():
     assert without_url(echoed, url, shortest=MIN_ECHOED_PATH) == "Cannot POST /<path>"
     # And the written form, as before.
     assert without_url("no route /in/tökén-{x}-abcdefgh", url) == "no route /<path>"
+
+
+@pytest.mark.parametrize(
+    ("headers", "path"),
+    [
+        ({"x-a": "1\r\nx-injected: 2"}, "/"),
+        ({"x-a": "1\nx-injected: 2"}, "/"),
+        ({"x-a": "1\r"}, "/"),
+        ({"x-a:b": "1"}, "/"),
+        ({"x-a": "1"}, "/a%0d%0aX: 1"),  # percent-encoded by httpx: must go through
+    ],
+)
+def test_the_transport_refuses_a_request_a_header_would_break(
+    headers: dict[str, str], path: str
+) -> None:
+    # Any client of the transport, not only the sender (whose endpoint headers are checked
+    # before): a CR, LF or a colon in a name never reaches the wire as a line of its own.
+    heads: list[bytes] = []
+    answer = b"HTTP/1.1 204 No Content\r\n\r\n"
+
+    async def scenario() -> httpx.Response | None:
+        async with (
+            raw_server(answering(answer, heads)) as (port, _),
+            httpx.AsyncClient(transport=Http11Transport()) as client,
+        ):
+            request = client.build_request("POST", f"http://127.0.0.1:{port}{path}", content=b"{}")
+            for name, value in headers.items():
+                request.headers.update({name: value})
+            if "%0d" in path:
+                return await client.send(request)
+            with pytest.raises(httpx.LocalProtocolError, match="a header would break the request"):
+                await client.send(request)
+            return None
+
+    response = run(scenario())
+    if "%0d" in path:
+        assert response is not None
+        assert response.status_code == 204
+        [head] = heads
+        assert head.startswith(b"POST /a%0d%0aX:%201 HTTP/1.1\r\n")
+    else:
+        assert response is None
+        assert heads == []
