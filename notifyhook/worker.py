@@ -94,6 +94,9 @@ class Worker:
         self.pacing = Pacing(settings.batch_size, settings.concurrency)
         self._stop = asyncio.Event()
         self._in_flight: dict[int, tuple[int, asyncio.Task[None]]] = {}
+        # Read when scraped, not set at every start and end of a request (two locked
+        # updates a delivery, for a figure read every few seconds).
+        metrics.in_flight.set_function(lambda: len(self._in_flight))
         # What this worker holds per endpoint: the claim shares slots by it.
         self._holdings: dict[int, Holding] = {}
         self.recorder = Recorder(
@@ -304,7 +307,6 @@ class Worker:
         self._holdings[claimed.endpoint_id] = Holding(
             claimed.endpoint_id, claimed.tenant_id, (held.rows if held else 0) + 1
         )
-        self.metrics.in_flight.set(len(self._in_flight))
 
     def _release_holding(self, endpoint_id: int) -> None:
         held = self._holdings[endpoint_id]
@@ -356,7 +358,6 @@ class Worker:
         finally:
             del self._in_flight[claimed.delivery_id]
             self._release_holding(claimed.endpoint_id)
-            self.metrics.in_flight.set(len(self._in_flight))
             self.pacing.freed(len(self._in_flight))
 
     async def _attempt(self, delivery: Delivery) -> AttemptResult:

@@ -54,6 +54,21 @@ def sample(samples: Samples, name: str, **labels: str) -> float | None:
 # -- metrics ---------------------------------------------------------------------
 
 
+def test_in_flight_counts_the_requests_a_receiver_holds(db, receiver, run_worker):
+    receiver.sequence("hang", Answer(kind="hang", seconds=30))
+    add_endpoint(db, "t", "hang", receiver.url("hang"), timeout_ms=3000)
+    port = free_port()
+    run_worker(metrics_port=str(port), http_timeout="3")
+    wait_until(lambda: health(port) == 200, what="/healthz to answer 200")
+    insert_events(db, "t", 3)
+    wait_until(lambda: len(receiver.received("hang")) == 3, what="three hanging requests")
+    assert sample(scrape(port), "notifyhook_in_flight") == 3
+    wait_until(
+        lambda: sample(scrape(port), "notifyhook_in_flight") == 0,
+        what="the timed-out requests to leave their slots",
+    )
+
+
 def test_metrics_count_what_the_worker_did(db, receiver, run_worker):
     receiver.sequence("dead", Answer(status=400))
     receiver.sequence("gone", Answer(status=410))
