@@ -54,9 +54,14 @@ WORKER_ID_RETRY_S = 1.0
 SCHEMA_CHECK_PATIENCE_S = 3.0
 """How long the start-up schema check may wait before the worker says what it waits for."""
 
+CUT_SHORT_S = 1.0
+"""After the grace, how long answered requests whose body is cut short have to end (a
+few turns of the event loop)."""
+
 SHUTDOWN_DATABASE_S = 10.0
 """After the grace, how long a stopping worker tries to record outcomes and give back
-claims: SHUTDOWN_GRACE plus this stays within the unit's TimeoutStopSec (30 + 10 < 45)."""
+claims: SHUTDOWN_GRACE, CUT_SHORT_S and this stay within the unit's TimeoutStopSec
+(30 + 1 + 10 < 45)."""
 
 
 def _unsent(error: str) -> AttemptResult:
@@ -407,6 +412,15 @@ class Worker:
         tasks = [task for _, task in self._in_flight.values()]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
+        # Answered, body still coming: the status decides the attempt. Cut short and
+        # recorded as answered; given back, it would be sent again (DESIGN §8).
+        answered = [
+            self._in_flight[delivery_id][1]
+            for delivery_id in self._sender.cut_reads_short()
+            if delivery_id in self._in_flight
+        ]
+        if answered:
+            await asyncio.wait(answered, timeout=CUT_SHORT_S)
         unfinished = [
             (delivery_id, attempt) for delivery_id, (attempt, _) in self._in_flight.items()
         ]

@@ -264,6 +264,25 @@ def test_sigterm_gives_back_what_cannot_finish_without_charging(db, receiver, st
     assert all(attempt == 1 and error.startswith("interrupted") for attempt, error in logged)
 
 
+def test_an_answer_whose_body_outlasts_the_grace_is_recorded_not_given_back(
+    db, receiver, start_worker
+):
+    # The receiver has answered 200 (status line and headers) and is still sending the
+    # body when the grace ends. The status decides the attempt: given back as unfinished,
+    # the delivery would be sent again although the receiver took it (DESIGN §8).
+    receiver.sequence("drip", Answer(kind="drip", seconds=30))
+    add_endpoint(db, "t", "drip", receiver.url("drip"), timeout_ms=8000)
+    worker = start_worker(shutdown_grace="0.5", http_timeout="8")
+    insert_events(db, "t", 2)
+    wait_until(lambda: len(receiver.heads_sent) == 2, what="two answers' heads sent")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(20) == 0, worker.log()
+    rows = db.execute("SELECT status, attempts FROM notifyhook.deliveries").fetchall()
+    assert rows == [("delivered", 1), ("delivered", 1)]
+    logged = db.execute("SELECT status_code, response_excerpt FROM notifyhook.attempts").fetchall()
+    assert logged == [(200, "o"), (200, "o")]
+
+
 def test_a_second_signal_exits_at_once(db, receiver, start_worker):
     receiver.sequence("hang", Answer(kind="hang", seconds=30))
     add_endpoint(db, "t", "hang", receiver.url("hang"), timeout_ms=8000)

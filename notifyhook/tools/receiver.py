@@ -16,13 +16,14 @@ from notifyhook import signing
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """How to answer one request. `kind`: status, hang, reset, slow, big, raw."""
+    """How to answer one request. `kind`: status, hang, reset, slow, big, raw, drip."""
 
     kind: str = "status"
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-    """hang: how long to hang; slow: how long before answering."""
+    """hang: how long to hang; slow: how long before answering; drip: how long the body
+    takes to end after the status line and headers are sent."""
     size: int = 0
     """big: bytes of body to send."""
     body: bytes | None = None
@@ -72,6 +73,8 @@ class Receiver:
         self._scripts: dict[str, Script] = {}
         self._secrets: dict[str, list[str]] = {}
         self._counts: dict[str, int] = {}
+        self.heads_sent: list[str] = []
+        """The paths of drip answers whose status line and headers have left."""
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -110,7 +113,9 @@ class Receiver:
                 headers=headers,
                 body=body,
                 verified=self._verify(name, headers, body),
-                answered=answer.status if answer.kind in ("status", "slow", "big") else None,
+                answered=answer.status
+                if answer.kind in ("status", "slow", "big", "drip")
+                else None,
                 peer=request.transport.get_extra_info("peername") if request.transport else None,
                 header_lines=tuple(request.headers.items()),
             )
@@ -135,6 +140,17 @@ class Receiver:
             return web.Response()
         elif answer.kind == "slow":
             await asyncio.sleep(answer.seconds)
+        elif answer.kind == "drip":
+            # The status line, the headers and a first byte now; the rest of the body
+            # after `seconds`: an answer whose status is in while its body still comes.
+            response = web.StreamResponse(status=answer.status, headers=answer.headers)
+            await response.prepare(request)
+            await response.write(b"o")
+            self.heads_sent.append(request.match_info["name"])
+            await asyncio.sleep(answer.seconds)
+            await response.write(b"k")
+            await response.write_eof()
+            return response
         elif answer.kind == "big":
             response = web.StreamResponse(status=answer.status, headers=answer.headers)
             await response.prepare(request)
