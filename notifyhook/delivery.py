@@ -6,7 +6,6 @@ import enum
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Literal
 
 
@@ -49,9 +48,6 @@ class AttemptResult:
     """What one HTTP attempt did; becomes one `notifyhook.attempts` row."""
 
     verdict: Verdict
-    started_at: datetime
-    """The worker's own wall clock when the attempt began. Not what the audit log keeps:
-    attempts.started_at is on the database's clock (see started_monotonic)."""
     duration_ms: float
     status_code: int | None = None
     error: str | None = None
@@ -68,8 +64,9 @@ class AttemptResult:
     started_monotonic: float = field(default_factory=time.monotonic)
     """time.monotonic() when the attempt began (by default when this value is made, right
     for an attempt that took no time). The record says how long ago that was, and the
-    database writes started_at on its own clock: a worker's wall clock may be off by
-    seconds or hours, and the history's times must agree with the health's."""
+    database writes attempts.started_at on its own clock: a worker's wall clock may be
+    off by seconds or hours, and the history's times must agree with the health's. So
+    no wall-clock time of the worker's is kept here at all."""
 
 
 DeliveryStatus = Literal["delivered", "pending", "dead"]

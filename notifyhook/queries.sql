@@ -49,11 +49,13 @@ SELECT pg_try_advisory_lock(notifyhook.worker_lock_key(%(worker)s));
 -- Casts spell the array types out: a list of all-None values carries no type. The
 -- arrays go in binary format: written as text, a list of timestamps made this
 -- statement's parameters cost a worker more than the statement costs the database
--- (binary is about twenty times cheaper; docs/performance.md).
+-- (binary is about twenty times cheaper; docs/performance.md). started_ats (the
+-- worker's wall clock, kept in the function for callers of an older version) is null:
+-- the database dates each attempt from started_ago_s on its own clock.
 SELECT * FROM notifyhook.record_outcomes(
     %(worker)s, %(delivery_ids)b::bigint[], %(endpoint_ids)b::bigint[],
     %(attempt_numbers)b::integer[], %(statuses)b::text[], %(retry_in_s)b::double precision[],
-    %(started_ats)b::timestamptz[], %(durations_ms)b::double precision[],
+    NULL::timestamptz[], %(durations_ms)b::double precision[],
     %(status_codes)b::integer[], %(errors)b::text[], %(excerpts)b::text[], %(gone)b::boolean[],
     %(disable_after)s, %(retried)s, %(attempt_keys)b::uuid[], %(sent)b::boolean[],
     %(started_ago_s)b::double precision[]);

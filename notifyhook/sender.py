@@ -11,7 +11,6 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
 
@@ -183,7 +182,7 @@ class Sender:
 
     async def send(self, delivery: Delivery) -> AttemptResult:
         """Make one attempt; every way it can end, network failures included, is a value."""
-        started_at, started_monotonic = datetime.now(UTC), time.monotonic()
+        started_monotonic = time.monotonic()
         try:
             request = self._request(delivery)
             status, retry_after_s, excerpt = await self._exchange(
@@ -198,7 +197,6 @@ class Sender:
             verdict = _status_verdict(status)
             return AttemptResult(
                 verdict,
-                started_at,
                 _elapsed_ms(started_monotonic),
                 status_code=status,
                 error=None if verdict is Verdict.DELIVERED else f"HTTP {status}",
@@ -210,7 +208,6 @@ class Sender:
             )
         return AttemptResult(
             verdict,
-            started_at,
             _elapsed_ms(started_monotonic),
             error=error,
             started_monotonic=started_monotonic,

@@ -625,7 +625,6 @@ class Store:
                     "attempt_numbers": [o.attempt for o in outcomes],
                     "statuses": [o.status for o in outcomes],
                     "retry_in_s": [o.retry_in_s for o in outcomes],
-                    "started_ats": [r.started_at for r in results],
                     "durations_ms": [r.duration_ms for r in results],
                     "status_codes": [r.status_code for r in results],
                     "errors": [_storable(r.error) for r in results],

@@ -10,7 +10,6 @@ import signal
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from notifyhook import __version__, reporting, retry, secrets
@@ -67,7 +66,7 @@ claims: SHUTDOWN_GRACE, CUT_SHORT_S and this stay within the unit's TimeoutStopS
 def _unsent(error: str) -> AttemptResult:
     """An attempt that ended on our side, before a request left: retried on the schedule,
     not counted against the endpoint's health."""
-    return AttemptResult(Verdict.RETRY, datetime.now(UTC), 0.0, error=error, sent=False)
+    return AttemptResult(Verdict.RETRY, 0.0, error=error, sent=False)
 
 
 class Worker:

@@ -91,9 +91,7 @@ def test_decide_maps_every_status_and_attempt_to_the_next_state(
     configured = make_settings(schedule, jitter)
     slots = configured.retry_schedule
     attempt = data.draw(st.integers(min_value=1, max_value=len(slots) + 2), label="attempt")
-    result = AttemptResult(
-        _status_verdict(status), datetime.now(UTC), 1.0, status, retry_after_s=retry_after
-    )
+    result = AttemptResult(_status_verdict(status), 1.0, status, retry_after_s=retry_after)
     outcome = decide(delivery(attempt), result, configured)
     assert (outcome.delivery_id, outcome.attempt, outcome.result) == (1, attempt, result)
     verdict = expected_verdict(status)
@@ -116,7 +114,7 @@ def test_decide_maps_every_status_and_attempt_to_the_next_state(
 @given(schedule=schedules, jitter=st.floats(min_value=0, max_value=1))
 def test_a_delivery_that_always_fails_dies_after_the_configured_window(schedule, jitter):
     configured = make_settings(schedule, jitter)
-    failure = AttemptResult(Verdict.RETRY, datetime.now(UTC), 1.0, 503)
+    failure = AttemptResult(Verdict.RETRY, 1.0, 503)
     window = 0.0
     attempt = 1
     while True:

@@ -13,7 +13,6 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
-import pytest
 from conftest import add_endpoint, run_cli, scalar, wait_until
 
 from notifyhook.dashboard import charts
@@ -54,18 +53,16 @@ def outcome(
     code: int | None = 200,
     excerpt: str = "ok",
     retry_in_s: float | None = None,
-    started_at: datetime | None = None,
     duration_ms: float = 12.0,
     began_s_ago: float | None = None,
 ) -> Outcome:
-    """`started_at`: the worker's wall clock at the start (now by default; give it to
-    play a worker whose clock is off). `began_s_ago`: when the attempt began by the
-    worker's monotonic clock, in seconds before now (by default now)."""
+    """`began_s_ago`: when the attempt began by the worker's monotonic clock, in seconds
+    before now (by default now). A worker's wall clock is not part of an outcome at all:
+    whatever it reads, the history and the health are on the database's clock."""
     verdict = Verdict.DELIVERED if status == "delivered" else Verdict.RETRY
     began = {} if began_s_ago is None else {"started_monotonic": time.monotonic() - began_s_ago}
     result = AttemptResult(
         verdict,
-        started_at or datetime.now(UTC),
         duration_ms,
         status_code=code,
         error=None if verdict is Verdict.DELIVERED else f"HTTP {code}",
@@ -231,14 +228,13 @@ def test_a_refused_outcome_of_a_deleted_endpoint_still_has_its_attempt(db, datab
     assert logged == sorted([(gone_id, gone), (kept_id, kept)])
 
 
-@pytest.mark.parametrize("fast_by", [timedelta(hours=1), timedelta(hours=-1)])
-def test_endpoint_health_reads_the_database_clock_not_the_workers(db, database_url, fast_by):
-    # A worker an hour fast records a success "in the future"; the failures recorded
-    # after it, by workers with right clocks, must still count (and the other way round).
+def test_endpoint_health_reads_the_database_clock_not_the_workers(db, database_url):
+    # A success, then failures: the failures count from the success on the database's
+    # clock. (Outcomes carry no wall-clock time of the worker's since 2026-12-04: a
+    # worker an hour fast once recorded a success "in the future" that hid them.)
     endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
     ids = leased(db, endpoint, 4)
-    skewed = datetime.now(UTC) + fast_by
-    record(database_url, [outcome(ids[0], endpoint, started_at=skewed)])
+    record(database_url, [outcome(ids[0], endpoint)])
     for delivery in ids[1:]:
         record(database_url, [outcome(delivery, endpoint, "pending", code=503, retry_in_s=30)])
     failures, failing_since, last_success = db.execute(
@@ -264,19 +260,15 @@ def _as_the_dashboard_shows(database_url: str, endpoint: int) -> tuple[EndpointH
 def test_the_dashboards_last_error_is_the_latest_failure_even_from_a_worker_a_second_fast(
     db, database_url
 ):
-    # A failure from a worker whose clock is right, then one from a worker whose clock
-    # runs a second fast (NTP-level drift on a busy host). The last error is the one
-    # with started_at <= last_failure_at: with started_at on the worker's clock and
-    # health on the database's, the later failure's row began "after" it and the
-    # dashboard showed the older error (review h2).
+    # Two failures, the second from a worker whose clock runs a second fast (NTP-level
+    # drift on a busy host). The last error is the one with started_at <= last_failure_at:
+    # with started_at on the worker's clock and health on the database's, the later
+    # failure's row began "after" it and the dashboard showed the older error (review
+    # h2). Outcomes now carry no wall-clock time of the worker's at all.
     endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
     first, second = leased(db, endpoint, 2)
     record(database_url, [outcome(first, endpoint, "pending", code=503, retry_in_s=30)])
-    fast = datetime.now(UTC) + timedelta(seconds=1)
-    record(
-        database_url,
-        [outcome(second, endpoint, "pending", code=500, retry_in_s=30, started_at=fast)],
-    )
+    record(database_url, [outcome(second, endpoint, "pending", code=500, retry_in_s=30)])
     health, _ = _as_the_dashboard_shows(database_url, endpoint)
     assert health.consecutive_failures == 2
     assert health.last_error == "HTTP 500", (health.last_error, health.last_failure_at)
@@ -288,8 +280,7 @@ def test_the_dashboards_chart_counts_the_attempts_of_a_worker_two_minutes_fast(d
     # minutes fast is an attempt of this minute, not of a minute yet to come (review h2).
     endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
     (delivery,) = leased(db, endpoint, 1)
-    fast = datetime.now(UTC) + timedelta(minutes=2)
-    record(database_url, [outcome(delivery, endpoint, started_at=fast)])
+    record(database_url, [outcome(delivery, endpoint)])
     health, chart = _as_the_dashboard_shows(database_url, endpoint)
     assert health.delivered_1h == 1
     assert chart.total == 1, chart
@@ -301,27 +292,22 @@ def test_endpoint_stats_count_the_attempts_of_a_worker_two_hours_slow(db, databa
     # last hour and the last day (review h2).
     endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
     (delivery,) = leased(db, endpoint, 1)
-    slow = datetime.now(UTC) - timedelta(hours=2)
-    record(database_url, [outcome(delivery, endpoint, started_at=slow)])
+    record(database_url, [outcome(delivery, endpoint)])
     [stats] = json.loads(run_cli(database_url, "stats", "--json", check=True).stdout)["endpoints"]
     assert stats["last_success_at"] is not None
     assert (stats["delivered_1h"], stats["delivered_24h"]) == (1, 1), stats
 
 
 def test_started_at_is_the_databases_time_the_attempt_began_and_the_healths(db, database_url):
-    # By a worker whose wall clock is an hour fast: a success that began 5 s before the
-    # record and a failure that began 2 s before it, by the worker's monotonic clock.
-    # Their rows say so on the database's clock, and the endpoint's health holds the
-    # very same times.
+    # A success that began 5 s before the record and a failure that began 2 s before
+    # it, by the worker's monotonic clock. Their rows say so on the database's clock,
+    # and the endpoint's health holds the very same times.
     endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
     succeeded, failed = leased(db, endpoint, 2)
-    fast = datetime.now(UTC) + timedelta(hours=1)
     before = scalar(db, "SELECT clock_timestamp()")
     outcomes = [
-        outcome(succeeded, endpoint, started_at=fast, began_s_ago=5),
-        outcome(
-            failed, endpoint, "pending", code=503, retry_in_s=30, started_at=fast, began_s_ago=2
-        ),
+        outcome(succeeded, endpoint, began_s_ago=5),
+        outcome(failed, endpoint, "pending", code=503, retry_in_s=30, began_s_ago=2),
     ]
     record(database_url, outcomes)
     after = scalar(db, "SELECT clock_timestamp()")
@@ -425,9 +411,8 @@ def test_a_record_sent_again_knows_each_attempt_by_its_key(db, database_url):
     # apart, and still skips the one already recorded.
     endpoint = add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
     (delivery,) = leased(db, endpoint, 1)
-    started_at = datetime.now(UTC)
-    first = outcome(delivery, endpoint, "pending", code=503, retry_in_s=0, started_at=started_at)
-    second = outcome(delivery, endpoint, "delivered", started_at=started_at)
+    first = outcome(delivery, endpoint, "pending", code=503, retry_in_s=0)
+    second = outcome(delivery, endpoint, "delivered")
 
     async def run() -> None:
         async with Store.open(database_url) as store:

@@ -4,7 +4,6 @@ decisions, reclaim_expired's budget, the CLI, and a real worker against a failin
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -65,9 +64,7 @@ def settings() -> Settings:
 
 
 def failed(retry_after_s: float | None = None) -> AttemptResult:
-    return AttemptResult(
-        Verdict.RETRY, datetime.now(UTC), 1.0, status_code=503, retry_after_s=retry_after_s
-    )
+    return AttemptResult(Verdict.RETRY, 1.0, status_code=503, retry_after_s=retry_after_s)
 
 
 def delivery(attempt: int, schedule: tuple[float, ...] | None) -> Delivery:

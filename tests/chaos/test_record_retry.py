@@ -8,7 +8,6 @@ batch again. The chaos runs hit this now and then; here it is made to happen eve
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 from conftest import add_endpoint, scalar
 
@@ -27,9 +26,7 @@ def test_recording_the_same_outcomes_twice_writes_them_once(db, database_url):
         "UPDATE notifyhook.deliveries SET status = 'processing', attempts = 1, locked_by = 'w', "
         "locked_until = now() + interval '1 minute'"
     )
-    failed = AttemptResult(
-        Verdict.RETRY, datetime.now(UTC), 12.5, status_code=503, error="HTTP 503"
-    )
+    failed = AttemptResult(Verdict.RETRY, 12.5, status_code=503, error="HTTP 503")
     outcome = Outcome(delivery, endpoint, 1, "pending", 30.0, failed)
 
     async def record_twice() -> None:
