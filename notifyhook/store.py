@@ -72,10 +72,51 @@ _CONNINFO_CHOICES = {
 }  # fmt: skip
 
 
+# libpq's options that take a whole number. It reads them only when it connects, and
+# a connection that fails that way looks like an outage: the worker retried for ever.
+_CONNINFO_NUMBERS = (
+    "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+    "keepalives_count", "tcp_user_timeout",
+)  # fmt: skip
+
+_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _check_url_authority(url: str) -> None:
+    """Refuse a URL whose user name or password holds an unencoded / : or @ (a base64
+    password holds a / about half the time): libpq splits such a URL elsewhere, makes a
+    piece of the password the host, the port or the database name, and every connection
+    error quotes it. Said without quoting anything."""
+    rest = url.split("://", 1)[1].split("?", 1)[0]
+    authority, _, path = rest.partition("/")
+    if authority.count("@") > 1 or "@" in path:
+        raise ValueError(
+            "has an @ after the host or more than one: a / : or @ in the user name or "
+            "password is written %2F %3A %40"
+        )
+
+
+def _check_numbers(params: Mapping[str, str]) -> None:
+    for name in _CONNINFO_NUMBERS:
+        value = params.get(name)
+        if value is not None and not re.fullmatch(r"-?\d+", value.strip()):
+            raise ValueError(f"{name} must be a whole number")
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            # Not quoted: a port that is not a number is most often a piece of a password
+            # (an unencoded : or / in it), which libpq took for the port.
+            raise ValueError(
+                "has a port that is not a number from 1 to 65535 (a / : or @ in the user "
+                "name or password is written %2F %3A %40)"
+            )
+
+
 def check_conninfo(url: str) -> None:
     """Raise ValueError unless `url` parses as a libpq URL or DSN (never quoting it)."""
     if not url.strip():
         raise ValueError("must not be empty")
+    if url.strip().startswith(_URL_SCHEMES):
+        _check_url_authority(url.strip())
     try:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError as error:
@@ -87,6 +128,7 @@ def check_conninfo(url: str) -> None:
         value = params.get(name)
         if value is not None and value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    _check_numbers(params)
     if "@" in str(params.get("host") or ""):
         # An @ left unencoded in the password: libpq splits the URL at the first one, and
         # the rest of the password becomes the host, which every connection error quotes.

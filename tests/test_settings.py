@@ -90,7 +90,7 @@ WRONG = [
     (
         "NOTIFYHOOK_DATABASE_URL",
         "postgresql://app:s3cr3t@s3cr3t-pw@127.0.0.1/app",
-        "NOTIFYHOOK_DATABASE_URL: has an @ in its host name",
+        "NOTIFYHOOK_DATABASE_URL: has an @ after the host or more than one",
     ),
     # Below a second the statements' timeouts rounded to 0 ms: no timeout at all.
     ("NOTIFYHOOK_LEASE", "0.0009", "NOTIFYHOOK_LEASE"),
@@ -272,3 +272,51 @@ def test_a_malformed_dsn_is_described_without_any_of_its_text(monkeypatch, url):
     assert text.startswith("NOTIFYHOOK_DATABASE_URL: is not a valid libpq URL"), text
     for fragment in ("pass", "word", "s3cr3t", "zz", '"'):
         assert fragment not in text, text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # A base64 password with an unencoded / (and @ or :): libpq made a piece of it
+        # the host, the port or the database name, and connection errors quoted it.
+        "postgresql://notifyhook:S3cr@tPartOfThePassword/moreSecret@127.0.0.1:5432/app",
+        "postgresql://notifyhook:S3cr@tPartOfThePassword:moreSecret@127.0.0.1:5432/app",
+        "postgresql://notifyhook:Xk9pQ/Zr7vT2mW4s@127.0.0.1:5432/app",
+    ],
+)
+def test_a_password_with_an_unencoded_slash_or_at_is_refused_unquoted(monkeypatch, url):
+    monkeypatch.setenv("NOTIFYHOOK_DATABASE_URL", url)
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    text = str(raised.value)
+    assert text.startswith("NOTIFYHOOK_DATABASE_URL: ")
+    assert "%2F" in text
+    for piece in ("S3cr", "tPartOfThePassword", "moreSecret", "Xk9pQ", "Zr7vT2mW4s"):
+        assert piece not in text
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        ("port=notaport", "port"),
+        ("port=99999", "port"),
+        ("connect_timeout=abc", "connect_timeout"),
+        ("keepalives_idle=x", "keepalives_idle"),
+    ],
+)
+def test_a_number_option_libpq_cannot_read_is_refused_at_load(monkeypatch, option, named):
+    # libpq reads these only when it connects, and the worker took the failure for an
+    # outage: it retried for ever instead of exiting 2.
+    monkeypatch.setenv("NOTIFYHOOK_DATABASE_URL", f"{URL}?{option}")
+    with pytest.raises(ConfigurationError, match=f"NOTIFYHOOK_DATABASE_URL: .*{named}"):
+        load_settings()
+
+
+def test_encoded_passwords_and_port_lists_still_load(monkeypatch):
+    for url in (
+        "postgresql://notifyhook:Xk9pQ%2FZr7vT2mW4s%40x@127.0.0.1:5432/app",
+        "postgresql://app@db1:5432,db2:5433/app?target_session_attrs=read-write",
+        "host=db1,db2 port=5432,5433 dbname=app connect_timeout=5 keepalives_idle=30",
+    ):
+        monkeypatch.setenv("NOTIFYHOOK_DATABASE_URL", url)
+        assert load_settings().database_url.get_secret_value() == url
