@@ -96,10 +96,10 @@ def _check_url_authority(url: str) -> None:
         )
 
 
-def _check_numbers(params: Mapping[str, str]) -> None:
+def _check_numbers(params: Mapping[str, object]) -> None:
     for name in _CONNINFO_NUMBERS:
         value = params.get(name)
-        if value is not None and not re.fullmatch(r"-?\d+", value.strip()):
+        if value is not None and not re.fullmatch(r"-?\d+", str(value).strip()):
             raise ValueError(f"{name} must be a whole number")
     for port in str(params.get("port") or "").split(","):
         if port and not (port.isdigit() and 1 <= int(port) <= 65535):
