@@ -230,6 +230,25 @@ def test_an_event_matching_nothing_is_kept_without_deliveries(db):
     assert deliveries_of(db, event) == set()
 
 
+def test_a_delivery_is_due_by_the_databases_clock_not_the_producers(db):
+    # An ORM fills created_at from the app server's clock (Rails timestamps, Django's
+    # auto_now_add). One an hour fast held every webhook back an hour (review s12-rev2);
+    # a backdated event is due at once, as before, and keeps its order.
+    add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload, created_at) "
+        "VALUES ('t', 'x', '{\"ahead\": 1}', now() + interval '1 hour'), "
+        "       ('t', 'x', '{\"behind\": 1}', now() - interval '1 hour')"
+    )
+    due = dict(
+        db.execute(
+            "SELECT ev.payload::text, round(extract(epoch FROM d.next_attempt_at - now()))::int "
+            "FROM notifyhook.deliveries AS d JOIN notifyhook.events AS ev ON ev.id = d.event_id"
+        ).fetchall()
+    )
+    assert due == {'{"ahead": 1}': 0, '{"behind": 1}': -3600}
+
+
 def test_a_targeted_event_goes_to_that_endpoint_only(db):
     add_endpoint(db, "t", "a", "https://a.example/h")
     target = add_endpoint(db, "t", "b", "https://b.example/h", event_types=["other.thing"])

@@ -67,7 +67,11 @@ DECLARE
 BEGIN
     WITH created AS (
         INSERT INTO notifyhook.deliveries (event_id, tenant_id, endpoint_id, created_at, next_attempt_at)
-        SELECT event.id, event.tenant_id, endpoint.id, event.created_at, event.created_at
+        -- Due now, by the database's clock: created_at may come from the producer's (an
+        -- ORM fills it from the app server's), and one an hour fast made every webhook
+        -- wait an hour. least(): a batch of backdated events keeps its order.
+        SELECT event.id, event.tenant_id, endpoint.id, event.created_at,
+               least(event.created_at, now())
         FROM new_events AS event
         JOIN notifyhook.endpoints AS endpoint ON endpoint.tenant_id = event.tenant_id
         WHERE CASE WHEN event.endpoint_id IS NULL
