@@ -9,6 +9,7 @@ import ipaddress
 import re
 import ssl
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -442,7 +443,29 @@ def without_url(text: str, url: str, *, shortest: int = 2) -> str:
         for part in (path, query):
             if len(part) >= max(shortest, MIN_ECHOED_PATH) and part in text:
                 text = text.replace(part, "<path>")
+    # And a token alone: "invalid token tok_9f8e…" is a common 401 body (review s12-rev2).
+    for piece in _url_pieces(url):
+        if piece in text:
+            text = text.replace(piece, "<part of the URL>")
     return text
+
+
+def _token_like(piece: str) -> bool:
+    """Long enough to be a token rather than a word a receiver would write anyway."""
+    return len(piece) >= 12 or (len(piece) >= MIN_ECHOED_PATH and any(c.isdigit() for c in piece))
+
+
+@functools.lru_cache(maxsize=signing.ENDPOINT_CACHE_SIZE)
+def _url_pieces(url: str) -> tuple[str, ...]:
+    """The path's segments and the query's values that may be tokens, as written, as sent
+    and percent-decoded; the longest first, so that none is cut by a shorter one."""
+    pieces: set[str] = set()
+    for path_and_query in _paths_and_queries(url):
+        path, _, query = path_and_query.partition("?")
+        values = [pair.partition("=")[2] for pair in query.split("&")]
+        for piece in (*path.split("/"), *values):
+            pieces.update((piece, urllib.parse.unquote(piece), urllib.parse.unquote_plus(piece)))
+    return tuple(sorted((p for p in pieces if _token_like(p)), key=len, reverse=True))
 
 
 @functools.lru_cache(maxsize=signing.ENDPOINT_CACHE_SIZE)
