@@ -224,7 +224,14 @@ def _register_endpoint(commands: Any) -> None:
     )
     add.add_argument("--tenant", required=True, help="tenant id")
     add.add_argument("--name", required=True, help="label, unique per tenant")
-    add.add_argument("--url", required=True, help="http:// or https:// URL to POST to")
+    url = add.add_mutually_exclusive_group(required=True)
+    url.add_argument(
+        "--url",
+        help="http:// or https:// URL to POST to; - reads it from standard input. One whose "
+        "path or query holds a token does not belong on the command line, which every user "
+        "of the host can read: give it with - or --url-file",
+    )
+    url.add_argument("--url-file", metavar="PATH", help="read the --url from this file")
     add.add_argument(
         "--event-types",
         default="*",
@@ -368,11 +375,11 @@ def _print_new_secret(secret: str, *, given: bool) -> None:
 async def endpoint_add(args: argparse.Namespace, settings: Settings) -> int:
     from notifyhook.store import connect, fetch_dicts, json_param
 
-    secret, given, headers = _secret_and_headers(args)
+    url, secret, given, headers = _url_secret_and_headers(args)
     params = {
         "tenant_id": args.tenant,
         "name": args.name,
-        "url": args.url,
+        "url": url,
         "secret": secrets.seal(secret, _secret_key(settings)),
         "event_types": [p.strip() for p in args.event_types.split(",")],
         "extra_fields": json_param(args.extra_fields),
@@ -410,14 +417,26 @@ def _given_headers(text: str | None) -> dict[str, Any]:
         raise UsageError(f"--headers: {error}") from None
 
 
-def _secret_and_headers(args: argparse.Namespace) -> tuple[str, bool, dict[str, Any]]:
-    """The endpoint's secret, whether it was given (or is fresh), and its headers, each
-    from the command line, standard input or a file; a warning for a credential on the
-    command line."""
+def _url_secret_and_headers(
+    args: argparse.Namespace,
+) -> tuple[str, str, bool, dict[str, Any]]:
+    """The endpoint's URL, its secret, whether the secret was given (or is fresh), and its
+    headers, each from the command line, standard input or a file; a warning for a
+    credential on the command line."""
     on_command_line = isinstance(args.headers, dict)
+    given_url = Given("--url", args.url, args.url_file)
     given_secret = Given("--secret", args.secret, args.secret_file)
     given_headers = Given("--headers", None if on_command_line else args.headers, args.headers_file)
-    secret_text, headers_text = read_given(given_secret, given_headers)
+    url, secret_text, headers_text = read_given(given_url, given_secret, given_headers)
+    assert url is not None  # argparse requires --url or --url-file
+    from notifyhook.sender import url_pieces  # not at import: httpx, for one command
+
+    if given_url.on_command_line and url_pieces(url):
+        log.warning(
+            "--url on the command line is visible to every user of this host (ps, "
+            "/proc/PID/cmdline), and its path or query looks like it holds a token; give "
+            "it on standard input (--url -) or with --url-file"
+        )
     secret = _given_secret(secret_text) if secret_text else _fresh_secret(args.signature)
     headers = args.headers if on_command_line else _given_headers(headers_text)
     if given_secret.on_command_line:
@@ -432,7 +451,7 @@ def _secret_and_headers(args: argparse.Namespace) -> tuple[str, bool, dict[str, 
             "or with --headers-file",
             ", ".join(named),
         )
-    return secret, bool(secret_text), headers
+    return url, secret, bool(secret_text), headers
 
 
 # Header names that usually carry a credential: Authorization, Cookie, X-Api-Key,

@@ -444,7 +444,7 @@ def without_url(text: str, url: str, *, shortest: int = 2) -> str:
             if len(part) >= max(shortest, MIN_ECHOED_PATH) and part in text:
                 text = text.replace(part, "<path>")
     # And a token alone: "invalid token tok_9f8e…" is a common 401 body (review s12-rev2).
-    for piece in _url_pieces(url):
+    for piece in url_pieces(url):
         if piece in text:
             text = text.replace(piece, "<part of the URL>")
     return text
@@ -456,7 +456,7 @@ def _token_like(piece: str) -> bool:
 
 
 @functools.lru_cache(maxsize=signing.ENDPOINT_CACHE_SIZE)
-def _url_pieces(url: str) -> tuple[str, ...]:
+def url_pieces(url: str) -> tuple[str, ...]:
     """The path's segments and the query's values that may be tokens, as written, as sent
     and percent-decoded; the longest first, so that none is cut by a shorter one."""
     pieces: set[str] = set()

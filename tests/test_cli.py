@@ -544,6 +544,32 @@ def test_endpoint_add_reads_its_secret_and_headers_from_files_or_standard_input(
     assert Fernet(key.encode()).decrypt(stored.removeprefix("enc:").encode()).decode() == secret
 
 
+def test_endpoint_add_reads_its_url_from_standard_input_or_a_file(db, database_url, tmp_path):
+    # A URL whose path or query holds a token: on the command line every user of the host
+    # reads it (ps, /proc/PID/cmdline), and is warned of it (review s12-rev2).
+    url = "https://hooks.example.com/in/T0K3N-abcdef0123456789?sig=f00dfeed1234"
+    (tmp_path / "url").write_text(url + "\n")
+    base = ("endpoint", "add", "--tenant", "t")
+    for number, (stdin, options) in enumerate([
+        (url + "\n", ["--url", "-"]),
+        (None, ["--url-file", str(tmp_path / "url")]),
+    ]):  # fmt: skip
+        extra = {"stdin": stdin} if stdin else {}
+        stdout = ok(database_url, *base, "--name", f"u{number}", *options, **extra)
+        endpoint, _ = added(stdout)
+        assert endpoint_row(db, endpoint)["url"] == url
+    result = run(database_url, *base, "--name", "argv", "--url", url)
+    assert result.returncode == 0, result.stderr
+    [warning] = result.stderr.splitlines()
+    assert "--url -" in warning
+    assert "T0K3N" not in warning
+    plain = run(database_url, *base, "--name", "plain", "--url", "https://crm.example/hook")
+    assert (plain.returncode, plain.stderr) == (0, "")
+    both = run(database_url, *base, "--name", "both", "--url", "-", "--secret", "-", stdin=url)
+    assert both.returncode == 2
+    assert "cannot both read standard input" in both.stderr
+
+
 def test_a_secret_or_a_credential_header_on_the_command_line_still_works_with_a_warning(
     db, database_url
 ):
