@@ -12,6 +12,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
 
@@ -275,8 +276,12 @@ class Sender:
         # is not free.
         retry_after_s = None
         if status in _RETRY_AFTER_STATUSES:
+            # Without the answer's Date, against the database's clock (notifyhook.clock),
+            # not this host's, which may be off by hours.
             retry_after_s = parse_retry_after(
-                response.headers.get("retry-after"), date=response.headers.get("date")
+                response.headers.get("retry-after"),
+                datetime.fromtimestamp(self._clock(), UTC),
+                date=response.headers.get("date"),
             )
         return status, retry_after_s, excerpt
 

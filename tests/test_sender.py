@@ -338,6 +338,29 @@ def test_retry_after_in_seconds_and_as_a_date(code: int) -> None:
     run(scenario())
 
 
+def test_a_retry_after_date_without_the_answers_date_is_read_on_the_databases_clock() -> None:
+    # The database's clock (the sender's `clock`) an hour ahead of this host's: a
+    # Retry-After date 7 s after the database's now asks for 7 s, not an hour and 7 s.
+    database_now = time.time() + 3600
+    date = email.utils.formatdate(database_now + 7, usegmt=True)
+    answer = f"HTTP/1.1 503 Busy\r\nRetry-After: {date}\r\nContent-Length: 0\r\n\r\n"
+
+    async def scenario() -> AttemptResult:
+        async with (
+            raw_server(answering(answer.encode())) as (port, _),
+            Sender(
+                allow_private_networks=True,
+                user_agent="notifyhook/test",
+                clock=lambda: time.time() + 3600,
+            ) as sender,
+        ):
+            return await sender.send(delivery(f"http://127.0.0.1:{port}/"))
+
+    result = run(scenario())
+    assert result.retry_after_s is not None
+    assert 5.0 < result.retry_after_s <= 7.0, result.retry_after_s
+
+
 def test_redirect_is_a_permanent_status_not_followed() -> None:
     async def scenario() -> None:
         async with Receiver().running() as receiver:
