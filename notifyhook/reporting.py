@@ -27,9 +27,9 @@ UNEXPECTED_LOGGER = "notifyhook.worker.unexpected"
 not captured again as a message event."""
 
 # Secrets whose values no code here knows in advance: endpoint secrets as stored
-# (whsec_…, or enc: + a Fernet token) and the password part of any URL.
+# (whsec_…, whsk_…, or enc: + a Fernet token) and the password part of any URL.
 _SECRET_PATTERNS = (
-    re.compile(r"whsec_[A-Za-z0-9+/=_-]+"),
+    re.compile(r"wh(?:sec|sk)_[A-Za-z0-9+/=_-]+"),
     re.compile(r"enc:[A-Za-z0-9_=-]+"),
     re.compile(r"gAAAAA[A-Za-z0-9_=-]{20,}"),
     re.compile(r"(?<=://)[^/@\s:]*:[^/@\s]+(?=@)"),

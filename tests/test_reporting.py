@@ -161,3 +161,9 @@ def test_scrub_drops_request_data_and_variables_and_redacts_secrets():
     # A web address keeps its host, to tell endpoints apart.
     assert scrubbed["threads"]["values"][0]["name"] == f"https://hooks.example.com/{REDACTED}"
     assert scrubbed["threads"]["values"][1]["name"] == f"HTTPS://hooks.example.com/{REDACTED}"
+
+
+def test_scrub_redacts_an_ed25519_signing_key_too():
+    key = signing.generate_signing_key()
+    scrubbed = scrub({"message": f"bad key {key} given"})
+    assert scrubbed["message"] == f"bad key {REDACTED} given"
