@@ -413,13 +413,19 @@ class Worker:
             await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
         # Answered, body still coming: the status decides the attempt. Cut short and
         # recorded as answered; given back, it would be sent again (DESIGN §8).
-        answered = [
-            self._in_flight[delivery_id][1]
-            for delivery_id in self._sender.cut_reads_short()
-            if delivery_id in self._in_flight
-        ]
-        if answered:
-            await asyncio.wait(answered, timeout=CUT_SHORT_S)
+        try:
+            answered = [
+                self._in_flight[delivery_id][1]
+                for delivery_id in self._sender.cut_reads_short()
+                if delivery_id in self._in_flight
+            ]
+            if answered:
+                await asyncio.wait(answered, timeout=CUT_SHORT_S)
+        except Exception as error:
+            # A bug here must not skip the last flush and the give-back below: without
+            # them, recorded outcomes are lost and answered deliveries sent again.
+            unexpected_log.exception("cutting answered requests short at the stop failed")
+            reporting.report_exception(error)
         unfinished = [
             (delivery_id, attempt) for delivery_id, (attempt, _) in self._in_flight.items()
         ]

@@ -283,6 +283,34 @@ def test_an_answer_whose_body_outlasts_the_grace_is_recorded_not_given_back(
     assert logged == [(200, "o"), (200, "o")]
 
 
+def test_a_read_whose_own_deadline_expires_as_the_grace_ends_is_recorded_too(
+    db, receiver, run_worker
+):
+    # The answered request's own deadline falls due in the same turn of the event loop as
+    # the end of the grace (a slow turn, a GC pause): its Timeout is expiring already, and
+    # rescheduling it raised RuntimeError, which crashed the stop before the final flush,
+    # leaving the delivery leased to be sent again (review s12-rev1). The loop is kept
+    # busy across both timers to make them due in one turn.
+    receiver.sequence("drip", Answer(kind="drip", seconds=30))
+    add_endpoint(db, "t", "drip", receiver.url("drip"), timeout_ms=3000)
+    worker = run_worker(shutdown_grace="1", lease="4", http_timeout="3")
+    insert_events(db, "t", 1)
+    wait_until(lambda: len(receiver.heads_sent) == 1, what="the answer's head sent")
+    reading = worker.worker._sender._reading
+    wait_until(lambda: worker.on_loop(lambda: len(reading)) == 1, what="the body being read")
+    deadline = worker.on_loop(lambda: next(iter(reading)).when())
+    loop = worker._loop
+    # The grace ends ~0.3 s before the request's deadline; the loop is busy from 0.5 s
+    # before that deadline to 0.3 s after it.
+    worker.on_loop(lambda: loop.call_at(deadline - 1.3, worker.worker.request_stop))
+    worker.on_loop(lambda: loop.call_at(deadline - 0.5, time.sleep, 0.8))
+    worker.join(15)  # fails if the worker failed
+    assert db.execute("SELECT status, attempts FROM notifyhook.deliveries").fetchall() == [
+        ("delivered", 1)
+    ]
+    assert [a.answered for a in receiver.received("drip")] == [200]
+
+
 def test_a_second_signal_exits_at_once(db, receiver, start_worker):
     receiver.sequence("hang", Answer(kind="hang", seconds=30))
     add_endpoint(db, "t", "hang", receiver.url("hang"), timeout_ms=8000)

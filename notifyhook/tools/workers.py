@@ -267,6 +267,27 @@ class WorkerThread:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(action)
 
+    def on_loop(self, action: Callable[[], Any], timeout: float = 5.0) -> Any:
+        """Run `action` on the worker's loop and return what it returned (its state
+        belongs to that thread: read it there)."""
+        done = threading.Event()
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append(action())
+            finally:
+                done.set()
+
+        self.call(run)
+        if not done.wait(timeout) or not box:
+            raise WorkerError(f"worker {self.worker_id}'s loop did not run the action")
+        return box[0]
+
+    def join(self, timeout: float = 30.0) -> None:
+        """Wait for a worker asked to stop some other way; fails the caller if it failed."""
+        self._join(timeout)
+
     def stop(self, timeout: float = 30.0) -> None:
         """The soft then hard stop of a SIGTERM; fails the caller if the worker failed."""
         if self._loop is not None and self._thread.is_alive() and self.worker is not None:
