@@ -53,6 +53,27 @@ def get(url: str, **kwargs) -> httpx.Response:
     return httpx.get(url, timeout=10, **kwargs)
 
 
+def test_a_deliverys_story_shows_its_attempts_when_the_producer_dated_it_ahead(
+    db, receiver, run_worker, dashboard
+):
+    # created_at is the event's, which a producer may fill from its own clock; the page
+    # pruned the attempts' days before created_at less an hour, and so showed "No attempt
+    # yet" for a delivery made by a producer two hours fast (review s12-rev2).
+    add_endpoint(db, "t", "crm", receiver.url("crm"))
+    worker = run_worker()
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload, created_at) "
+        "VALUES ('t', 'call.completed', '{}', now() + interval '2 hours')"
+    )
+    delivery = worker.wait_recorded(
+        lambda: scalar(db, "SELECT id FROM notifyhook.deliveries WHERE status = 'delivered'"),
+        what="the delivery",
+    )
+    story = get(f"{dashboard().url}/deliveries/{delivery}").text
+    assert story.count('<li class="attempt delivered">') == 1, story
+    assert "No attempt yet" not in story
+
+
 def test_the_pages_show_the_queue_every_endpoint_and_a_deliverys_story(
     db, receiver, run_worker, dashboard
 ):

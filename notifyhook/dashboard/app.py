@@ -126,7 +126,9 @@ async def delivery_page(request: web.Request) -> web.Response:
         delivery = await reader.delivery(delivery_id)
         if delivery is None:
             raise _not_found(request, f"no delivery {delivery_id}")
-        attempts = await reader.delivery_attempts(delivery_id)
+        # A claim under way counts an attempt its row does not have yet.
+        counted = delivery.attempts - (delivery.status == "processing")
+        attempts = await reader.delivery_attempts(delivery_id, counted)
     return render(request, "delivery.html", delivery=delivery, attempts=attempts)
 
 

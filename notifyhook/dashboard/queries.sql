@@ -133,14 +133,18 @@ WHERE d.id = %(delivery_id)s;
 -- name: delivery_attempts
 -- Its whole story, through attempts_delivery. attempts is partitioned by day
 -- (0006_partitioned_history.sql): no attempt starts before its delivery was created, so
--- the days before are pruned when the query starts (an hour of slack for a worker's
--- clock) instead of probed one by one.
+-- the days before are pruned when the query starts (an hour of slack) instead of probed
+-- one by one. But created_at is the event's, which a producer may date by its own clock:
+-- `pruned` false reads every day (notifyhook/dashboard/data.py asks for it when the
+-- pruned read finds fewer attempts than the delivery counts).
 SELECT t.attempt, t.started_at, t.duration_ms, t.status_code, t.error, t.response_excerpt,
        t.worker
 FROM notifyhook.attempts AS t
 WHERE t.delivery_id = %(delivery_id)s
-  AND t.started_at >= (SELECT d.created_at - interval '1 hour' FROM notifyhook.deliveries AS d
-                       WHERE d.id = %(delivery_id)s)
+  AND t.started_at >= CASE WHEN %(pruned)s
+                           THEN (SELECT d.created_at - interval '1 hour'
+                                 FROM notifyhook.deliveries AS d WHERE d.id = %(delivery_id)s)
+                           ELSE '-infinity' END
 ORDER BY t.attempt, t.id;
 
 -- name: dead_letters
