@@ -8,6 +8,7 @@ worker stops gracefully, not when an endpoint is deleted while its answers come 
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections import Counter
 
@@ -220,6 +221,77 @@ def test_an_operators_open_delete_of_one_endpoint_holds_up_no_other_outcome(
     assert kept_attempts == 1
     # The held row itself may go again: its outcome could not be written before its lease
     # ran out (docs/operations.md).
+
+
+def test_an_answered_outcome_held_past_the_lease_by_an_operator_is_not_reclaimed(
+    db, database_url, receiver, run_worker
+):
+    # An operator's transaction locks a delivery row while its request is answered 200
+    # and holds it past the lease: the outcome is set aside, tried again every half
+    # second. When the lock ends, a reclaim could take the row first (a worker's timer)
+    # and the answered webhook went again (review, session 9: "reclaim vs deferred
+    # outcome"). Here the reclaim waits for the row and runs in the instant the lock
+    # ends, before the recorder's next try: a live worker's row is not taken within a
+    # lease more.
+    receiver.sequence("a", Answer(kind="slow", seconds=1.0))
+    add_endpoint(db, "t", "a", receiver.url("a"))
+    worker = run_worker(lease="2", http_timeout="1.5")
+    insert_events(db, "t", 1)
+    wait_until(lambda: receiver.received("a"), what="the request")
+    reclaimed: list[int] = []
+
+    def reclaim_as_the_lock_ends() -> None:
+        with psycopg.connect(database_url) as reclaimer:
+            reclaimer.execute("SELECT FROM notifyhook.deliveries FOR UPDATE")
+            reclaimed.append(scalar(reclaimer, "SELECT notifyhook.reclaim_expired(5)"))
+
+    with psycopg.connect(database_url) as operator:
+        operator.execute("SELECT FROM notifyhook.deliveries FOR UPDATE")
+        wait_until(
+            lambda: scalar(db, "SELECT locked_until < now() FROM notifyhook.deliveries"),
+            what="the lease to run out",
+        )
+        reclaimer = threading.Thread(target=reclaim_as_the_lock_ends)
+        reclaimer.start()
+        wait_until(
+            lambda: scalar(
+                db,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%%FOR UPDATE%%'",
+            ),
+            what="the reclaim waiting for the row",
+        )
+        operator.rollback()
+    reclaimer.join(10)
+    assert reclaimed == [0]
+    worker.wait_recorded(lambda: statuses(db) == {"delivered": 1}, what="the 200 recorded")
+    assert [hit.answered for hit in receiver.received("a")] == [200]
+    assert list(attempts_per_delivery(db).values()) == [1]
+
+
+def test_a_live_workers_row_comes_back_after_twice_its_lease_and_a_dead_ones_at_once(
+    db, database_url
+):
+    # The other side of the rule above: a worker alive but stuck still gives its rows up,
+    # one lease later; a dead one's (no session holds its id) come back as soon as their
+    # lease ends.
+    add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    insert_events(db, "t", 3)
+    ids = [row[0] for row in db.execute("SELECT id FROM notifyhook.deliveries ORDER BY id")]
+    leases = {"live-stuck": "30 seconds", "live-recent": "1 second", "dead": "1 second"}
+    for delivery, (worker, expired_for) in zip(ids, leases.items(), strict=True):
+        db.execute(
+            "UPDATE notifyhook.deliveries SET status = 'processing', attempts = 1, "
+            "locked_by = %s, updated_at = now() - interval '10 seconds' - %s::interval, "
+            "locked_until = now() - %s::interval WHERE id = %s",
+            [worker, expired_for, expired_for, delivery],
+        )
+    with psycopg.connect(database_url, autocommit=True) as alive:
+        for worker in ("live-stuck", "live-recent"):
+            alive.execute("SELECT pg_advisory_lock(notifyhook.worker_lock_key(%s))", [worker])
+        assert scalar(db, "SELECT notifyhook.reclaim_expired(5)") == 2
+    back = dict(db.execute("SELECT locked_by, status FROM notifyhook.deliveries").fetchall())
+    assert back == {None: "pending", "live-recent": "processing"}, back
 
 
 def test_a_record_past_its_lock_timeout_is_logged_as_such_and_recorded_once_later(

@@ -509,7 +509,8 @@ BEGIN
     UPDATE notifyhook.deliveries AS d
     SET locked_until = now() - interval '1 second'  -- reclaim_expired compares with now()
     WHERE d.status = 'processing' AND d.locked_by = worker;
-    RETURN notifyhook.reclaim_expired(max_attempts);
+    -- Its lock is this session's now: say the rows' worker is dead all the same.
+    RETURN notifyhook.reclaim_expired(max_attempts, worker);
 END
 $$;
 

@@ -493,17 +493,37 @@ $$;
 -- dead if that was its last attempt: of the endpoint's own budget (the length of
 -- its retry_schedule + 1) when it has one, else of `max_attempts`, the global
 -- schedule's. Run by every worker on its timer; SKIP LOCKED lets several do it at once.
-CREATE OR REPLACE FUNCTION notifyhook.reclaim_expired(max_attempts integer) RETURNS integer
+--
+-- A worker still alive (its claim session holds the advisory lock on its id, see
+-- take_over) keeps its rows for one lease more: past its lease it may still hold an
+-- answered outcome it could not write, because another transaction held the row (an
+-- operator's, rolled back at last); taken back, that delivery would be sent again
+-- although the receiver took it. A live worker's rows come back after twice their
+-- lease (a worker alive but stuck), a dead one's at once. `dead_worker`: a worker id
+-- the caller knows to be dead although its lock is held (take_over, by its successor).
+DROP FUNCTION IF EXISTS notifyhook.reclaim_expired(integer);
+CREATE OR REPLACE FUNCTION notifyhook.reclaim_expired(
+    max_attempts integer, dead_worker text DEFAULT NULL
+) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     reclaimed integer;
 BEGIN
-    WITH expired AS (
+    WITH live AS MATERIALIZED (
+        -- The bigint advisory locks held now: high half in classid, low half in objid.
+        SELECT (l.classid::bigint << 32) | l.objid::bigint AS lock_key
+        FROM pg_locks AS l
+        WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+    ), expired AS (
         SELECT d.id, d.endpoint_id, d.attempts, d.locked_by, d.updated_at AS claimed_at,
                coalesce((SELECT cardinality(e.retry_schedule) + 1 FROM notifyhook.endpoints AS e
                          WHERE e.id = d.endpoint_id), max_attempts) AS budget
         FROM notifyhook.deliveries AS d
         WHERE d.status = 'processing' AND d.locked_until < now()
+          AND (d.locked_by IS NOT DISTINCT FROM dead_worker
+               -- Claimed at updated_at, leased until locked_until: one lease more.
+               OR d.locked_until + (d.locked_until - d.updated_at) < now()
+               OR notifyhook.worker_lock_key(d.locked_by) NOT IN (SELECT live.lock_key FROM live))
         FOR UPDATE OF d SKIP LOCKED
     ), returned AS (
         UPDATE notifyhook.deliveries AS d
