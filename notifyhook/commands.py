@@ -237,8 +237,15 @@ def _register_endpoint(commands: Any) -> None:
         default="*",
         help="comma-separated patterns: call.completed, call.*, * (default *)",
     )
-    add.add_argument(
-        "--extra-fields", type=_json_object, default={}, help="JSON object merged into every body"
+    extra = add.add_mutually_exclusive_group()
+    extra.add_argument(
+        "--extra-fields",
+        type=_json_object_or_stdin,
+        metavar="JSON",
+        help="JSON object merged into every body; - reads it from standard input",
+    )
+    extra.add_argument(
+        "--extra-fields-file", metavar="PATH", help="read the --extra-fields object from this file"
     )
     headers = add.add_mutually_exclusive_group()
     headers.add_argument(
@@ -375,14 +382,14 @@ def _print_new_secret(secret: str, *, given: bool) -> None:
 async def endpoint_add(args: argparse.Namespace, settings: Settings) -> int:
     from notifyhook.store import connect, fetch_dicts, json_param
 
-    url, secret, given, headers = _url_secret_and_headers(args)
+    url, secret, given, headers, extra_fields = _given_options(args)
     params = {
         "tenant_id": args.tenant,
         "name": args.name,
         "url": url,
         "secret": secrets.seal(secret, _secret_key(settings)),
         "event_types": [p.strip() for p in args.event_types.split(",")],
-        "extra_fields": json_param(args.extra_fields),
+        "extra_fields": json_param(extra_fields),
         "headers": json_param(headers),
         "rate_limit": args.rate_limit,
         "max_in_flight": args.max_in_flight,
@@ -406,28 +413,36 @@ def _given_secret(secret: str) -> str:
     return secret
 
 
-def _given_headers(text: str | None) -> dict[str, Any]:
-    """--headers read from standard input or --headers-file: a JSON object, as on the
-    command line (where argparse checks it)."""
+def _given_json(option: str, text: str | None) -> dict[str, Any]:
+    """A JSON object option read from standard input or its file, checked as argparse
+    checks it on the command line."""
     if text is None:
         return {}
     try:
         return _json_object(text)
     except argparse.ArgumentTypeError as error:
-        raise UsageError(f"--headers: {error}") from None
+        raise UsageError(f"{option}: {error}") from None
 
 
-def _url_secret_and_headers(
+def _json_given(option: str, value: dict[str, Any] | str | None, path: str | None) -> Given:
+    """A JSON object option as Given: `value` parsed already when on the command line."""
+    return Given(option, None if isinstance(value, dict) else value, path)
+
+
+def _given_options(
     args: argparse.Namespace,
-) -> tuple[str, str, bool, dict[str, Any]]:
-    """The endpoint's URL, its secret, whether the secret was given (or is fresh), and its
-    headers, each from the command line, standard input or a file; a warning for a
-    credential on the command line."""
+) -> tuple[str, str, bool, dict[str, Any], dict[str, Any]]:
+    """The endpoint's URL, its secret, whether the secret was given (or is fresh), its
+    headers and extra fields, each from the command line, standard input or a file; a
+    warning for a credential on the command line."""
     on_command_line = isinstance(args.headers, dict)
     given_url = Given("--url", args.url, args.url_file)
     given_secret = Given("--secret", args.secret, args.secret_file)
-    given_headers = Given("--headers", None if on_command_line else args.headers, args.headers_file)
-    url, secret_text, headers_text = read_given(given_url, given_secret, given_headers)
+    given_headers = _json_given("--headers", args.headers, args.headers_file)
+    given_extra = _json_given("--extra-fields", args.extra_fields, args.extra_fields_file)
+    url, secret_text, headers_text, extra_text = read_given(
+        given_url, given_secret, given_headers, given_extra
+    )
     assert url is not None  # argparse requires --url or --url-file
     from notifyhook.sender import url_pieces  # not at import: httpx, for one command
 
@@ -438,7 +453,12 @@ def _url_secret_and_headers(
             "it on standard input (--url -) or with --url-file"
         )
     secret = _given_secret(secret_text) if secret_text else _fresh_secret(args.signature)
-    headers = args.headers if on_command_line else _given_headers(headers_text)
+    headers = args.headers if on_command_line else _given_json("--headers", headers_text)
+    extra_fields = (
+        args.extra_fields
+        if isinstance(args.extra_fields, dict)
+        else _given_json("--extra-fields", extra_text)
+    )
     if given_secret.on_command_line:
         log.warning(
             "--secret on the command line is visible to every user of this host (ps, "
@@ -451,7 +471,7 @@ def _url_secret_and_headers(
             "or with --headers-file",
             ", ".join(named),
         )
-    return url, secret, bool(secret_text), headers
+    return url, secret, bool(secret_text), headers, extra_fields
 
 
 # Header names that usually carry a credential: Authorization, Cookie, X-Api-Key,
@@ -605,9 +625,14 @@ def _register_send(commands: Any) -> None:
     parser.add_argument(
         "--type", required=True, dest="event_type", help="event type, e.g. call.completed"
     )
-    parser.add_argument(
-        "--data", required=True, type=_json_object, help="the payload, a JSON object"
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument(
+        "--data",
+        type=_json_object_or_stdin,
+        metavar="JSON",
+        help="the payload, a JSON object; - reads it from standard input",
     )
+    data.add_argument("--data-file", metavar="PATH", help="read the payload from this file")
     parser.add_argument(
         "--idempotency-key", help="a repeated key enqueues nothing and prints the first id"
     )
@@ -620,10 +645,15 @@ def _register_send(commands: Any) -> None:
 async def send_command(args: argparse.Namespace, settings: Settings) -> int:
     from notifyhook.store import connect, fetch_dicts, json_param
 
+    if isinstance(args.data, dict):
+        payload = args.data
+    else:
+        [text] = read_given(_json_given("--data", args.data, args.data_file))
+        payload = _given_json("--data", text)
     params = {
         "tenant_id": args.tenant,
         "event_type": args.event_type,
-        "payload": json_param(args.data),
+        "payload": json_param(payload),
         "idempotency_key": args.idempotency_key,
         "endpoint_id": args.endpoint_id,
     }

@@ -570,6 +570,31 @@ def test_endpoint_add_reads_its_url_from_standard_input_or_a_file(db, database_u
     assert "cannot both read standard input" in both.stderr
 
 
+def test_extra_fields_and_a_payload_can_be_given_off_the_command_line(db, database_url, tmp_path):
+    # Extra fields go into every body of an endpoint (a partner's account key, say) and a
+    # payload may hold anything: like --headers, both read - or a file (review s12).
+    extra = {"account": "acct-7f3e", "source": "nh"}
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    stdout = ok(database_url, *adding("f"), "--extra-fields-file", str(tmp_path / "extra.json"))
+    assert endpoint_row(db, added(stdout)[0])["extra_fields"] == extra
+    stdout = ok(database_url, *adding("s"), "--extra-fields", "-", stdin=json.dumps(extra))
+    assert endpoint_row(db, added(stdout)[0])["extra_fields"] == extra
+    assert endpoint_row(db, added(ok(database_url, *adding("none")))[0])["extra_fields"] == {}
+
+    payload = {"call": 42, "note": "from stdin"}
+    sent = ok(database_url, "send", "--tenant", "t", "--type", "x", "--data", "-",
+              stdin=json.dumps(payload)).strip()  # fmt: skip
+    (tmp_path / "payload.json").write_text(json.dumps({"call": 43}))
+    from_file = ok(database_url, "send", "--tenant", "t", "--type", "x",
+                   "--data-file", str(tmp_path / "payload.json")).strip()  # fmt: skip
+    stored = dict(db.execute("SELECT id::text, payload FROM notifyhook.events").fetchall())
+    assert stored == {sent: payload, from_file: {"call": 43}}
+    refused = run(database_url, "send", "--tenant", "t", "--type", "x", "--data", "-",
+                  stdin="[1, 2]")  # fmt: skip
+    assert refused.returncode == 2
+    assert "--data: must be a JSON object" in refused.stderr
+
+
 def test_a_secret_or_a_credential_header_on_the_command_line_still_works_with_a_warning(
     db, database_url
 ):
