@@ -319,3 +319,27 @@ def test_a_record_past_its_lock_timeout_is_logged_as_such_and_recorded_once_late
         "transaction holds (" in log
     ), log
     assert "database unavailable" not in log
+
+
+def test_reclaim_knows_a_live_worker_whatever_its_ids_lock_key(db, database_url):
+    # reclaim_expired rebuilds each held bigint key from pg_locks' two 32-bit halves; the
+    # keys of worker ids are hashes: negative half the time, either half >= 2^31.
+    add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    workers = [f"worker-{n}" for n in range(16)]
+    keys = [scalar(db, "SELECT notifyhook.worker_lock_key(%s)", [w]) for w in workers]
+    assert any(k < 0 for k in keys)
+    assert any(k >= 0 and k & 0x80000000 for k in keys)  # a low half >= 2^31
+    insert_events(db, "t", len(workers))
+    ids = [row[0] for row in db.execute("SELECT id FROM notifyhook.deliveries ORDER BY id")]
+    for delivery, worker in zip(ids, workers, strict=True):
+        db.execute(
+            "UPDATE notifyhook.deliveries SET status = 'processing', attempts = 1, "
+            "locked_by = %s, updated_at = now() - interval '11 seconds', "
+            "locked_until = now() - interval '1 second' WHERE id = %s",
+            [worker, delivery],
+        )
+    with psycopg.connect(database_url, autocommit=True) as alive:
+        for worker in workers:
+            alive.execute("SELECT pg_advisory_lock(notifyhook.worker_lock_key(%s))", [worker])
+        assert scalar(db, "SELECT notifyhook.reclaim_expired(5)") == 0
+    assert scalar(db, "SELECT notifyhook.reclaim_expired(5)") == len(workers)
