@@ -464,8 +464,11 @@ def without_url(text: str, url: str, *, shortest: int = 2) -> str:
 
 
 def _token_like(piece: str) -> bool:
-    """Long enough to be a token rather than a word a receiver would write anyway."""
-    return len(piece) >= 12 or (len(piece) >= MIN_ECHOED_PATH and any(c.isdigit() for c in piece))
+    """A token rather than a word a receiver would write anyway ("subscriptions"): at
+    least MIN_ECHOED_PATH characters, with a digit or with capitals inside it."""
+    if len(piece) < MIN_ECHOED_PATH:
+        return False
+    return any(c.isdigit() for c in piece) or sum(c.isupper() for c in piece[1:]) >= 2
 
 
 @functools.lru_cache(maxsize=signing.ENDPOINT_CACHE_SIZE)

@@ -89,7 +89,9 @@ def _check_url_authority(url: str) -> None:
     error quotes it. Said without quoting anything."""
     rest = url.split("://", 1)[1].split("?", 1)[0]
     authority, _, path = rest.partition("/")
-    if authority.count("@") > 1 or "@" in path:
+    # In the path, an @ followed by a : or a / is a host and port or database name cut
+    # off a password ("p@ss/word@host:5432/db"); a database named "a@b" stays allowed.
+    if authority.count("@") > 1 or re.search(r"@.*[:/]", path):
         raise ValueError(
             "has an @ after the host or more than one: a / : or @ in the user name or "
             "password is written %2F %3A %40"
@@ -99,9 +101,9 @@ def _check_url_authority(url: str) -> None:
 def _check_numbers(params: Mapping[str, object]) -> None:
     for name in _CONNINFO_NUMBERS:
         value = params.get(name)
-        if value is not None and not re.fullmatch(r"-?\d+", str(value).strip()):
+        if value is not None and not re.fullmatch(r"[+-]?\d+", str(value).strip()):
             raise ValueError(f"{name} must be a whole number")
-    for port in str(params.get("port") or "").split(","):
+    for port in (p.strip() for p in str(params.get("port") or "").split(",")):
         if port and not (port.isdigit() and 1 <= int(port) <= 65535):
             # Not quoted: a port that is not a number is most often a piece of a password
             # (an unencoded : or / in it), which libpq took for the port.

@@ -494,3 +494,23 @@ def test_an_ordered_endpoint_gets_its_events_in_order_one_at_a_time(db, receiver
     assert [json.loads(a.body)["n"] for a in arrivals] == [*range(8), 7, *range(8, 30)]
     gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(arrivals)]
     assert min(gaps) >= 0.05
+
+
+def test_an_ordered_endpoint_keeps_created_at_order_with_a_producer_dated_ahead(
+    db, receiver, run_worker
+):
+    # Deliveries are due by the database's clock since 2026-12-04 (a producer an hour
+    # fast no longer holds its webhook back an hour); FIFO order still follows
+    # events.created_at, the producer's (DESIGN §8). Review s12-rev3.
+    add_endpoint(db, "t", "fifo", receiver.url("fifo"), ordered=True)
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload, created_at) "
+        "VALUES ('t', 'x', '{\"n\": \"ahead\"}', now() + interval '1 hour')"
+    )
+    db.execute(
+        "INSERT INTO notifyhook.events (tenant_id, event_type, payload) "
+        "VALUES ('t', 'x', '{\"n\": \"on time\"}')"
+    )
+    run_worker()
+    wait_until(lambda: statuses(db) == {"delivered": 2}, what="both delivered", timeout=15)
+    assert [json.loads(hit.body)["n"] for hit in receiver.received("fifo")] == ["on time", "ahead"]

@@ -223,6 +223,21 @@ def test_an_operators_open_delete_of_one_endpoint_holds_up_no_other_outcome(
     # ran out (docs/operations.md).
 
 
+def expired_rows_of(db, *workers: str) -> None:
+    """One processing row per worker, leased for 10 s until 2 s ago (within the lease
+    more that a live worker keeps)."""
+    add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
+    insert_events(db, "t", len(workers))
+    ids = [row[0] for row in db.execute("SELECT id FROM notifyhook.deliveries ORDER BY id")]
+    for delivery, worker in zip(ids, workers, strict=True):
+        db.execute(
+            "UPDATE notifyhook.deliveries SET status = 'processing', attempts = 1, "
+            "locked_by = %s, updated_at = now() - interval '12 seconds', "
+            "locked_until = now() - interval '2 seconds' WHERE id = %s",
+            [worker, delivery],
+        )
+
+
 def test_an_answered_outcome_held_past_the_lease_by_an_operator_is_not_reclaimed(
     db, database_url, receiver, run_worker
 ):
@@ -275,17 +290,11 @@ def test_a_live_workers_row_comes_back_after_twice_its_lease_and_a_dead_ones_at_
     # The other side of the rule above: a worker alive but stuck still gives its rows up,
     # one lease later; a dead one's (no session holds its id) come back as soon as their
     # lease ends.
-    add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
-    insert_events(db, "t", 3)
-    ids = [row[0] for row in db.execute("SELECT id FROM notifyhook.deliveries ORDER BY id")]
-    leases = {"live-stuck": "30 seconds", "live-recent": "1 second", "dead": "1 second"}
-    for delivery, (worker, expired_for) in zip(ids, leases.items(), strict=True):
-        db.execute(
-            "UPDATE notifyhook.deliveries SET status = 'processing', attempts = 1, "
-            "locked_by = %s, updated_at = now() - interval '10 seconds' - %s::interval, "
-            "locked_until = now() - %s::interval WHERE id = %s",
-            [worker, expired_for, expired_for, delivery],
-        )
+    expired_rows_of(db, "live-recent", "dead", "live-stuck")
+    db.execute(  # leased for 10 s, until 30 s ago: past a lease more
+        "UPDATE notifyhook.deliveries SET updated_at = now() - interval '40 seconds', "
+        "locked_until = now() - interval '30 seconds' WHERE locked_by = 'live-stuck'"
+    )
     with psycopg.connect(database_url, autocommit=True) as alive:
         for worker in ("live-stuck", "live-recent"):
             alive.execute("SELECT pg_advisory_lock(notifyhook.worker_lock_key(%s))", [worker])
@@ -324,22 +333,27 @@ def test_a_record_past_its_lock_timeout_is_logged_as_such_and_recorded_once_late
 def test_reclaim_knows_a_live_worker_whatever_its_ids_lock_key(db, database_url):
     # reclaim_expired rebuilds each held bigint key from pg_locks' two 32-bit halves; the
     # keys of worker ids are hashes: negative half the time, either half >= 2^31.
-    add_endpoint(db, "t", "a", "http://127.0.0.1:9/a")
     workers = [f"worker-{n}" for n in range(16)]
     keys = [scalar(db, "SELECT notifyhook.worker_lock_key(%s)", [w]) for w in workers]
     assert any(k < 0 for k in keys)
     assert any(k >= 0 and k & 0x80000000 for k in keys)  # a low half >= 2^31
-    insert_events(db, "t", len(workers))
-    ids = [row[0] for row in db.execute("SELECT id FROM notifyhook.deliveries ORDER BY id")]
-    for delivery, worker in zip(ids, workers, strict=True):
-        db.execute(
-            "UPDATE notifyhook.deliveries SET status = 'processing', attempts = 1, "
-            "locked_by = %s, updated_at = now() - interval '11 seconds', "
-            "locked_until = now() - interval '1 second' WHERE id = %s",
-            [worker, delivery],
-        )
+    expired_rows_of(db, *workers)
     with psycopg.connect(database_url, autocommit=True) as alive:
         for worker in workers:
             alive.execute("SELECT pg_advisory_lock(notifyhook.worker_lock_key(%s))", [worker])
         assert scalar(db, "SELECT notifyhook.reclaim_expired(5)") == 0
     assert scalar(db, "SELECT notifyhook.reclaim_expired(5)") == len(workers)
+
+
+def test_a_dead_workers_rows_come_back_although_its_id_is_locked_in_another_database(db, server):
+    # Two notifyhook installations in one cluster (staging and production), workers on
+    # one host: the unit sets WORKER_ID=%H:%i, so both have a "host:1". Advisory locks
+    # are per database, but pg_locks lists every database's: the other installation's
+    # live "host:1" made this one's dead "host:1" look alive (review s12-rev3).
+    expired_rows_of(db, "host:1")
+    with (
+        server.databases.fresh() as other_url,
+        psycopg.connect(other_url, autocommit=True) as other,
+    ):
+        other.execute("SELECT pg_advisory_lock(notifyhook.worker_lock_key('host:1'))")
+        assert scalar(db, "SELECT notifyhook.reclaim_expired(5)") == 1

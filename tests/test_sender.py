@@ -892,13 +892,15 @@ def test_the_transport_refuses_a_request_a_header_would_break(
         ("No webhook 3f9a0c1e77 here", "No webhook <part of the URL> here"),
         ("bad secret s3cr3t value+with space", "bad secret <part of the URL>"),
         ("webhooks are off", "webhooks are off"),  # a short word of the path stays
+        # A long word of the path stays too (review s12-rev3).
+        ("subscriptions are disabled", "subscriptions are disabled"),
     ],
 )  # fmt: skip
 def test_a_token_of_the_url_echoed_alone_is_stripped(answer: str, expected: str) -> None:
     # A receiver that quotes one query value or one path segment of its URL: shown on the
     # dashboard's endpoint and delivery pages (review s12-rev2).
     url = (
-        "https://hooks.example/webhooks/3f9a0c1e77/in"
+        "https://hooks.example/webhooks/subscriptions/3f9a0c1e77/in"
         "?token=tok_9f8e7d6c5b4a39281706&s=s3cr3t%20value%2Bwith+space&v=1"
     )
     assert without_url(answer, url, shortest=MIN_ECHOED_PATH) == expected

@@ -314,6 +314,14 @@ def test_encoded_passwords_and_port_lists_still_load(monkeypatch):
         "postgresql://notifyhook:Xk9pQ%2FZr7vT2mW4s%40x@127.0.0.1:5432/app",
         "postgresql://app@db1:5432,db2:5433/app?target_session_attrs=read-write",
         "host=db1,db2 port=5432,5433 dbname=app connect_timeout=5 keepalives_idle=30",
+        # What libpq takes too (review s12-rev3): a database named with an @, a Unix
+        # socket, IPv6 literals, an @ in a query value, a signed or spaced number.
+        "postgresql://h:5432/rev3@db",
+        "postgresql:///db?host=/var/run/postgresql&port=5433",
+        "postgresql://%2Fvar%2Frun%2Fpostgresql/db",
+        "postgresql://[::1]:5432,[::2]:5433/db?target_session_attrs=read-write",
+        "postgresql://u@h/db?sslrootcert=/etc/x@y/ca.pem",
+        "host=h port=' 5432' connect_timeout=+10",
     ):
         monkeypatch.setenv("NOTIFYHOOK_DATABASE_URL", url)
         assert load_settings().database_url.get_secret_value() == url

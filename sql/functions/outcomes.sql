@@ -510,10 +510,13 @@ DECLARE
     reclaimed integer;
 BEGIN
     WITH live AS MATERIALIZED (
-        -- The bigint advisory locks held now: high half in classid, low half in objid.
+        -- The bigint advisory locks held now in this database (another notifyhook on
+        -- the same cluster may have a worker of the same id): high half in classid,
+        -- low half in objid.
         SELECT (l.classid::bigint << 32) | l.objid::bigint AS lock_key
         FROM pg_locks AS l
         WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
     ), expired AS (
         SELECT d.id, d.endpoint_id, d.attempts, d.locked_by, d.updated_at AS claimed_at,
                coalesce((SELECT cardinality(e.retry_schedule) + 1 FROM notifyhook.endpoints AS e
