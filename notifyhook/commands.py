@@ -413,9 +413,21 @@ def _given_secret(secret: str) -> str:
     return secret
 
 
-def _given_json(option: str, text: str | None) -> dict[str, Any]:
-    """A JSON object option read from standard input or its file, checked as argparse
-    checks it on the command line."""
+JsonOption = dict[str, Any] | str | None
+"""A JSON object option as argparse leaves it: parsed when given on the command line,
+`-` for standard input, None when absent or given as its file."""
+
+
+def _json_source(option: str, value: JsonOption, path: str | None) -> Given:
+    """Where to read a JSON object option from: nothing to read when argparse parsed it."""
+    return Given(option, None if isinstance(value, dict) else value, path)
+
+
+def _json_value(option: str, value: JsonOption, text: str | None) -> dict[str, Any]:
+    """The option's object: as parsed on the command line, or `text` read from standard
+    input or its file, checked as argparse checks the command line ({} when absent)."""
+    if isinstance(value, dict):
+        return value
     if text is None:
         return {}
     try:
@@ -424,22 +436,17 @@ def _given_json(option: str, text: str | None) -> dict[str, Any]:
         raise UsageError(f"{option}: {error}") from None
 
 
-def _json_given(option: str, value: dict[str, Any] | str | None, path: str | None) -> Given:
-    """A JSON object option as Given: `value` parsed already when on the command line."""
-    return Given(option, None if isinstance(value, dict) else value, path)
-
-
 def _given_options(
     args: argparse.Namespace,
 ) -> tuple[str, str, bool, dict[str, Any], dict[str, Any]]:
     """The endpoint's URL, its secret, whether the secret was given (or is fresh), its
     headers and extra fields, each from the command line, standard input or a file; a
     warning for a credential on the command line."""
-    on_command_line = isinstance(args.headers, dict)
+    headers_on_command_line = isinstance(args.headers, dict)  # parsed there by argparse
     given_url = Given("--url", args.url, args.url_file)
     given_secret = Given("--secret", args.secret, args.secret_file)
-    given_headers = _json_given("--headers", args.headers, args.headers_file)
-    given_extra = _json_given("--extra-fields", args.extra_fields, args.extra_fields_file)
+    given_headers = _json_source("--headers", args.headers, args.headers_file)
+    given_extra = _json_source("--extra-fields", args.extra_fields, args.extra_fields_file)
     url, secret_text, headers_text, extra_text = read_given(
         given_url, given_secret, given_headers, given_extra
     )
@@ -453,18 +460,14 @@ def _given_options(
             "it on standard input (--url -) or with --url-file"
         )
     secret = _given_secret(secret_text) if secret_text else _fresh_secret(args.signature)
-    headers = args.headers if on_command_line else _given_json("--headers", headers_text)
-    extra_fields = (
-        args.extra_fields
-        if isinstance(args.extra_fields, dict)
-        else _given_json("--extra-fields", extra_text)
-    )
+    headers = _json_value("--headers", args.headers, headers_text)
+    extra_fields = _json_value("--extra-fields", args.extra_fields, extra_text)
     if given_secret.on_command_line:
         log.warning(
             "--secret on the command line is visible to every user of this host (ps, "
             "/proc/PID/cmdline); give it on standard input (--secret -) or with --secret-file"
         )
-    if on_command_line and (named := _credential_headers(headers)):
+    if headers_on_command_line and (named := _credential_headers(headers)):
         log.warning(
             "--headers on the command line is visible to every user of this host (ps, "
             "/proc/PID/cmdline), and holds %s; give them on standard input (--headers -) "
@@ -645,11 +648,8 @@ def _register_send(commands: Any) -> None:
 async def send_command(args: argparse.Namespace, settings: Settings) -> int:
     from notifyhook.store import connect, fetch_dicts, json_param
 
-    if isinstance(args.data, dict):
-        payload = args.data
-    else:
-        [text] = read_given(_json_given("--data", args.data, args.data_file))
-        payload = _given_json("--data", text)
+    [text] = read_given(_json_source("--data", args.data, args.data_file))
+    payload = _json_value("--data", args.data, text)
     params = {
         "tenant_id": args.tenant,
         "event_type": args.event_type,

@@ -145,8 +145,9 @@ class Sender:
         notifyhook.clock)."""
         self._allow_private_networks = allow_private_networks
         self._clock = clock
-        # The deadlines of the exchanges whose answer's status line is in and whose body
-        # is being read, by delivery id: a stopping worker ends those reads early.
+        # The delivery of each exchange whose answer's status line is in and whose body
+        # is being read, by the exchange's deadline: a stopping worker ends those reads
+        # early by moving the deadlines (cut_reads_short).
         self._reading: dict[asyncio.Timeout, int] = {}
         # Set by cut_reads_short: an answer whose head comes later is cut at once too.
         self._cutting = False
