@@ -26,7 +26,7 @@ from dashboard_support import (
 )
 
 from notifyhook.dashboard import app as dashboard_app
-from notifyhook.dashboard import charts
+from notifyhook.dashboard import auth, charts
 from notifyhook.dashboard.app import SECURITY_HEADERS
 from notifyhook.dashboard.auth import COOKIE, SESSION_LIFETIME_S
 from notifyhook.dashboard.data import MinuteCount, open_reader
@@ -285,6 +285,38 @@ def test_a_session_ends_with_its_dashboard_process(db, dashboard):
     assert _status(first, value) == 200
     assert _status(second, value) == 401
     assert _log_in(second) != value
+
+
+def test_logging_out_ends_that_session_for_a_copy_of_its_cookie_too(db, dashboard):
+    # What went wrong: logging out only asked the browser to forget its cookie; a copy
+    # of it (a shared machine's profile, a proxy's log) kept opening the dashboard for
+    # the rest of the working day. Another person's session is not ended by it.
+    site = dashboard(token=TOKEN)
+    mine, theirs = _log_in(site), _log_in(site)
+    assert mine != theirs  # two logins in the same second are two sessions
+    out = httpx.post(site.url + "/logout", headers={"Cookie": f"{COOKIE}={mine}"}, timeout=10)
+    assert out.status_code == 303
+    assert _status(site, mine) == 401
+    assert _status(site, theirs) == 200
+    # A logout without a session, or with a forged one, is no error and ends nothing.
+    assert httpx.post(site.url + "/logout", timeout=10).status_code in (303, 401)
+    assert _status(site, theirs) == 200
+
+
+def test_logged_out_sessions_are_remembered_within_a_bound(monkeypatch):
+    # Each logout is remembered until its session's own end; a flood of logins and
+    # logouts must not grow that without end. Past the bound every session ends (a new
+    # key, as at a restart) rather than one logged-out cookie working again.
+    monkeypatch.setattr(auth, "MOST_ENDED_SESSIONS", 3)
+    door = auth.Door(TOKEN)
+    later = int(time.time()) + 60
+    sessions = [door.session_value(later) for _ in range(5)]
+    for value in sessions[:3]:
+        door.end_session(value)
+    assert [door.session_admits(v) for v in sessions] == [False, False, False, True, True]
+    door.end_session(sessions[3])
+    assert not any(door.session_admits(v) for v in sessions)
+    assert door.session_admits(door.session_value(later))
 
 
 def test_a_session_cookie_with_a_changed_expiry_is_refused(db, dashboard):

@@ -163,6 +163,7 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
+    request.app[DOOR].end_session(request.cookies.get(auth.COOKIE, ""))
     response = web.HTTPSeeOther("/login")
     response.del_cookie(auth.COOKIE, path="/")
     raise response

@@ -1,9 +1,10 @@
 """The dashboard's door: a bearer token, or a login form that sets an HttpOnly cookie.
 
-The cookie holds its expiry and an HMAC of it, keyed by the token and by a key drawn
-when the process starts; never the token: a copy of the browser's cookie store does
-not hand over what unlocks the command line's `Authorization` too, and what it does
-hand over ends with the session. Every comparison is in constant time.
+The cookie holds its expiry, a random session id and an HMAC of both, keyed by the
+token and by a key drawn when the process starts; never the token: a copy of the
+browser's cookie store does not hand over what unlocks the command line's
+`Authorization` too, and what it does hand over ends with the session, or when that
+session logs out. Every comparison is in constant time.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ shared machine) must stop working on its own rather than until the token changes
 Restarting the dashboard process ends every session sooner: the key the cookies are
 signed with is drawn at start and never stored."""
 
+MOST_ENDED_SESSIONS = 10_000
+"""Sessions logged out before their end that the process remembers; past that many, it
+ends every session at once (draws a new key) rather than forget one."""
+
 
 class Door:
     """Checks requests against the token; `None` lets everyone in (bound to loopback).
@@ -41,33 +46,55 @@ class Door:
         # Drawn per process and kept in memory only, so a restart revokes every cookie
         # (what an operator reaches for first), without changing the token.
         self._process_key = secrets.token_bytes(32)
+        # Logged-out sessions, until their own end: a copy of a cookie (a shared
+        # machine's profile, a proxy's log) must not outlive the logout.
+        self._ended: dict[str, int] = {}
 
     @property
     def locked(self) -> bool:
         return self.token is not None
 
     def session_value(self, expires: int) -> str:
-        """The cookie of a session that ends at `expires` (Unix seconds): "expires.MAC"."""
-        return f"{expires}.{self._session_mac(str(expires))}"
+        """The cookie of a new session that ends at `expires` (Unix seconds):
+        "expires.id.MAC", the id random, so that two logins are two sessions."""
+        session = f"{expires}.{secrets.token_hex(8)}"
+        return f"{session}.{self._session_mac(session)}"
 
     def session_admits(self, value: str) -> bool:
-        """Whether a cookie is one of ours, unaltered, and its session not yet over by
-        this server's clock. Anything malformed is simply not admitted."""
-        expires, dot, mac = value.partition(".")
-        if not dot or not (expires.isascii() and expires.isdigit()):
+        """Whether a cookie is one of ours, unaltered, not logged out, and its session
+        not yet over by this server's clock. Anything malformed is simply not admitted."""
+        session, dot, mac = value.rpartition(".")
+        expires, _, session_id = session.partition(".")
+        if not dot or not (expires.isascii() and expires.isdigit()) or not session_id:
             return False
-        expected = self._session_mac(expires).encode()
+        expected = self._session_mac(session).encode()
         # "replace": a header's undecodable bytes reach us as surrogates, which would
         # raise; they match no MAC either way.
         if not hmac.compare_digest(mac.encode("utf-8", "replace"), expected):
             return False
-        return int(expires) > time.time()  # ours, so digits of a sane length
+        # Ours, so digits of a sane length.
+        return int(expires) > time.time() and session not in self._ended
 
-    def _session_mac(self, expires: str) -> str:
+    def end_session(self, value: str) -> None:
+        """Log a session out: its cookie, wherever copied, is refused from now on."""
+        if not self.session_admits(value):
+            return
+        session = value.rpartition(".")[0]
+        now = time.time()
+        self._ended = {s: end for s, end in self._ended.items() if end > now}
+        if len(self._ended) >= MOST_ENDED_SESSIONS:
+            # Remembering more would let logouts fill the memory; forgetting one would
+            # let its cookie in again. Every session ends instead (a restart's effect).
+            self._process_key = secrets.token_bytes(32)
+            self._ended.clear()
+            return
+        self._ended[session] = int(session.partition(".")[0])
+
+    def _session_mac(self, session: str) -> str:
         assert self.token is not None
         # The process key has a fixed length, so the concatenation is unambiguous.
         key = self._process_key + self.token.encode()
-        message = b"notifyhook dashboard session until " + expires.encode()
+        message = b"notifyhook dashboard session until " + session.encode()
         return hmac.new(key, message, hashlib.sha256).hexdigest()
 
     def token_matches(self, given: str) -> bool:
