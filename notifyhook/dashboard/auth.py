@@ -35,6 +35,12 @@ MOST_ENDED_SESSIONS = 10_000
 ends every session at once (draws a new key) rather than forget one."""
 
 
+def _is_session_id(text: str) -> bool:
+    """16 lower-case hex digits, as session_value draws them; checked before the MAC,
+    which would fail to encode a header's undecodable bytes (a 500, not a 401)."""
+    return len(text) == 16 and all(ch in "0123456789abcdef" for ch in text)
+
+
 class Door:
     """Checks requests against the token; `None` lets everyone in (bound to loopback).
     `loopback_only`: without a token, on loopback: a request must name loopback in
@@ -65,7 +71,7 @@ class Door:
         not yet over by this server's clock. Anything malformed is simply not admitted."""
         session, dot, mac = value.rpartition(".")
         expires, _, session_id = session.partition(".")
-        if not dot or not (expires.isascii() and expires.isdigit()) or not session_id:
+        if not (dot and expires.isascii() and expires.isdigit() and _is_session_id(session_id)):
             return False
         expected = self._session_mac(session).encode()
         # "replace": a header's undecodable bytes reach us as surrogates, which would
