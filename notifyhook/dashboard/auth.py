@@ -35,10 +35,14 @@ MOST_ENDED_SESSIONS = 10_000
 ends every session at once (draws a new key) rather than forget one."""
 
 
+SESSION_ID_BYTES = 8
+"""Random bytes of a session's id, written in the cookie as lower-case hex."""
+
+
 def _is_session_id(text: str) -> bool:
-    """16 lower-case hex digits, as session_value draws them; checked before the MAC,
-    which would fail to encode a header's undecodable bytes (a 500, not a 401)."""
-    return len(text) == 16 and all(ch in "0123456789abcdef" for ch in text)
+    """Whether `text` is an id as session_value draws it. Checked before the MAC, which
+    would fail to encode a header's undecodable bytes (a 500, not a 401)."""
+    return len(text) == 2 * SESSION_ID_BYTES and all(ch in "0123456789abcdef" for ch in text)
 
 
 class Door:
@@ -63,7 +67,7 @@ class Door:
     def session_value(self, expires: int) -> str:
         """The cookie of a new session that ends at `expires` (Unix seconds):
         "expires.id.MAC", the id random, so that two logins are two sessions."""
-        session = f"{expires}.{secrets.token_hex(8)}"
+        session = f"{expires}.{secrets.token_hex(SESSION_ID_BYTES)}"
         return f"{session}.{self._session_mac(session)}"
 
     def session_admits(self, value: str) -> bool:
